@@ -1,0 +1,40 @@
+# FieldGuard: `make demo` and `make test` work from a fresh clone; every target bootstraps what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+NPM_STAMP := node_modules/.installed-stamp
+
+.PHONY: demo test lint unit bench clean setup
+
+setup: $(STAMP) $(NPM_STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+$(NPM_STAMP): package.json package-lock.json
+	scripts/setup-npm.sh
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/fieldguard demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check proxy tests examples benchmarks
+	$(PY) -m mypy
+
+unit: setup
+	scripts/setup-debian.sh softhsm2
+	$(PY) -m pytest -q
+
+test: lint unit
+
+bench: setup
+	scripts/setup-debian.sh wrk nginx-light
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache demo-data

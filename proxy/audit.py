@@ -1,0 +1,142 @@
+"""The audit record: one per request, built explicitly, holding names and never values.
+
+Who (user, active role, roles), why (purpose of use), what (method, route template, status), which
+clients (by pseudonym, never the CRM id), which field classes and paths were shown, pseudonymised,
+masked, removed or refused, which rule decided, and under which policy hash. Field values, request
+and response bodies and whole tokens never enter it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import orjson
+import structlog
+
+from proxy.decision import Outcome, Relation
+
+
+@dataclass(slots=True)
+class Disclosure:
+    """What one response revealed, gathered while it is rewritten: outcome -> class -> paths."""
+
+    fields: dict[Outcome, dict[str, set[str]]] = field(default_factory=lambda: {o: {} for o in Outcome})
+    unclassified: set[str] = field(default_factory=set)
+    clients: dict[str, Relation] = field(default_factory=dict)
+    rules: set[str] = field(default_factory=set)
+    dropped_rows: int = 0
+    key_ids: set[str] = field(default_factory=set)
+    failures: set[str] = field(default_factory=set)  # e.g. "decrypt:body" when a ciphertext is refused
+
+    def note(self, outcome: Outcome, field_class: str, path: str) -> None:
+        paths = self.fields[outcome].get(field_class)
+        if paths is None:
+            self.fields[outcome][field_class] = {path}
+        else:
+            paths.add(path)
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    request_id: str
+    method: str
+    started: float = field(default_factory=time.time)
+    user: str | None = None
+    role: str | None = None
+    roles: list[str] = field(default_factory=list)
+    purpose: str | None = None
+    token_id: str | None = None
+    route: str | None = None  # the route template, never the concrete path (it holds ids)
+    status: int = 0
+    outcome: str = "allowed"  # allowed | denied | error
+    reason: str | None = None
+    clients: list[str] = field(default_factory=list)  # pseudonyms
+    relations: list[str] = field(default_factory=list)
+    shown: dict[str, list[str]] = field(default_factory=dict)
+    pseudonymised: dict[str, list[str]] = field(default_factory=dict)
+    masked: dict[str, list[str]] = field(default_factory=dict)
+    removed: dict[str, list[str]] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)  # fields a write was refused for
+    unclassified: list[str] = field(default_factory=list)
+    rows_dropped: int = 0
+    rules: list[str] = field(default_factory=list)
+    policy: str = ""
+    break_glass: str | None = None
+    key_ids: list[str] = field(default_factory=list)
+    upstream_status: int | None = None
+    duration_ms: float = 0.0
+
+    def add_disclosure(self, d: Disclosure, pseudonym: Any) -> None:
+        self.shown = _sorted(d.fields[Outcome.CLEAR])
+        self.pseudonymised = _sorted(d.fields[Outcome.PSEUDONYM])
+        self.masked = _sorted(d.fields[Outcome.MASK])
+        self.removed = _sorted(d.fields[Outcome.REMOVE])
+        self.unclassified = sorted(d.unclassified)
+        self.clients = sorted({pseudonym(c) for c in d.clients})
+        self.relations = sorted({r.label for r in d.clients.values()})
+        self.rules = sorted(d.rules)
+        self.rows_dropped = d.dropped_rows
+        self.key_ids = sorted(d.key_ids)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["time"] = datetime.fromtimestamp(self.started, UTC).isoformat(timespec="milliseconds")
+        del data["started"]
+        return data
+
+
+def _dumps(value: Any, **_: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _sorted(by_class: dict[str, set[str]]) -> dict[str, list[str]]:
+    return {cls: sorted(paths) for cls, paths in sorted(by_class.items())}
+
+
+class AuditTrail(Protocol):
+    """Where audit records go. `append` returns only once the record is as durable as the trail promises."""
+
+    async def append(self, record: AuditRecord) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class JsonLinesTrail:
+    """One JSON line per record through structlog, for a SIEM: to a file or to stdout."""
+
+    def __init__(self, target: str) -> None:
+        self._own = target not in ("-", "")
+        if self._own:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        self._out: TextIO = Path(target).open("a", encoding="utf-8") if self._own else sys.stdout  # noqa: SIM115
+        self._log = structlog.wrap_logger(
+            structlog.WriteLogger(self._out),
+            processors=[structlog.processors.JSONRenderer(serializer=_dumps)],
+        )
+
+    async def append(self, record: AuditRecord) -> None:
+        self._log.msg("access", **record.as_dict())
+        self._out.flush()
+
+    async def close(self) -> None:
+        if self._own:
+            self._out.close()
+
+
+class MultiTrail:
+    def __init__(self, trails: Iterable[AuditTrail]) -> None:
+        self._trails = list(trails)
+
+    async def append(self, record: AuditRecord) -> None:
+        for trail in self._trails:
+            await trail.append(record)
+
+    async def close(self) -> None:
+        for trail in self._trails:
+            await trail.close()

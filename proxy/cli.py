@@ -1,0 +1,83 @@
+"""The `fieldguard` command line: serve, demo, token (and, as they land, keys, audit, policy)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from proxy.config import ConfigError, Settings, load_settings
+
+PURPOSE_PREFERENCE = ("TREAT", "HOPERAT", "HRESCH", "PATRQT", "ETREAT", "HLEGAL")
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+@click.version_option(package_name="fieldguard")
+def main() -> None:
+    """FieldGuard: need-to-know field redaction, encryption and audit in front of a client CRM."""
+
+
+@main.command()
+@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="fieldguard.toml (see examples/fieldguard.toml)")
+def serve(config: Path | None) -> None:
+    """Run the gateway."""
+    from proxy.server import run
+
+    settings = _settings(config)
+    sys.exit(run(settings))
+
+
+@main.command()
+@click.option("--sub", required=True, help="the user, as the CRM knows them (alice)")
+@click.option("--role", "roles", multiple=True, required=True, help="a role; repeat for several")
+@click.option("--purpose", "purposes", multiple=True,
+              help="purpose of use (default: the first the policy allows the role)")
+@click.option("--client-id", help="for the client role: the client's CRM id")
+@click.option("--ttl", default=3600, show_default=True, help="seconds until the token expires")
+@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def token(sub: str, roles: tuple[str, ...], purposes: tuple[str, ...], client_id: str | None, ttl: int,
+          config: Path | None) -> None:
+    """Mint a demo token signed with identity.demo_signing_key_file."""
+    from proxy.identity import mint_token
+    from proxy.policy import load_bundle
+
+    settings = _settings(config)
+    key_file = settings.identity.demo_signing_key_file
+    if not key_file:
+        raise click.ClickException("identity.demo_signing_key_file is not set (tokens come from your IdP)")
+    chosen = list(purposes)
+    if not chosen:
+        table = load_bundle(settings.path(settings.policy.dir),
+                           settings.path(settings.keys.dir) / "proofs").table
+        allowed = {p for r in roles for p in table.purposes.get(r, frozenset())}
+        chosen = [next((p for p in PURPOSE_PREFERENCE if p in allowed), sorted(allowed)[0])] if allowed else []
+    click.echo(mint_token(
+        settings.path(key_file).read_bytes(), subject=sub, roles=list(roles), issuer=settings.identity.issuer,
+        audience=settings.identity.audience, purposes=chosen, client_id=client_id, ttl_seconds=ttl,
+    ))
+
+
+@main.command()
+@click.option("--port", default=8000, show_default=True, help="gateway port on 127.0.0.1")
+@click.option("--crm-port", default=8100, show_default=True, help="example CRM port on 127.0.0.1")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where the demo keeps its CRM database and audit log (default: ./demo-data)")
+@click.option("--reset", is_flag=True, help="start from a freshly seeded CRM")
+def demo(port: int, crm_port: int, data_dir: Path | None, reset: bool) -> None:
+    """Start the example CRM and the gateway in front of it; print a curl line per demo user."""
+    from proxy.demo import run_demo
+
+    sys.exit(run_demo(port=port, crm_port=crm_port, data_dir=data_dir, reset=reset))
+
+
+if __name__ == "__main__":
+    main()

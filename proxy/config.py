@@ -1,0 +1,158 @@
+"""Settings: one TOML file, every key documented in examples/fieldguard.toml, each overridable by
+an environment variable `FIELDGUARD_<SECTION>_<KEY>` (e.g. FIELDGUARD_UPSTREAM_URL).
+
+Relative paths are resolved against the directory of the TOML file, so a deployment directory can be
+moved as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "FIELDGUARD_"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSection:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1024 * 1024
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSection:
+    url: str = "http://127.0.0.1:8100"
+    timeout_seconds: float = 10.0
+    connect_timeout_seconds: float = 2.0
+    max_response_bytes: int = 32 * 1024 * 1024
+    pool_size: int = 100
+    headers: dict[str, str] = field(default_factory=dict)
+    forward_headers: list[str] = field(
+        default_factory=lambda: ["accept-language", "if-match", "if-none-match", "if-modified-since", "user-agent"]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySection:
+    dir: str = "policies"
+    watch: bool = True
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySection:
+    issuer: str = "https://fieldguard.local"
+    audience: str = "fieldguard"
+    public_key_file: str = ""
+    jwks_file: str = ""
+    demo_hs256_secret_file: str = ""
+    demo: bool = False
+    demo_signing_key_file: str = ""  # private key `fieldguard token` signs with (never read by the gateway)
+    roles_claim: str = "roles"
+    purpose_claim: str = "purpose_of_use"
+    client_claim: str = "client_id"
+    leeway_seconds: int = 30
+
+
+@dataclass(frozen=True, slots=True)
+class KeysSection:
+    dir: str = "keys"
+
+
+@dataclass(frozen=True, slots=True)
+class RelationsSection:
+    refresh_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSection:
+    log: str = "-"  # JSON lines for a SIEM: a file path, or "-" for stdout
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSection = field(default_factory=ServerSection)
+    upstream: UpstreamSection = field(default_factory=UpstreamSection)
+    policy: PolicySection = field(default_factory=PolicySection)
+    identity: IdentitySection = field(default_factory=IdentitySection)
+    keys: KeysSection = field(default_factory=KeysSection)
+    relations: RelationsSection = field(default_factory=RelationsSection)
+    audit: AuditSection = field(default_factory=AuditSection)
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def path(self, value: str) -> Path:
+        """A configured path, relative to the config file's directory."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        base = path.resolve().parent
+    return build_settings(raw, env if env is not None else os.environ, base)
+
+
+def build_settings(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> Settings:
+    settings = Settings(base_dir=base_dir)
+    sections = {f.name: f for f in fields(Settings) if f.name != "base_dir"}
+    for name in raw:
+        if name not in sections:
+            raise ConfigError(f"unknown section [{name}]")
+    updates: dict[str, Any] = {}
+    for name in sections:
+        current = getattr(settings, name)
+        values = dict(raw.get(name, {}))
+        known = {f.name: f for f in fields(current)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"unknown key {key!r} in [{name}]")
+        for key in known:
+            env_name = f"{ENV_PREFIX}{name}_{key}".upper()
+            if env_name in env:
+                values[key] = _coerce(env[env_name], getattr(current, key), env_name)
+        for key, value in values.items():
+            expected = getattr(current, key)
+            if isinstance(expected, bool) != isinstance(value, bool) or (
+                not isinstance(expected, bool) and isinstance(expected, (int, float)) and
+                not isinstance(value, (int, float))
+            ) or (isinstance(expected, str) and not isinstance(value, str)):
+                raise ConfigError(f"[{name}] {key} should be {type(expected).__name__}")
+            if isinstance(expected, float) and isinstance(value, int):
+                values[key] = float(value)
+        updates[name] = replace(current, **values)
+    return replace(settings, **updates)
+
+
+def _coerce(text: str, default: Any, name: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, list):
+            return [s.strip() for s in text.split(",") if s.strip()]
+        if isinstance(default, dict):
+            return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a valid {type(default).__name__}") from None
+    return text

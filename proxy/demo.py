@@ -1,0 +1,176 @@
+"""`fieldguard demo`: the example CRM behind the gateway, with a token and a curl line per demo user.
+
+Everything the demo needs is made at run time: an ES256 signing key under keys/, a seeded CRM
+database and an audit log under demo-data/. Nothing secret is ever read from the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from proxy.audit import JsonLinesTrail, MultiTrail
+from proxy.config import build_settings
+from proxy.identity import mint_token
+from proxy.secretfile import check_private, write_private
+
+REPO = Path(__file__).resolve().parent.parent
+ISSUER = "https://fieldguard.demo"
+AUDIENCE = "fieldguard-demo"
+
+
+@dataclass(frozen=True)
+class DemoUser:
+    name: str
+    sub: str
+    role: str
+    purpose: str
+    shows: str
+    paths: tuple[str, ...]
+    client_id: str | None = None
+
+
+DEMO_USERS = (
+    DemoUser("ALICE", "alice", "counsellor", "TREAT", "her own client's record and notes; bob's client is refused",
+             ("/clients/1", "/clients/1/session-notes", "/clients/2")),
+    DemoUser("CAROL", "carol", "supervisor", "TREAT", "her supervisees' clients' notes under a pseudonym",
+             ("/clients/1", "/clients/1/session-notes")),
+    DemoUser("ERIN", "erin", "admin", "HOPERAT", "contact details and appointments, no notes",
+             ("/clients/1", "/clients/1/appointments", "/clients/1/session-notes")),
+    DemoUser("DANA", "dana", "service_manager", "HOPERAT", "oversight: clients by pseudonym, anonymised feedback",
+             ("/clients?per_page=3", "/feedback?per_page=3")),
+    DemoUser("RHEA", "rhea", "researcher", "HRESCH", "no identity: pseudonyms and year of birth only",
+             ("/clients?per_page=3",)),
+    DemoUser("OTTO", "otto", "auditor", "HOPERAT", "the audit trail, not the records (refused)",
+             ("/clients/1",)),
+    DemoUser("CLIENT1", "client1", "client", "PATRQT", "their own record, without third-party information",
+             ("/clients/1", "/clients/1/letters"), client_id="1"),
+)
+
+
+def demo_keys(keys_dir: Path) -> Path:
+    """An ES256 key pair for demo tokens, made once under keys/."""
+    private = keys_dir / "demo-signing.pem"
+    public = keys_dir / "demo-signing.pub.pem"
+    if not private.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        write_private(private, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        write_private(public, key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    check_private(private)
+    return private
+
+
+def write_config(data_dir: Path, port: int, crm_port: int) -> Path:
+    """The demo's fieldguard.toml: the embedded defaults plus the demo's own keys and ports."""
+    keys = REPO / "keys"
+    text = f"""# Written by `fieldguard demo`; see examples/fieldguard.toml for every setting.
+[server]
+port = {port}
+
+[upstream]
+url = "http://127.0.0.1:{crm_port}"
+
+[policy]
+dir = "{REPO / 'policies'}"
+
+[identity]
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+public_key_file = "{keys / 'demo-signing.pub.pem'}"
+demo_signing_key_file = "{keys / 'demo-signing.pem'}"
+
+[keys]
+dir = "{keys}"
+
+[audit]
+log = "{data_dir / 'audit.jsonl'}"
+"""
+    path = data_dir / "fieldguard.toml"
+    path.write_text(text)
+    return path
+
+
+def start_crm(db: Path, port: int, log_file: Path) -> subprocess.Popen[bytes]:
+    with log_file.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "examples.crm", "--db", str(db), "--port", str(port)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the example CRM exited; see {log_file}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the example CRM did not start on port {port}; see {log_file}")
+
+
+def banner(port: int, crm_port: int, private_key: Path, data_dir: Path) -> str:
+    base = f"http://127.0.0.1:{port}"
+    lines = [
+        "",
+        "FieldGuard demo",
+        f"  gateway     {base}        (every caller goes through here)",
+        f"  example CRM http://127.0.0.1:{crm_port}        (what the gateway protects; no auth of its own)",
+        f"  audit log   {data_dir / 'audit.jsonl'}  (also printed below, one JSON line per request)",
+        "",
+        "Demo tokens (valid 8 hours) - paste these into another shell:",
+    ]
+    pem = private_key.read_bytes()
+    for user in DEMO_USERS:
+        tok = mint_token(pem, subject=user.sub, roles=[user.role], issuer=ISSUER, audience=AUDIENCE,
+                         purposes=[user.purpose], client_id=user.client_id, ttl_seconds=8 * 3600)
+        lines.append(f"export {user.name}={tok}")
+    lines += ["", "Then try:"]
+    for user in DEMO_USERS:
+        lines.append(f"  # {user.sub} ({user.role}): {user.shows}")
+        for path in user.paths:
+            lines.append(f"  curl -s -H \"Authorization: Bearer ${user.name}\" '{base}{path}'; echo")
+    lines += ["", "Stop with Ctrl-C.", ""]
+    return "\n".join(lines)
+
+
+def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool) -> int:
+    from proxy.server import run
+
+    data_dir = (data_dir or Path.cwd() / "demo-data").resolve()
+    if reset and data_dir.exists():
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    private_key = demo_keys(REPO / "keys")
+    config = write_config(data_dir, port, crm_port)
+    crm = start_crm(data_dir / "crm.sqlite3", crm_port, data_dir / "crm.log")
+    try:
+        settings = build_settings(_toml(config), os.environ, data_dir)
+        print(banner(port, crm_port, private_key, data_dir), flush=True)
+        trail = MultiTrail([JsonLinesTrail(str(data_dir / "audit.jsonl")), JsonLinesTrail("-")])
+        return run(settings, trail)
+    finally:
+        try:
+            os.killpg(crm.pid, signal.SIGTERM)
+            crm.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            crm.kill()
+
+
+def _toml(path: Path) -> dict[str, object]:
+    import tomllib
+
+    return tomllib.loads(path.read_text())

@@ -1,0 +1,391 @@
+"""The field map: which JSON paths of the CRM hold which field class, and which routes exist.
+
+`fields.yaml` is the gateway's knowledge of the CRM's shape. Casbin decides on field classes; this
+map turns each record into classes and tells the response rewriter what to keep. A path the map
+does not classify is removed, so a new CRM field stays hidden until a security officer classifies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.masks import MASKS
+from proxy.routes import Route, Shape, Verb, compile_route
+
+LABELS = ("N", "R", "V")
+KEY_SCOPES = ("record", "process_notes")
+
+
+class MapError(ValueError):
+    """A fields.yaml problem, with the line it sits on."""
+
+    def __init__(self, line: int | None, message: str) -> None:
+        super().__init__(f"fields.yaml:{line}: {message}" if line else f"fields.yaml: {message}")
+        self.line = line
+        self.detail = message
+
+
+class _Mapping(dict[Any, Any]):
+    """A YAML mapping that remembers the line of each key (1-based)."""
+
+    lines: dict[Any, int]
+    line: int
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Mapping:
+    mapping = _Mapping()
+    mapping.lines = {}
+    mapping.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise MapError(key_node.start_mark.line + 1, f"duplicate key {key!r}")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.lines[key] = key_node.start_mark.line + 1
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML keeping line numbers on mappings, so every error can cite `file:line`."""
+    try:
+        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise MapError(line, f"invalid YAML: {exc.problem}") from None
+
+
+def line_of(mapping: Any, key: Any) -> int | None:
+    if isinstance(mapping, _Mapping):
+        return mapping.lines.get(key, mapping.line)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class FieldClass:
+    """A kind of information the policy decides on (identity, clinical_notes, ...)."""
+
+    name: str
+    label: str = "R"  # FHIR confidentiality: N normal, R restricted, V very restricted
+    key_scope: str | None = None  # encrypted with the client's data key of this scope
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """How one JSON path is classified and what pseudonymising or masking it means."""
+
+    path: str
+    field_class: str
+    pseudonym: bool = False  # under PSEUDONYM, replaced by the client's pseudonym (else removed)
+    mask: str | None = None  # under MASK, the mask applied (else removed)
+    flag: str | None = None  # a record field that, unless exactly false, reclassifies this one
+    flag_class: str | None = None
+    line: int | None = None
+
+    def class_for(self, record: Mapping[str, Any]) -> str:
+        if self.flag is not None and record.get(self.flag) is not False:
+            return self.flag_class or self.field_class
+        return self.field_class
+
+
+@dataclass(slots=True)
+class Node:
+    """One step of a resource's classification tree: a leaf, an object, or an array of nodes."""
+
+    spec: FieldSpec | None = None
+    children: dict[str, Node] | None = None
+    items: Node | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """A kind of CRM record and the tree that classifies its fields."""
+
+    name: str
+    client_field: str | None  # top-level key holding the client id; None: not client data
+    record_class: str  # a record is visible only where this class shows; it also guards delete
+    root: Node
+    specs: tuple[FieldSpec, ...]
+
+    @property
+    def classes(self) -> frozenset[str]:
+        found = {s.field_class for s in self.specs} | {s.flag_class for s in self.specs if s.flag_class}
+        return frozenset(found) | {self.record_class}
+
+
+@dataclass(frozen=True, slots=True)
+class ListFormat:
+    """How this CRM shapes a list response."""
+
+    items: str = "items"  # key of the rows; "." for a bare JSON array
+    metadata: tuple[str, ...] = ("total", "page", "per_page")  # kept beside the rows
+    total: str | None = "total"  # the count the gateway keeps consistent when rows are dropped
+    total_header: str | None = None  # e.g. X-Total-Count
+    paging_query: tuple[str, ...] = ("page", "per_page")
+    filter_style: str = "comma"  # "comma": a=1,2   "repeat": a=1&a=2
+
+
+@dataclass(frozen=True, slots=True)
+class RelationSource:
+    """Where the gateway reads the need-to-know facts: who is assigned to whom."""
+
+    clients_path: str = "/clients"
+    client_id: str = "id"
+    counsellor: str = "counsellor"
+    staff_path: str = "/staff"
+    staff_user: str = "username"
+    supervisor: str = "supervisor"
+    page_param: str = "page"
+    size_param: str = "per_page"
+    page_size: int = 500
+    resource: str = "client"  # records of this resource refresh the facts as they pass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldMap:
+    classes: Mapping[str, FieldClass]
+    resources: Mapping[str, Resource]
+    routes: tuple[Route, ...]
+    list_format: ListFormat
+    relations: RelationSource
+    public_paths: tuple[str, ...] = field(default_factory=tuple)
+
+
+def load_fieldmap(path: Path) -> FieldMap:
+    return parse_fieldmap(path.read_text(encoding="utf-8"))
+
+
+def parse_fieldmap(text: str) -> FieldMap:
+    doc = load_yaml(text)
+    if not isinstance(doc, dict):
+        raise MapError(1, "fields.yaml must be a mapping")
+    _known(doc, {"version", "classes", "resources", "list_format", "relations", "public"}, "top level")
+    if doc.get("version") != 1:
+        raise MapError(line_of(doc, "version"), "version must be 1")
+    classes = _parse_classes(doc.get("classes"), line_of(doc, "classes"))
+    list_format = _parse_list_format(doc.get("list_format") or {})
+    resources: dict[str, Resource] = {}
+    routes: list[Route] = []
+    raw_resources = doc.get("resources")
+    if not isinstance(raw_resources, dict) or not raw_resources:
+        raise MapError(line_of(doc, "resources"), "resources must be a non-empty mapping")
+    for name, body in raw_resources.items():
+        resource, resource_routes = _parse_resource(str(name), body, classes, raw_resources)
+        resources[resource.name] = resource
+        routes.extend(resource_routes)
+    relations = _parse_relations(doc.get("relations") or {}, resources)
+    public = doc.get("public") or []
+    if not isinstance(public, list) or not all(isinstance(p, str) and p.startswith("/") for p in public):
+        raise MapError(line_of(doc, "public"), "public must be a list of absolute paths")
+    return FieldMap(classes, resources, tuple(routes), list_format, relations, tuple(public))
+
+
+def _known(mapping: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise MapError(line_of(mapping, key), f"unknown key {key!r} in {where}")
+
+
+def _parse_classes(raw: Any, line: int | None) -> dict[str, FieldClass]:
+    if not isinstance(raw, dict) or not raw:
+        raise MapError(line, "classes must be a non-empty mapping")
+    classes: dict[str, FieldClass] = {}
+    for name, body in raw.items():
+        body = body or {}
+        if not isinstance(body, dict):
+            raise MapError(line_of(raw, name), f"class {name}: expected a mapping")
+        _known(body, {"label", "encrypt", "description"}, f"class {name}")
+        label = body.get("label", "R")
+        if label not in LABELS:
+            raise MapError(line_of(body, "label"), f"class {name}: label must be one of {', '.join(LABELS)}")
+        scope = body.get("encrypt")
+        if scope is not None and scope not in KEY_SCOPES:
+            raise MapError(line_of(body, "encrypt"), f"class {name}: encrypt must be one of {KEY_SCOPES}")
+        classes[str(name)] = FieldClass(str(name), label, scope, str(body.get("description", "")))
+    return classes
+
+
+def _parse_list_format(raw: Any) -> ListFormat:
+    if not isinstance(raw, dict):
+        raise MapError(None, "list_format must be a mapping")
+    _known(raw, {"items", "metadata", "total", "total_header", "paging_query", "filter_style"}, "list_format")
+    style = raw.get("filter_style", "comma")
+    if style not in ("comma", "repeat"):
+        raise MapError(line_of(raw, "filter_style"), "filter_style must be comma or repeat")
+    default = ListFormat()
+    return ListFormat(
+        items=str(raw.get("items", default.items)),
+        metadata=tuple(raw.get("metadata", default.metadata)),
+        total=raw.get("total", default.total),
+        total_header=raw.get("total_header"),
+        paging_query=tuple(raw.get("paging_query", default.paging_query)),
+        filter_style=style,
+    )
+
+
+def _parse_relations(raw: Any, resources: Mapping[str, Resource]) -> RelationSource:
+    if not isinstance(raw, dict):
+        raise MapError(None, "relations must be a mapping")
+    allowed = set(RelationSource.__dataclass_fields__)
+    _known(raw, allowed, "relations")
+    source = RelationSource(**{k: raw[k] for k in raw})
+    if source.resource not in resources:
+        raise MapError(line_of(raw, "resource"), f"relations.resource names unknown resource {source.resource}")
+    return source
+
+
+def _parse_resource(
+    name: str, body: Any, classes: Mapping[str, FieldClass], parent: Mapping[str, Any]
+) -> tuple[Resource, list[Route]]:
+    where = f"resource {name}"
+    if not isinstance(body, dict):
+        raise MapError(line_of(parent, name), f"{where}: expected a mapping")
+    _known(body, {"client", "record_class", "fields", "routes"}, where)
+    record_class = body.get("record_class")
+    if record_class not in classes:
+        raise MapError(line_of(body, "record_class"), f"{where}: record_class {record_class!r} is not a class")
+    raw_fields = body.get("fields")
+    if not isinstance(raw_fields, dict) or not raw_fields:
+        raise MapError(line_of(body, "fields"), f"{where}: fields must be a non-empty mapping")
+    root = Node(children={})
+    specs: list[FieldSpec] = []
+    for path, raw_spec in raw_fields.items():
+        spec = _parse_spec(str(path), raw_spec, classes, line_of(raw_fields, path), where)
+        _insert(root, spec, where)
+        specs.append(spec)
+    client = body.get("client")
+    if client is not None and (not isinstance(client, str) or client not in (root.children or {})):
+        raise MapError(line_of(body, "client"), f"{where}: client must name a top-level classified field")
+    resource = Resource(name, client, str(record_class), root, tuple(specs))
+    routes = _parse_routes(resource, body.get("routes"), line_of(body, "routes"), where)
+    return resource, routes
+
+
+def _parse_spec(
+    path: str, raw: Any, classes: Mapping[str, FieldClass], line: int | None, where: str
+) -> FieldSpec:
+    if isinstance(raw, str):
+        raw = {"class": raw}
+    if not isinstance(raw, dict):
+        raise MapError(line, f"{where}: field {path}: expected a class name or a mapping")
+    _known(raw, {"class", "pseudonym", "mask", "when"}, f"{where} field {path}")
+    cls = raw.get("class")
+    if cls not in classes:
+        raise MapError(line, f"{where}: field {path}: unknown class {cls!r}")
+    mask = raw.get("mask")
+    if mask is not None and mask not in MASKS:
+        raise MapError(line, f"{where}: field {path}: unknown mask {mask!r} (known: {', '.join(sorted(MASKS))})")
+    flag = flag_class = None
+    when = raw.get("when")
+    if when is not None:
+        if not isinstance(when, dict) or set(when) != {"flag", "class"}:
+            raise MapError(line, f"{where}: field {path}: when needs exactly flag and class")
+        flag, flag_class = str(when["flag"]), str(when["class"])
+        if flag_class not in classes:
+            raise MapError(line, f"{where}: field {path}: unknown class {flag_class!r} in when")
+    return FieldSpec(path, str(cls), bool(raw.get("pseudonym", False)), mask, flag, flag_class, line)
+
+
+def _insert(root: Node, spec: FieldSpec, where: str) -> None:
+    node = root
+    parts = spec.path.split(".")
+    for i, part in enumerate(parts):
+        is_array = part.endswith("[]")
+        key = part[:-2] if is_array else part
+        if not key or "[" in key or "]" in key:
+            raise MapError(spec.line, f"{where}: bad path {spec.path!r}")
+        if node.spec is not None:
+            raise MapError(spec.line, f"{where}: {spec.path} overlaps a path classified as a whole")
+        if node.items is not None:
+            raise MapError(spec.line, f"{where}: {spec.path} is an object here and an array elsewhere")
+        if node.children is None:
+            node.children = {}
+        child = node.children.setdefault(key, Node())
+        if is_array:
+            if child.spec is not None or child.children is not None:
+                raise MapError(spec.line, f"{where}: {spec.path} is an array here and an object elsewhere")
+            child.items = child.items or Node()
+            child = child.items
+        last = i == len(parts) - 1
+        if last:
+            if child.spec is not None or child.children or child.items:
+                raise MapError(spec.line, f"{where}: {spec.path} is classified twice or overlaps a deeper path")
+            child.spec = spec
+        node = child
+
+
+def _parse_routes(resource: Resource, raw: Any, line: int | None, where: str) -> list[Route]:
+    if not isinstance(raw, list) or not raw:
+        raise MapError(line, f"{where}: routes must be a non-empty list")
+    routes: list[Route] = []
+    for entry in raw:
+        options: dict[str, Any] = {}
+        entry_line = line
+        if isinstance(entry, dict) and len(entry) == 1:
+            ((decl, options),) = entry.items()
+            entry_line = line_of(entry, decl)
+            options = options or {}
+        elif isinstance(entry, str):
+            decl = entry
+        else:
+            raise MapError(line, f"{where}: a route is 'METHODS /path' or a one-key mapping of it")
+        words = str(decl).split()
+        if len(words) < 2:
+            raise MapError(entry_line, f"{where}: route {decl!r} needs methods and a path")
+        *methods, template = words
+        _known(options, {"list", "filter", "query", "opaque", "locate", "public"}, f"{where} route {decl}")
+        for method in methods:
+            routes.append(_route(resource, method, template, options, entry_line, where))
+    return routes
+
+
+def _route(
+    resource: Resource, method: str, template: str, options: Mapping[str, Any], line: int | None, where: str
+) -> Route:
+    method = method.upper()
+    shape = Shape.RECORD
+    if options.get("list"):
+        shape = Shape.LIST
+    if options.get("opaque"):
+        shape = Shape.OPAQUE
+    query = options.get("query") or {}
+    if not isinstance(query, dict):
+        raise MapError(line, f"{where}: query must map parameter names to the class they reveal")
+    filter_param = options.get("filter")
+    has_item_param = "{" in template
+    locate = options.get("locate")
+    if locate is None and has_item_param and "{client_id" not in template and method != "GET":
+        locate = template  # learn the record's client from the record itself before changing it
+    if shape is Shape.OPAQUE and locate is None:
+        raise MapError(line, f"{where}: opaque route {template} needs locate: the record it belongs to")
+    try:
+        return compile_route(
+            method,
+            template,
+            resource.name,
+            shape,
+            filter_param=filter_param,
+            query={str(k): (str(v) if v is not None else None) for k, v in query.items()},
+            opaque_field=options.get("opaque") if isinstance(options.get("opaque"), str) else None,
+            locate=locate,
+            public=bool(options.get("public", False)),
+            source=f"fields.yaml:{line}" if line else "fields.yaml",
+        )
+    except ValueError as exc:
+        raise MapError(line, f"{where}: {exc}") from None
+
+
+def is_write(route: Route) -> bool:
+    return route.verb in (Verb.CREATE, Verb.UPDATE, Verb.REPLACE)

@@ -1,0 +1,284 @@
+"""Identity: who is calling, from a verified bearer token. No identity, no access.
+
+Tokens are JWTs checked against configured keys (RS256/ES256 from a PEM or JWKS file; HS256 only in an
+explicitly declared demo). Issuer, audience and expiry are always checked. A verified token is cached
+by its SHA-256 until it expires, so the signature is checked once per token, not once per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from proxy.decision import PURPOSES
+from proxy.errors import GatewayError
+
+log = structlog.get_logger("fieldguard.identity")
+
+ROLE_HEADER = "x-fieldguard-role"
+PURPOSE_HEADER = "x-fieldguard-purpose"
+BREAK_GLASS_HEADER = "x-fieldguard-break-glass"
+_SUBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller of one request: verified claims plus the role and purpose chosen for it."""
+
+    subject: str  # as the CRM knows the user ("alice")
+    roles: frozenset[str]
+    role: str  # the active role (NIST RBAC: one at a time)
+    purpose: str  # HL7 PurposeOfUse
+    client_id: str | None = None  # for the client role: whose record "self" means
+    break_glass: str | None = None
+    token_id: str | None = None  # jti, for the audit record (never the token itself)
+    issuer: str = ""
+
+    @property
+    def user(self) -> str:
+        """Namespaced, so no user id can equal a role name (Casbin's g(x, x) is true)."""
+        return f"u:{self.subject}"
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    subject: str
+    roles: frozenset[str]
+    purposes: tuple[str, ...]
+    client_id: str | None
+    token_id: str | None
+    issuer: str
+    expires: float
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    issuer: str
+    audience: str
+    public_key_file: Path | None = None
+    jwks_file: Path | None = None
+    demo_hs256_secret_file: Path | None = None
+    demo: bool = False
+    roles_claim: str = "roles"
+    purpose_claim: str = "purpose_of_use"
+    client_claim: str = "client_id"
+    leeway_seconds: int = 30
+    cache_size: int = 10_000
+
+
+class TokenVerifier:
+    """Turns an Authorization header and the role/purpose headers into a `Principal`."""
+
+    def __init__(self, settings: IdentitySettings) -> None:
+        self.settings = settings
+        self._keys, self._algorithms = _load_keys(settings)
+        self._cache: OrderedDict[bytes, Claims] = OrderedDict()
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        auth = headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise GatewayError(401, "bearer token required", reason="no token")
+        claims = self.verify(token.strip())
+        return self._principal(claims, headers)
+
+    def verify(self, token: str) -> Claims:
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._cache.get(digest)
+        now = time.time()
+        if cached is not None:
+            if cached.expires + self.settings.leeway_seconds > now:
+                self._cache.move_to_end(digest)
+                return cached
+            del self._cache[digest]
+        claims = self._decode(token)
+        self._cache[digest] = claims
+        if len(self._cache) > self.settings.cache_size:
+            self._cache.popitem(last=False)
+        return claims
+
+    def _decode(self, token: str) -> Claims:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise GatewayError(401, "malformed token", reason="malformed token") from None
+        alg = header.get("alg")
+        if alg not in self._algorithms:
+            raise GatewayError(401, "token algorithm not accepted", reason=f"algorithm {alg!r} refused")
+        key = self._key_for(header)
+        try:
+            payload: dict[str, Any] = jwt.decode(
+                token,
+                key=key,
+                algorithms=[alg],
+                audience=self.settings.audience,
+                issuer=self.settings.issuer,
+                leeway=self.settings.leeway_seconds,
+                options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise GatewayError(401, "token expired", reason="token expired") from None
+        except jwt.InvalidAudienceError:
+            raise GatewayError(401, "token audience not accepted", reason="wrong audience") from None
+        except jwt.InvalidIssuerError:
+            raise GatewayError(401, "token issuer not accepted", reason="wrong issuer") from None
+        except jwt.PyJWTError as exc:
+            raise GatewayError(401, "token not valid", reason=f"invalid token: {type(exc).__name__}") from None
+        return self._claims(payload)
+
+    def _key_for(self, header: Mapping[str, Any]) -> Any:
+        kid = header.get("kid")
+        if kid is not None and kid in self._keys:
+            return self._keys[kid]
+        if len(self._keys) == 1 and (kid is None or "" in self._keys):
+            return next(iter(self._keys.values()))
+        raise GatewayError(401, "token signed by an unknown key", reason="unknown kid")
+
+    def _claims(self, payload: Mapping[str, Any]) -> Claims:
+        s = self.settings
+        subject = payload.get("sub")
+        if not isinstance(subject, str) or not _SUBJECT.match(subject):
+            raise GatewayError(401, "token subject not valid", reason="bad sub")
+        roles = payload.get(s.roles_claim)
+        if isinstance(roles, str):
+            roles = [roles]
+        if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
+            raise GatewayError(403, "token carries no roles", reason="no roles claim")
+        purposes = payload.get(s.purpose_claim, [])
+        if isinstance(purposes, str):
+            purposes = [purposes]
+        if not isinstance(purposes, list) or not all(isinstance(p, str) for p in purposes):
+            raise GatewayError(401, "token purpose of use not valid", reason="bad purpose claim")
+        client_id = payload.get(s.client_claim)
+        jti = payload.get("jti")
+        return Claims(
+            subject=subject,
+            roles=frozenset(roles),
+            purposes=tuple(purposes),
+            client_id=str(client_id) if client_id is not None else None,
+            token_id=str(jti)[:64] if jti is not None else None,
+            issuer=str(payload.get("iss", "")),
+            expires=float(payload["exp"]),
+        )
+
+    def _principal(self, claims: Claims, headers: Mapping[str, str]) -> Principal:
+        wanted = headers.get(ROLE_HEADER)
+        if wanted is not None:
+            if wanted not in claims.roles:
+                raise GatewayError(403, "requested role is not among the token's roles", reason="role not held")
+            role = wanted
+        elif len(claims.roles) == 1:
+            (role,) = claims.roles
+        else:
+            raise GatewayError(400, f"several roles held: choose one with the {ROLE_HEADER} header",
+                               reason="no active role chosen")
+        purpose_header = headers.get(PURPOSE_HEADER)
+        if purpose_header is not None:
+            if purpose_header not in claims.purposes:
+                raise GatewayError(403, "purpose of use not granted by the token", reason="purpose not in token")
+            purpose = purpose_header
+        elif len(claims.purposes) == 1:
+            purpose = claims.purposes[0]
+        elif not claims.purposes:
+            raise GatewayError(403, "purpose of use required", reason="no purpose of use")
+        else:
+            raise GatewayError(400, f"several purposes granted: choose one with the {PURPOSE_HEADER} header",
+                               reason="no purpose chosen")
+        if purpose not in PURPOSES:
+            raise GatewayError(403, "unknown purpose of use", reason="unknown purpose")
+        glass = headers.get(BREAK_GLASS_HEADER)
+        return Principal(
+            subject=claims.subject,
+            roles=claims.roles,
+            role=role,
+            purpose=purpose,
+            client_id=claims.client_id,
+            break_glass=glass.strip()[:500] if glass else None,
+            token_id=claims.token_id,
+            issuer=claims.issuer,
+        )
+
+
+def _load_keys(s: IdentitySettings) -> tuple[dict[str, Any], frozenset[str]]:
+    """Keys by kid ('' for a single unnamed key) and the algorithms they may verify.
+
+    One key type per deployment: an RSA or EC public key never verifies HS256 and a demo secret
+    never verifies RS256, which closes the HS/RS confusion attack.
+    """
+    sources = [x for x in (s.public_key_file, s.jwks_file, s.demo_hs256_secret_file) if x is not None]
+    if len(sources) != 1:
+        raise ValueError("configure exactly one of identity.public_key_file, jwks_file, demo_hs256_secret_file")
+    if s.demo_hs256_secret_file is not None:
+        if not s.demo:
+            raise ValueError("HS256 shared secrets are accepted only with identity.demo = true")
+        secret = s.demo_hs256_secret_file.read_bytes().strip()
+        if len(secret) < 32:
+            raise ValueError("the demo HS256 secret must be at least 32 bytes")
+        log.warning("HS256 demo secret in use: never run this configuration in production")
+        return {"": secret}, frozenset({"HS256"})
+    if s.public_key_file is not None:
+        key = serialization.load_pem_public_key(s.public_key_file.read_bytes())
+        return {"": key}, _algorithms_for(key)
+    assert s.jwks_file is not None
+    jwks = json.loads(s.jwks_file.read_text())
+    keys: dict[str, Any] = {}
+    algorithms: set[str] = set()
+    for jwk in jwks.get("keys", []):
+        if jwk.get("kty") not in ("RSA", "EC"):
+            continue
+        key = jwt.PyJWK(jwk).key
+        keys[str(jwk.get("kid", ""))] = key
+        algorithms |= _algorithms_for(key)
+    if not keys:
+        raise ValueError(f"{s.jwks_file}: no RSA or EC keys")
+    return keys, frozenset(algorithms)
+
+
+def _algorithms_for(key: Any) -> frozenset[str]:
+    if isinstance(key, rsa.RSAPublicKey):
+        return frozenset({"RS256", "RS384", "RS512", "PS256"})
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return frozenset({{"secp256r1": "ES256", "secp384r1": "ES384"}.get(key.curve.name, "ES256")})
+    raise ValueError("public keys must be RSA or EC")
+
+
+def mint_token(
+    private_key_pem: bytes,
+    *,
+    subject: str,
+    roles: list[str],
+    issuer: str,
+    audience: str,
+    purposes: list[str] | None = None,
+    client_id: str | None = None,
+    ttl_seconds: int = 3600,
+    kid: str | None = None,
+) -> str:
+    """A signed demo token (ES256 or RS256 by key type). Tests and `fieldguard token` use it."""
+    key = serialization.load_pem_private_key(private_key_pem, password=None)
+    alg = "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"
+    now = int(time.time())
+    payload: dict[str, Any] = {
+        "iss": issuer, "aud": audience, "sub": subject, "iat": now, "exp": now + ttl_seconds,
+        "jti": hashlib.sha256(f"{subject}{now}{time.perf_counter_ns()}".encode()).hexdigest()[:16],
+        "roles": roles,
+    }
+    if purposes:
+        payload["purpose_of_use"] = purposes
+    if client_id is not None:
+        payload["client_id"] = client_id
+    headers = {"kid": kid} if kid else None
+    return jwt.encode(payload, key, algorithm=alg, headers=headers)  # type: ignore[arg-type]
+

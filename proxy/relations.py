@@ -1,0 +1,173 @@
+"""Need-to-know relations: how a caller stands to a client (caseload, supervision, cover, self).
+
+Caseload and supervision are facts of the CRM (the client's assigned counsellor, the counsellor's
+supervisor); the gateway reads them from the CRM's own API and refreshes them, rather than copying
+one policy row per client. Cover is a grant the gateway keeps itself, with a start and an end, because
+Casbin's conditional role links break ordinary role checks in pycasbin 2.8.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from proxy.decision import Relation
+from proxy.fieldmap import MapError, RelationSource, line_of, load_yaml
+from proxy.identity import Principal
+
+log = structlog.get_logger("fieldguard.relations")
+
+FetchJson = Callable[[str, Mapping[str, str]], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class CoverGrant:
+    """A time-boxed grant: `user` covers the caseload of `covers` from `start` until `until` (UTC)."""
+
+    user: str
+    covers: str
+    start: datetime
+    until: datetime
+    reason: str
+    source: str
+
+    def active(self, now: datetime) -> bool:
+        return self.start <= now < self.until
+
+
+def parse_cover(text: str, file: str = "cover.yaml") -> tuple[CoverGrant, ...]:
+    doc = load_yaml(text) or {}
+    if not isinstance(doc, dict) or set(doc) - {"grants"}:
+        raise MapError(1, f"{file}: expected a mapping with 'grants'")
+    grants = doc.get("grants") or []
+    if not isinstance(grants, list):
+        raise MapError(line_of(doc, "grants"), f"{file}: grants must be a list")
+    out: list[CoverGrant] = []
+    for g in grants:
+        line = g.line if hasattr(g, "line") else None
+        if not isinstance(g, dict) or set(g) != {"user", "covers", "from", "until", "reason"}:
+            raise MapError(line, f"{file}: a grant needs exactly user, covers, from, until, reason")
+        start, until = _when(g["from"], line, file), _when(g["until"], line, file)
+        if until <= start:
+            raise MapError(line, f"{file}: grant ends before it starts")
+        if not str(g["reason"]).strip():
+            raise MapError(line, f"{file}: a grant needs a reason")
+        out.append(CoverGrant(str(g["user"]), str(g["covers"]), start, until, str(g["reason"]), f"{file}:{line}"))
+    return tuple(out)
+
+
+def _when(value: Any, line: int | None, file: str) -> datetime:
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.fromisoformat(str(value))
+        except ValueError:
+            raise MapError(line, f"{file}: {value!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        raise MapError(line, f"{file}: times need a zone (e.g. 2026-11-30T17:00:00Z)")
+    return moment.astimezone(UTC)
+
+
+@dataclass(slots=True)
+class RelationIndex:
+    """Client -> assigned counsellor and counsellor -> supervisor, read from the CRM."""
+
+    counsellor_of: dict[str, str] = field(default_factory=dict)
+    supervisor_of: dict[str, str] = field(default_factory=dict)
+    caseloads: dict[str, set[str]] = field(default_factory=dict)
+    synced_at: float | None = None
+    last_error: str | None = None
+
+    def observe(self, client_id: str, counsellor: Any) -> None:
+        """Refresh one client's assignment from a record the CRM just returned."""
+        new = counsellor if isinstance(counsellor, str) and counsellor else None
+        old = self.counsellor_of.get(client_id)
+        if old == new:
+            return
+        if old is not None:
+            self.caseloads.get(old, set()).discard(client_id)
+            del self.counsellor_of[client_id]
+        if new is not None:
+            self.counsellor_of[client_id] = new
+            self.caseloads.setdefault(new, set()).add(client_id)
+
+    def forget(self, client_id: str) -> None:
+        self.observe(client_id, None)
+
+    def relations(self, who: Principal, client_id: str, cover: Iterable[CoverGrant], now: datetime) -> Relation:
+        rels = Relation.ANY
+        if who.client_id is not None and who.client_id == client_id:
+            rels |= Relation.SELF
+        counsellor = self.counsellor_of.get(client_id)
+        if counsellor is None:
+            return rels
+        if counsellor == who.subject:
+            rels |= Relation.CASELOAD
+        if self.supervisor_of.get(counsellor) == who.subject:
+            rels |= Relation.SUPERVISION
+        if any(g.user == who.subject and g.covers == counsellor and g.active(now) for g in cover):
+            rels |= Relation.COVER
+        return rels
+
+    def clients_for(
+        self, who: Principal, wanted: Relation, cover: Iterable[CoverGrant], now: datetime
+    ) -> set[str]:
+        """Every client to whom `who` holds one of the `wanted` relations: the rows a list may show."""
+        found: set[str] = set()
+        if Relation.SELF in wanted and who.client_id is not None:
+            found.add(who.client_id)
+        counsellors: set[str] = set()
+        if Relation.CASELOAD in wanted:
+            counsellors.add(who.subject)
+        if Relation.SUPERVISION in wanted:
+            counsellors.update(c for c, s in self.supervisor_of.items() if s == who.subject)
+        if Relation.COVER in wanted:
+            counsellors.update(g.covers for g in cover if g.user == who.subject and g.active(now))
+        for c in counsellors:
+            found.update(self.caseloads.get(c, ()))
+        return found
+
+    async def sync(self, source: RelationSource, items_key: str, fetch: FetchJson) -> None:
+        """Re-read every assignment from the CRM; swap in the new facts only when the walk completes."""
+        started = time.monotonic()
+        counsellor_of: dict[str, str] = {}
+        supervisor_of: dict[str, str] = {}
+        async for row in _walk(source, source.clients_path, items_key, fetch):
+            cid, who = row.get(source.client_id), row.get(source.counsellor)
+            if cid is not None and isinstance(who, str) and who:
+                counsellor_of[str(cid)] = who
+        async for row in _walk(source, source.staff_path, items_key, fetch):
+            user, sup = row.get(source.staff_user), row.get(source.supervisor)
+            if isinstance(user, str) and isinstance(sup, str) and sup:
+                supervisor_of[user] = sup
+        caseloads: dict[str, set[str]] = {}
+        for cid, who in counsellor_of.items():
+            caseloads.setdefault(who, set()).add(cid)
+        self.counsellor_of, self.supervisor_of, self.caseloads = counsellor_of, supervisor_of, caseloads
+        self.synced_at = time.time()
+        self.last_error = None
+        log.info("relations synced", clients=len(counsellor_of), staff=len(supervisor_of),
+                 seconds=round(time.monotonic() - started, 3))
+
+
+async def _walk(source: RelationSource, path: str, items_key: str, fetch: FetchJson) -> Any:
+    page = 1
+    while True:
+        body = await fetch(path, {source.page_param: str(page), source.size_param: str(source.page_size)})
+        rows = body if items_key == "." else (body.get(items_key) if isinstance(body, dict) else None)
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: the CRM did not answer with a list")
+        for row in rows:
+            if isinstance(row, dict):
+                yield row
+        if len(rows) < source.page_size:
+            return
+        page += 1
+        if page > 100_000:
+            raise ValueError(f"{path}: too many pages")

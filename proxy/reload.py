@@ -1,0 +1,101 @@
+"""Safe rollout of policy changes: watch, check, compile, prove, then swap atomically.
+
+A changed file (or SIGHUP, or `fieldguard policy reload`) triggers a full load in a worker thread;
+only a bundle that passes every check replaces the one in force. A failure keeps the old bundle,
+is logged with its findings and is reported by /readyz until a good bundle loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from proxy.policy import (
+    BUNDLE_FILES,
+    PolicyBundle,
+    PolicyError,
+    bundle_digest,
+    compile_bundle,
+    read_bundle_files,
+)
+
+log = structlog.get_logger("fieldguard.policy")
+
+
+@dataclass(slots=True)
+class ReloadStatus:
+    reloads: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    last_attempt: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+class PolicyWatcher:
+    """Holds the bundle in force and replaces it only with a proved one."""
+
+    def __init__(
+        self,
+        bundle: PolicyBundle,
+        proofs: Path | None,
+        on_swap: Callable[[PolicyBundle, PolicyBundle], None] | None = None,
+        on_failure: Callable[[PolicyError], None] | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.directory = bundle.directory
+        self.proofs = proofs
+        self.status = ReloadStatus()
+        self._on_swap = on_swap
+        self._on_failure = on_failure
+        self._stamp = _stat(self.directory)
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> bool:
+        """Load the directory again; True when a new bundle is now in force."""
+        async with self._lock:
+            self.status.last_attempt = time.time()
+            self._stamp = _stat(self.directory)
+            try:
+                files = read_bundle_files(self.directory)
+                if bundle_digest(files) == self.bundle.digest:
+                    return False
+                fresh = await asyncio.to_thread(compile_bundle, self.directory, files, self.proofs)
+            except PolicyError as exc:
+                self.status.failures += 1
+                self.status.last_error = str(exc)
+                self.status.errors = [str(f) for f in exc.findings]
+                log.error("policy reload refused; the previous policy stays in force",
+                          policy=self.bundle.short_hash, findings=self.status.errors[:10])
+                if self._on_failure is not None:
+                    self._on_failure(exc)
+                return False
+            old, self.bundle = self.bundle, fresh
+            self.status.reloads += 1
+            self.status.last_error = None
+            self.status.errors = []
+            log.info("policy reloaded", old=old.short_hash, new=fresh.short_hash, checks=fresh.proof_checks)
+            if self._on_swap is not None:
+                self._on_swap(old, fresh)
+            return True
+
+    async def watch(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            if _stat(self.directory) != self._stamp:
+                await self.reload()
+
+
+def _stat(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for name in BUNDLE_FILES:
+        try:
+            st = (directory / name).stat()
+            out.append((name, st.st_mtime_ns, st.st_size))
+        except FileNotFoundError:
+            out.append((name, 0, -1))
+    return tuple(out)

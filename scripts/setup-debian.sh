@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages named on the command line when their command is missing.
+# Used by `make test` (softhsm2 for the PKCS#11 tests) and `make bench` (wrk, nginx).
+set -euo pipefail
+declare -A probe=([softhsm2]=softhsm2-util [wrk]=wrk [nginx-light]=nginx [nginx]=nginx)
+missing=()
+for pkg in "$@"; do
+  cmd=${probe[$pkg]:-$pkg}
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing Debian packages: ${missing[*]} (run as root or: sudo apt-get install ${missing[*]})" >&2
+  exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; }
