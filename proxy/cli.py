@@ -56,8 +56,9 @@ def token(sub: str, roles: tuple[str, ...], purposes: tuple[str, ...], client_id
         raise click.ClickException("identity.demo_signing_key_file is not set (tokens come from your IdP)")
     chosen = list(purposes)
     if not chosen:
-        table = load_bundle(settings.path(settings.policy.dir),
-                           settings.path(settings.keys.dir) / "proofs").table
+        from proxy.gateway import policy_source
+
+        table = load_bundle(policy_source(settings), settings.path(settings.keys.dir) / "proofs").table
         allowed = {p for r in roles for p in table.purposes.get(r, frozenset())}
         chosen = [next((p for p in PURPOSE_PREFERENCE if p in allowed), sorted(allowed)[0])] if allowed else []
     click.echo(mint_token(

@@ -41,6 +41,7 @@ class UpstreamSection:
 @dataclass(frozen=True, slots=True)
 class PolicySection:
     dir: str = "policies"
+    fields_file: str = ""  # default: fields.yaml in dir
     watch: bool = True
     poll_seconds: float = 1.0
 

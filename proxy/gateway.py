@@ -28,7 +28,7 @@ from proxy.decision import Outcome, Relation, View
 from proxy.errors import GatewayError
 from proxy.fieldmap import Resource
 from proxy.identity import IdentitySettings, Principal, TokenVerifier
-from proxy.policy import PolicyBundle, load_bundle
+from proxy.policy import BundleSource, PolicyBundle, load_bundle
 from proxy.pseudonym import Pseudonymizer
 from proxy.redact import Redactor, deciding_rules
 from proxy.relations import RelationIndex
@@ -63,6 +63,11 @@ def error_body(message: str, request_id: str) -> bytes:
     return orjson.dumps({"error": message, "request_id": request_id})
 
 
+def policy_source(settings: Settings) -> BundleSource:
+    fields = settings.policy.fields_file
+    return BundleSource(settings.path(settings.policy.dir), settings.path(fields) if fields else None)
+
+
 class Gateway:
     """The ASGI application. Construct with settings; uvicorn drives the lifespan."""
 
@@ -70,7 +75,7 @@ class Gateway:
         self.settings = settings
         keys_dir = settings.path(settings.keys.dir)
         self.proofs = keys_dir / "proofs"
-        bundle = load_bundle(settings.path(settings.policy.dir), self.proofs)
+        bundle = load_bundle(policy_source(settings), self.proofs)
         self.policy = PolicyWatcher(bundle, self.proofs)
         ident = settings.identity
         self.verifier = TokenVerifier(IdentitySettings(

@@ -51,7 +51,7 @@ class PolicyError(Exception):
 class PolicyBundle:
     """Everything derived from one consistent read of `policies/`."""
 
-    directory: Path
+    source: BundleSource
     digest: str  # SHA-256 over the files, stamped into every audit record
     fieldmap: FieldMap
     routes: RouteTable
@@ -63,20 +63,38 @@ class PolicyBundle:
     proof_checks: int
 
     @property
+    def directory(self) -> Path:
+        return self.source.directory
+
+    @property
     def short_hash(self) -> str:
         return self.digest[:16]
 
 
-def read_bundle_files(directory: Path) -> dict[str, bytes]:
+@dataclass(frozen=True, slots=True)
+class BundleSource:
+    """Where a bundle's files live: one directory, optionally with the field map kept elsewhere
+    (the same policy in front of a different CRM)."""
+
+    directory: Path
+    fields_file: Path | None = None
+
+    def paths(self) -> dict[str, Path]:
+        paths = {name: self.directory / name for name in BUNDLE_FILES}
+        if self.fields_file is not None:
+            paths["fields.yaml"] = self.fields_file
+        return paths
+
+
+def read_bundle_files(source: BundleSource) -> dict[str, bytes]:
     """Read every bundle file once; the hash and the parse use these same bytes."""
     found: dict[str, bytes] = {}
-    for name in BUNDLE_FILES:
-        path = directory / name
+    for name, path in source.paths().items():
         if path.exists():
             found[name] = path.read_bytes()
     missing = [n for n in REQUIRED_FILES if n not in found]
     if missing:
-        raise PolicyError([Finding(str(directory), None, Severity.ERROR, f"missing {', '.join(missing)}")])
+        raise PolicyError([Finding(str(source.directory), None, Severity.ERROR, f"missing {', '.join(missing)}")])
     return found
 
 
@@ -87,11 +105,13 @@ def bundle_digest(files: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def load_bundle(directory: Path, proofs: Path | None = None) -> PolicyBundle:
-    return compile_bundle(directory, read_bundle_files(directory), proofs)
+def load_bundle(source: BundleSource | Path, proofs: Path | None = None) -> PolicyBundle:
+    if isinstance(source, Path):
+        source = BundleSource(source)
+    return compile_bundle(source, read_bundle_files(source), proofs)
 
 
-def compile_bundle(directory: Path, files: dict[str, bytes], proofs: Path | None = None) -> PolicyBundle:
+def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path | None = None) -> PolicyBundle:
     """Lint, compile and prove; raise `PolicyError` with every finding on failure.
 
     `proofs` is a directory remembering bundles already proved by this version of FieldGuard and
@@ -134,7 +154,7 @@ def compile_bundle(directory: Path, files: dict[str, bytes], proofs: Path | None
             stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             stamp.write_text(str(checks))
     return PolicyBundle(
-        directory=directory,
+        source=source,
         digest=digest,
         fieldmap=fieldmap,
         routes=routes,

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from proxy.policy import (
-    BUNDLE_FILES,
+    BundleSource,
     PolicyBundle,
     PolicyError,
     bundle_digest,
@@ -47,24 +47,24 @@ class PolicyWatcher:
         on_failure: Callable[[PolicyError], None] | None = None,
     ) -> None:
         self.bundle = bundle
-        self.directory = bundle.directory
+        self.source = bundle.source
         self.proofs = proofs
         self.status = ReloadStatus()
         self._on_swap = on_swap
         self._on_failure = on_failure
-        self._stamp = _stat(self.directory)
+        self._stamp = _stat(self.source)
         self._lock = asyncio.Lock()
 
     async def reload(self) -> bool:
         """Load the directory again; True when a new bundle is now in force."""
         async with self._lock:
             self.status.last_attempt = time.time()
-            self._stamp = _stat(self.directory)
+            self._stamp = _stat(self.source)
             try:
-                files = read_bundle_files(self.directory)
+                files = read_bundle_files(self.source)
                 if bundle_digest(files) == self.bundle.digest:
                     return False
-                fresh = await asyncio.to_thread(compile_bundle, self.directory, files, self.proofs)
+                fresh = await asyncio.to_thread(compile_bundle, self.source, files, self.proofs)
             except PolicyError as exc:
                 self.status.failures += 1
                 self.status.last_error = str(exc)
@@ -86,15 +86,15 @@ class PolicyWatcher:
     async def watch(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
-            if _stat(self.directory) != self._stamp:
+            if _stat(self.source) != self._stamp:
                 await self.reload()
 
 
-def _stat(directory: Path) -> tuple[tuple[str, int, int], ...]:
+def _stat(source: BundleSource) -> tuple[tuple[str, int, int], ...]:
     out = []
-    for name in BUNDLE_FILES:
+    for name, path in source.paths().items():
         try:
-            st = (directory / name).stat()
+            st = path.stat()
             out.append((name, st.st_mtime_ns, st.st_size))
         except FileNotFoundError:
             out.append((name, 0, -1))

@@ -1,0 +1,247 @@
+"""Shared fixtures: real processes on loopback (the example CRM, json-server, the gateway itself).
+
+Nothing here is mocked: the gateway runs as `fieldguard serve` in its own process, in front of an
+upstream running in another, and tests talk to it over HTTP like any client would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from proxy.identity import mint_token
+
+REPO = Path(__file__).resolve().parent.parent
+ISSUER = "https://idp.test"
+AUDIENCE = "fieldguard-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    """A real process, started in its own session so it can be stopped with everything it spawned."""
+
+    def __init__(self, args: list[str], log: Path, ready_url: str, cwd: Path = REPO,
+                 env: dict[str, str] | None = None) -> None:
+        self.args, self.log, self.ready_url, self.cwd = args, log, ready_url, cwd
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Service:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.args, cwd=self.cwd, env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.args[:4]} exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.ready_url, timeout=1).status_code < 500:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.args[:4]} not ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with_kill = self.proc
+            os.killpg(with_kill.pid, signal.SIGKILL)
+            with_kill.wait(timeout=10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_crm(directory: Path, name: str = "crm") -> tuple[Service, str]:
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    db = directory / f"{name}.sqlite3"
+    svc = Service([sys.executable, "-m", "examples.crm", "--db", str(db), "--port", str(port)],
+                  directory / f"{name}.log", f"http://127.0.0.1:{port}/health").start()
+    return svc, f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class Signing:
+    """Test-generated signing keys; nothing here comes from the repository."""
+
+    directory: Path
+    private_pem: bytes = b""
+    public_file: Path = field(default_factory=Path)
+    rsa_private_pem: bytes = b""
+    rsa_public_file: Path = field(default_factory=Path)
+
+    def token(self, sub: str, role: str | list[str], purpose: str | list[str] | None = None,
+              client_id: str | None = None, ttl: int = 3600, **kw: Any) -> str:
+        roles = [role] if isinstance(role, str) else role
+        purposes = [purpose] if isinstance(purpose, str) else purpose
+        return mint_token(self.private_pem, subject=sub, roles=roles, issuer=kw.get("issuer", ISSUER),
+                          audience=kw.get("audience", AUDIENCE), purposes=purposes, client_id=client_id,
+                          ttl_seconds=ttl)
+
+
+@pytest.fixture(scope="session")
+def signing(tmp_path_factory: pytest.TempPathFactory) -> Signing:
+    d = tmp_path_factory.mktemp("signing")
+    key = ec.generate_private_key(ec.SECP256R1())
+    s = Signing(d)
+    s.private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+    s.public_file = d / "ec.pub.pem"
+    s.public_file.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    rkey = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    s.rsa_private_pem = rkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption())
+    s.rsa_public_file = d / "rsa.pub.pem"
+    s.rsa_public_file.write_bytes(rkey.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return s
+
+
+@pytest.fixture(scope="session")
+def shared_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One keys/ directory for the session's gateways, so a bundle is proved once, not per gateway."""
+    d = tmp_path_factory.mktemp("keys")
+    d.chmod(0o700)
+    return d
+
+
+def test_policies(directory: Path, cover_for: tuple[str, str] | None = ("dana", "bob")) -> Path:
+    """A copy of the shipped policies, with a live cover grant (dana covers bob) for the cover relation."""
+    target = directory / "policies"
+    shutil.copytree(REPO / "policies", target, ignore=shutil.ignore_patterns("tests"))
+    if cover_for is not None:
+        now = datetime.now(UTC)
+        (target / "cover.yaml").write_text(
+            "grants:\n"
+            f"  - user: {cover_for[0]}\n    covers: {cover_for[1]}\n"
+            f"    from: {(now - timedelta(days=1)).isoformat()}\n"
+            f"    until: {(now + timedelta(days=1)).isoformat()}\n"
+            "    reason: test cover while bob is away\n"
+        )
+    return target
+
+
+@dataclass
+class Gateway:
+    service: Service
+    url: str
+    audit: Path
+    config: Path
+    signing: Signing
+
+    def get(self, path: str, token: str | None = None, **kw: Any) -> httpx.Response:
+        return self.request("GET", path, token, **kw)
+
+    def request(self, method: str, path: str, token: str | None = None, **kw: Any) -> httpx.Response:
+        headers = dict(kw.pop("headers", {}))
+        if token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        return httpx.request(method, self.url + path, headers=headers, timeout=30, **kw)
+
+    def as_user(self, sub: str, role: str, purpose: str | None = None, client_id: str | None = None) -> str:
+        default = {"counsellor": "TREAT", "supervisor": "TREAT", "admin": "HOPERAT", "service_manager": "HOPERAT",
+                   "researcher": "HRESCH", "auditor": "HOPERAT", "client": "PATRQT"}
+        return self.signing.token(sub, role, purpose or default.get(role, "TREAT"), client_id)
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        if not self.audit.exists():
+            return []
+        return [json.loads(line) for line in self.audit.read_text().splitlines() if line.strip()]
+
+    def audit_for(self, request_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for rec in self.audit_records():
+                if rec["request_id"] == request_id:
+                    return rec
+            time.sleep(0.05)
+        raise AssertionError(f"no audit record for {request_id}")
+
+
+def start_gateway(directory: Path, upstream: str, signing: Signing, keys: Path, policies: Path | None = None,
+                  extra: str = "", public_key: Path | None = None) -> Gateway:
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    audit = directory / "audit.jsonl"
+    config = directory / "fieldguard.toml"
+    config.write_text(f"""
+[server]
+port = {port}
+max_body_bytes = 65536
+
+[upstream]
+url = "{upstream}"
+timeout_seconds = 3.0
+
+[policy]
+dir = "{policies or REPO / 'policies'}"
+poll_seconds = 0.2
+
+[identity]
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+public_key_file = "{public_key or signing.public_file}"
+
+[keys]
+dir = "{keys}"
+
+[audit]
+log = "{audit}"
+{extra}
+""")
+    svc = Service([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)], directory / "gateway.log",
+                  f"http://127.0.0.1:{port}/healthz").start()
+    return Gateway(svc, f"http://127.0.0.1:{port}", audit, config, signing)
+
+
+@pytest.fixture(scope="session")
+def crm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The example CRM, seeded, shared by read-only tests (write tests start their own)."""
+    svc, url = start_crm(tmp_path_factory.mktemp("crm"))
+    yield url
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(crm: str, signing: Signing, shared_keys: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Gateway]:
+    d = tmp_path_factory.mktemp("gateway")
+    gw = start_gateway(d, crm, signing, shared_keys, policies=test_policies(d))
+    yield gw
+    gw.service.stop()
+
+
+def direct(crm_url: str, path: str) -> Any:
+    """The CRM's own answer, bypassing the gateway: what the gateway is protecting."""
+    r = httpx.get(crm_url + path, timeout=10)
+    r.raise_for_status()
+    return r.json()

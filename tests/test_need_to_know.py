@@ -1,0 +1,260 @@
+"""Every role x relation x field class outcome of the shipped policy, through the gateway.
+
+Each scenario fetches a client's record and every kind of sub-record through the gateway and
+compares it, path by path, with what the CRM holds (read directly, bypassing the gateway): `clear`
+must be the stored value, `pseudonym` the client's pseudonym, `mask` the masked value, `remove`
+absent. The expected outcomes below are the services' confidentiality rules, written out by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.decision import Outcome, Relation
+from proxy.fieldmap import FieldSpec, Resource, load_fieldmap
+from proxy.masks import MASKS
+from proxy.policy import load_bundle
+from tests.conftest import REPO, Gateway, direct
+
+FIELDMAP = load_fieldmap(REPO / "policies" / "fields.yaml")
+CLASSES = sorted(FIELDMAP.classes)
+CLEAR, PSEUDO, MASK = "clear", "pseudonym", "mask"
+
+
+def outcomes(**kw: str) -> dict[str, str]:
+    return {c: kw.get(c, "remove") for c in CLASSES}
+
+
+FULL = {c: CLEAR for c in CLASSES}
+EXPECTED: dict[tuple[str, str], dict[str, str]] = {
+    ("counsellor", "caseload"): FULL,
+    ("counsellor", "any"): outcomes(staff=CLEAR),
+    ("supervisor", "supervision"): outcomes(staff=CLEAR, reference=CLEAR, identity=PSEUDO, service=CLEAR,
+                                            appointments=CLEAR, clinical_notes=CLEAR, safeguarding=CLEAR,
+                                            process_notes=CLEAR),
+    ("supervisor", "any"): outcomes(staff=CLEAR),
+    ("admin", "any"): outcomes(staff=CLEAR, reference=CLEAR, identity=CLEAR, contact=CLEAR, gp=CLEAR,
+                               referral=CLEAR, service=CLEAR, appointments=CLEAR),
+    ("service_manager", "any"): outcomes(staff=CLEAR, reference=CLEAR, identity=PSEUDO, service=CLEAR,
+                                         appointments=CLEAR, feedback=CLEAR),
+    ("service_manager", "cover"): outcomes(staff=CLEAR, reference=CLEAR, identity=CLEAR, contact=CLEAR, gp=CLEAR,
+                                           referral=CLEAR, service=CLEAR, appointments=CLEAR,
+                                           clinical_notes=CLEAR, safeguarding=CLEAR, letters=CLEAR,
+                                           communications=CLEAR, third_party=CLEAR, feedback=CLEAR),
+    ("researcher", "any"): outcomes(reference=PSEUDO, identity=MASK, service=CLEAR, referral=CLEAR,
+                                    appointments=MASK, feedback=CLEAR),
+    ("auditor", "any"): outcomes(),
+    ("client", "self"): {**FULL, "third_party": "remove", "staff": "remove"},
+    ("client", "any"): outcomes(),
+}
+
+SUB_RESOURCES = {
+    "appointments": "appointment",
+    "session-notes": "session_note",
+    "process-notes": "process_note",
+    "feedback": "feedback",
+    "letters": "letter",
+    "communications": "communication",
+}
+PSEUDONYM = re.compile(r"^P-[A-Z2-7]{16}$")
+
+
+def test_compiled_table_matches_the_written_rules() -> None:
+    table = load_bundle(REPO / "policies").table
+    for (role, relation), expected in EXPECTED.items():
+        view = table.view(role, Relation.ANY | Relation.parse(relation))
+        assert view is not None, role
+        got = {c: view.outcome(c).value for c in CLASSES}
+        assert got == expected, f"{role}/{relation}"
+
+
+def values_at(doc: Any, path: str) -> list[Any]:
+    """Every value at a map path ("a.b[].c") in a document; [] where the path is absent."""
+    found = [doc]
+    for part in path.split("."):
+        is_array = part.endswith("[]")
+        key = part[:-2] if is_array else part
+        nxt: list[Any] = []
+        for node in found:
+            if isinstance(node, dict) and key in node:
+                value = node[key]
+                if is_array:
+                    nxt.extend(value if isinstance(value, list) else [])
+                else:
+                    nxt.append(value)
+        found = nxt
+    return found
+
+
+def check(raw: dict[str, Any], shown: dict[str, Any], resource: Resource, expected: dict[str, str], where: str
+          ) -> None:
+    for spec in resource.specs:
+        cls = spec.class_for(raw)
+        outcome = expected[cls]
+        have, want = values_at(shown, spec.path), values_at(raw, spec.path)
+        label = f"{where}: {spec.path} ({cls}, {outcome})"
+        if outcome == CLEAR:
+            assert have == want, label
+        elif outcome == PSEUDO and spec.pseudonym:
+            assert have and all(isinstance(v, str) and PSEUDONYM.match(v) for v in have), label
+        elif outcome == MASK and spec.mask:
+            masked = [m for m in (MASKS[spec.mask](v) for v in want) if m is not None]
+            assert have == masked, label
+        else:
+            assert have == [], label
+    unknown = set(shown) - {s.path.split(".")[0].removesuffix("[]") for s in resource.specs}
+    assert not unknown, f"{where}: unclassified keys {unknown}"
+
+
+def _clients(crm: str) -> dict[str, int]:
+    """Clients 1 (alice's) and 2 (bob's), and the first of fatima's with every kind of record."""
+    fatima = next(
+        c["id"] for c in direct(crm, "/clients?counsellor=fatima&per_page=500")["items"]
+        if all(direct(crm, f"/clients/{c['id']}/{p}?per_page=1")["total"] for p in SUB_RESOURCES)
+    )
+    return {"alice's": 1, "bob's": 2, "fatima's": fatima}
+
+
+SCENARIOS = [
+    ("alice", "counsellor", None, "alice's", "caseload"),
+    ("alice", "counsellor", None, "bob's", "any"),
+    ("carol", "supervisor", None, "alice's", "supervision"),
+    ("carol", "supervisor", None, "fatima's", "any"),
+    ("erin", "admin", None, "alice's", "any"),
+    ("dana", "service_manager", None, "alice's", "any"),
+    ("dana", "service_manager", None, "bob's", "cover"),
+    ("rhea", "researcher", None, "alice's", "any"),
+    ("otto", "auditor", None, "alice's", "any"),
+    ("client1", "client", "1", "alice's", "self"),
+    ("client1", "client", "1", "bob's", "any"),
+]
+
+
+@pytest.mark.parametrize(("sub", "role", "client_claim", "whose", "relation"), SCENARIOS)
+def test_every_class_outcome_through_the_gateway(
+    gateway: Gateway, crm: str, sub: str, role: str, client_claim: str | None, whose: str, relation: str
+) -> None:
+    client = _clients(crm)[whose]
+    expected = EXPECTED[(role, relation)]
+    token = gateway.as_user(sub, role, client_id=client_claim)
+    checked = 0
+    # the client record itself
+    resource = FIELDMAP.resources["client"]
+    r = gateway.get(f"/clients/{client}", token)
+    visible = expected[resource.record_class] != "remove"
+    assert r.status_code == (200 if visible else 403), r.text
+    if visible:
+        check(direct(crm, f"/clients/{client}"), r.json(), resource, expected, f"{role} /clients/{client}")
+        checked += 1
+    # every kind of sub-record: nested list, flat list filtered by client, and the item route
+    for path, name in SUB_RESOURCES.items():
+        resource = FIELDMAP.resources[name]
+        visible = expected[resource.record_class] != "remove"
+        raw_rows = direct(crm, f"/clients/{client}/{path}")["items"]
+        assert raw_rows, f"seed gives client {client} some {path}"
+        nested = gateway.get(f"/clients/{client}/{path}", token)
+        item = gateway.get(f"/{path}/{raw_rows[0]['id']}", token)
+        if not visible:
+            assert nested.status_code == 403, (path, nested.text)
+            assert item.status_code == 403, (path, item.text)
+            continue
+        assert nested.status_code == 200, (path, nested.text)
+        shown_rows = nested.json()["items"]
+        assert len(shown_rows) == len(raw_rows)
+        assert nested.json()["total"] == len(raw_rows)
+        for raw, shown in zip(raw_rows, shown_rows, strict=True):
+            check(raw, shown, resource, expected, f"{role} /clients/{client}/{path}")
+            checked += 1
+        assert item.status_code == 200, (path, item.text)
+        check(raw_rows[0], item.json(), resource, expected, f"{role} /{path}/{raw_rows[0]['id']}")
+    if any(v != "remove" for k, v in expected.items() if k != "staff"):
+        assert checked > 0
+
+
+def test_pseudonym_is_stable_and_differs_between_clients(gateway: Gateway) -> None:
+    token = gateway.as_user("carol", "supervisor")
+    a1 = gateway.get("/clients/1", token).json()["name"]["first"]
+    a2 = gateway.get("/clients/1", token).json()["name"]["first"]
+    b = gateway.get("/clients/2", token).json()["name"]["first"]
+    assert a1 == a2 and a1 != b and PSEUDONYM.match(a1)
+    # the researcher sees the same pseudonym in place of the id, linking records without identity
+    rhea = gateway.as_user("rhea", "researcher")
+    assert gateway.get("/clients/1", rhea).json()["id"] == a1
+
+
+def test_lists_show_only_rows_with_a_relation_and_paging_counts_them(gateway: Gateway, crm: str) -> None:
+    expectations = {
+        ("alice", "counsellor"): {"alice"},
+        ("carol", "supervisor"): {"alice", "bob", "chen", "dev"},
+        ("dana", "service_manager"): None,  # oversight of every client, by pseudonym
+        ("erin", "admin"): None,
+    }
+    everyone = direct(crm, "/clients?per_page=1")["total"]
+    for (sub, role), counsellors in expectations.items():
+        token = gateway.as_user(sub, role)
+        body = gateway.get("/clients?per_page=500", token).json()
+        seen = {row["counsellor"] for row in body["items"]}
+        if counsellors is None:
+            assert body["total"] == everyone == len(body["items"])
+        else:
+            want = sum(direct(crm, f"/clients?counsellor={c}&per_page=1")["total"] for c in counsellors)
+            assert seen == counsellors and body["total"] == want == len(body["items"]), sub
+        # paging stays consistent: page 2 of 10 holds the next ten of the same filtered set
+        page2 = gateway.get("/clients?per_page=10&page=2", token).json()
+        assert page2["total"] == body["total"]
+        assert [r["id"] for r in page2["items"]] == [r["id"] for r in body["items"][10:20]]
+
+
+def test_flat_note_lists_are_filtered_to_the_caseload(gateway: Gateway, crm: str) -> None:
+    token = gateway.as_user("alice", "counsellor")
+    caseload = {c["id"] for c in direct(crm, "/clients?counsellor=alice&per_page=500")["items"]}
+    body = gateway.get("/session-notes?per_page=500", token).json()
+    assert body["items"] and {n["client_id"] for n in body["items"]} <= caseload
+    ids = ",".join(str(c) for c in sorted(caseload))
+    assert body["total"] == direct(crm, f"/session-notes?client_id={ids}&per_page=1")["total"]
+    # asking for someone else's client gives an empty list, not their notes
+    other = gateway.get("/session-notes?client_id=2", token)
+    assert other.status_code == 200 and other.json()["items"] == [] and other.json()["total"] == 0
+
+
+def test_a_client_sees_their_letters_without_third_party_information(gateway: Gateway, crm: str) -> None:
+    token = gateway.as_user("client1", "client", client_id="1")
+    raw = direct(crm, "/clients/1/letters")["items"]
+    shown = {row["id"]: row for row in gateway.get("/clients/1/letters", token).json()["items"]}
+    assert any(r["third_party"] for r in raw) and any(not r["third_party"] for r in raw)
+    for row in raw:
+        if row["third_party"]:
+            assert "body" not in shown[row["id"]] and "subject" not in shown[row["id"]]
+        else:
+            assert shown[row["id"]]["body"] == row["body"]
+
+
+def test_query_parameters_are_allow_listed_and_filters_reveal_nothing_hidden(gateway: Gateway) -> None:
+    alice = gateway.as_user("alice", "counsellor")
+    assert gateway.get("/clients?status=active", alice).status_code == 200
+    r = gateway.get("/clients?email=x@example.org", alice)
+    assert r.status_code == 400 and "email" in r.json()["error"]
+    assert gateway.get("/clients/1?_embed=session-notes", alice).status_code == 400
+
+
+def test_letter_pdf_is_all_or_nothing(gateway: Gateway, crm: str) -> None:
+    letters = direct(crm, "/clients/1/letters")["items"]
+    own = next(r for r in letters if not r["third_party"])
+    third = next(r for r in letters if r["third_party"])
+    alice = gateway.as_user("alice", "counsellor")
+    r = gateway.get(f"/letters/{own['id']}/pdf", alice)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/pdf" and r.content.startswith(b"%PDF")
+    client = gateway.as_user("client1", "client", client_id="1")
+    assert gateway.get(f"/letters/{own['id']}/pdf", client).status_code == 200
+    assert gateway.get(f"/letters/{third['id']}/pdf", client).status_code == 403
+    assert gateway.get(f"/letters/{own['id']}/pdf", gateway.as_user("erin", "admin")).status_code == 403
+
+
+def test_outcome_enum_covers_every_expectation() -> None:
+    assert {v for e in EXPECTED.values() for v in e.values()} <= {o.value for o in Outcome}
+    assert all(isinstance(s, FieldSpec) for r in FIELDMAP.resources.values() for s in r.specs)
+    assert Path(REPO / "policies" / "policy.csv").exists()
