@@ -518,6 +518,9 @@ class Exchange:
 
     def _require_visible(self, view: View) -> None:
         if not self.redactor.visible(view, self.resource):
+            if self.g.index.synced_at is None:
+                raise GatewayError(503, "need-to-know relations are not available yet",
+                                   reason="relations never synced")
             raise GatewayError(403, "no access to this client's records", reason="no relation to the client")
 
     # -------------------------------------------------------------- changes

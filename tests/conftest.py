@@ -134,7 +134,7 @@ def shared_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def test_policies(directory: Path, cover_for: tuple[str, str] | None = ("dana", "bob")) -> Path:
+def policies_copy(directory: Path, cover_for: tuple[str, str] | None = ("dana", "bob")) -> Path:
     """A copy of the shipped policies, with a live cover grant (dana covers bob) for the cover relation."""
     target = directory / "policies"
     shutil.copytree(REPO / "policies", target, ignore=shutil.ignore_patterns("tests"))
@@ -235,7 +235,7 @@ def crm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def gateway(crm: str, signing: Signing, shared_keys: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[Gateway]:
     d = tmp_path_factory.mktemp("gateway")
-    gw = start_gateway(d, crm, signing, shared_keys, policies=test_policies(d))
+    gw = start_gateway(d, crm, signing, shared_keys, policies=policies_copy(d))
     yield gw
     gw.service.stop()
 

@@ -1,0 +1,136 @@
+"""Bad tokens never reach the CRM: expired, forged, unsigned, confused, or for someone else."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.conftest import AUDIENCE, ISSUER, Gateway, Signing, start_gateway
+
+
+def _b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def claims(**kw: object) -> dict[str, object]:
+    now = int(time.time())
+    base: dict[str, object] = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 600,
+                               "roles": ["counsellor"], "purpose_of_use": ["TREAT"]}
+    base.update(kw)
+    return base
+
+
+def sign(signing: Signing, **kw: object) -> str:
+    key = serialization.load_pem_private_key(signing.private_pem, password=None)
+    return jwt.encode(claims(**kw), key, algorithm="ES256")  # type: ignore[arg-type]
+
+
+def status(gw: Gateway, token: str | None, path: str = "/clients/1", **headers: str) -> int:
+    return gw.get(path, token, headers=headers).status_code
+
+
+def test_a_good_token_works(gateway: Gateway, signing: Signing) -> None:
+    assert status(gateway, sign(signing)) == 200
+
+
+def test_missing_and_malformed_tokens(gateway: Gateway) -> None:
+    assert status(gateway, None) == 401
+    assert gateway.get("/clients/1", headers={"authorization": "Basic YWxpY2U6eA=="}).status_code == 401
+    assert status(gateway, "not-a-jwt") == 401
+    assert status(gateway, "a.b.c") == 401
+
+
+def test_expired_token(gateway: Gateway, signing: Signing) -> None:
+    old = int(time.time()) - 3600
+    r = gateway.get("/clients/1", sign(signing, iat=old, exp=old + 60))
+    assert r.status_code == 401 and r.json()["error"] == "token expired"
+
+
+def test_wrong_signature(gateway: Gateway, signing: Signing) -> None:
+    other = ec.generate_private_key(ec.SECP256R1())
+    assert status(gateway, jwt.encode(claims(), other, algorithm="ES256")) == 401
+    good = sign(signing)
+    head, body, sig = good.split(".")
+    tampered = ".".join([head, _b64(claims(roles=["admin"], purpose_of_use=["HOPERAT"])), sig])
+    assert status(gateway, tampered) == 401
+
+
+def test_alg_none_is_refused(gateway: Gateway) -> None:
+    token = _b64({"alg": "none", "typ": "JWT"}) + "." + _b64(claims()) + "."
+    r = gateway.get("/clients/1", token)
+    assert r.status_code == 401 and r.json()["error"] == "token algorithm not accepted"
+
+
+def test_hs256_signed_with_the_public_key_is_refused(gateway: Gateway, signing: Signing) -> None:
+    """The HS/RS confusion attack: the verifier's public key used as an HMAC secret."""
+    import hashlib
+    import hmac
+
+    secret = signing.public_file.read_bytes()
+    head = _b64({"alg": "HS256", "typ": "JWT"})
+    body = _b64(claims())
+    mac = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    token = f"{head}.{body}." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    assert status(gateway, token) == 401
+
+
+def test_wrong_audience_and_issuer(gateway: Gateway, signing: Signing) -> None:
+    assert status(gateway, sign(signing, aud="someone-else")) == 401
+    assert status(gateway, sign(signing, iss="https://evil.example")) == 401
+
+
+def test_roles_and_purposes_chosen_by_header(gateway: Gateway, signing: Signing) -> None:
+    both = sign(signing, roles=["counsellor", "admin"], purpose_of_use=["TREAT", "HOPERAT"])
+    assert status(gateway, both) == 400  # several roles: choose one
+    assert status(gateway, both, **{"x-fieldguard-role": "counsellor", "x-fieldguard-purpose": "TREAT"}) == 200
+    assert status(gateway, both, **{"x-fieldguard-role": "supervisor", "x-fieldguard-purpose": "TREAT"}) == 403
+    # the admin role with the treatment purpose is not allowed by policy (purpose of use is per role)
+    r = gateway.get("/clients/1", both, headers={"x-fieldguard-role": "admin", "x-fieldguard-purpose": "TREAT"})
+    assert r.status_code == 403 and "purpose" in r.json()["error"]
+    assert status(gateway, sign(signing, purpose_of_use=[])) == 403
+    assert status(gateway, sign(signing, roles=["superuser"], purpose_of_use=["TREAT"])) == 403
+
+
+def test_subject_cannot_masquerade_as_a_role(gateway: Gateway, signing: Signing) -> None:
+    """Casbin's g(x, x) is true; the gateway never puts a user id where a role goes."""
+    assert status(gateway, sign(signing, sub="admin", roles=["counsellor"]), "/clients/2") == 403
+
+
+@pytest.fixture(scope="module")
+def rsa_gateway(crm: str, signing: Signing, shared_keys: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Gateway]:
+    d = tmp_path_factory.mktemp("gw-rsa")
+    g = start_gateway(d, crm, signing, shared_keys, public_key=signing.rsa_public_file)
+    yield g
+    g.service.stop()
+
+
+def test_rs256_gateway_refuses_hs256_made_from_its_public_key(rsa_gateway: Gateway, signing: Signing) -> None:
+    key = serialization.load_pem_private_key(signing.rsa_private_pem, password=None)
+    good = jwt.encode(claims(), key, algorithm="RS256")  # type: ignore[arg-type]
+    assert status(rsa_gateway, good) == 200
+    import hashlib
+    import hmac
+
+    head, body = _b64({"alg": "HS256", "typ": "JWT"}), _b64(claims())
+    mac = hmac.new(signing.rsa_public_file.read_bytes(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    forged = f"{head}.{body}." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    assert status(rsa_gateway, forged) == 401
+    # an ES256 token is not accepted by an RS256-keyed gateway either
+    assert status(rsa_gateway, sign(signing)) == 401
+
+
+def test_every_refusal_is_audited_without_the_token(gateway: Gateway, signing: Signing) -> None:
+    token = sign(signing, aud="someone-else")
+    r = gateway.get("/clients/1", token)
+    rec = gateway.audit_for(r.headers["x-request-id"])
+    assert rec["status"] == 401 and rec["outcome"] == "denied" and rec["reason"] == "wrong audience"
+    assert token not in gateway.audit.read_text()

@@ -1,0 +1,72 @@
+"""Path tricks: what the gateway authorises is exactly what the CRM receives, or nothing is sent."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from proxy.errors import GatewayError
+from proxy.routes import encode_path, normalise_path
+from tests.conftest import Gateway
+
+
+def raw_get(gw: Gateway, target: str, token: str, method: str = "GET") -> tuple[int, bytes]:
+    """Send a request line exactly as written (no client-side normalisation)."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.parametrize("target", [
+    "/clients/1/..%2F2", "/clients/1%2f..%2f2", "/clients/%2e%2e%2fclients%2f2", "/clients/1;jsessionid=x",
+    "/clients/%2531", "/clients/1%00", "/clients/1%5c..%5c2", "/../clients/1",
+])
+def test_ambiguous_paths_are_refused(gateway: Gateway, target: str) -> None:
+    status, body = raw_get(gateway, target, gateway.as_user("alice", "counsellor"))
+    assert status == 400, (target, body)
+    assert b"Liam" not in body
+
+
+@pytest.mark.parametrize(("target", "client"), [
+    ("//clients///1//", 1), ("/clients/./1", 1), ("/clients/%31", 1), ("/clients/2/../1", 1),
+    ("/clients/1/../2", 2), ("/clients/%2e%2e/clients/2", 2), ("/clients/1/session-notes/../../2", 2),
+])
+def test_paths_are_normalised_once_and_decided_on_what_is_forwarded(gateway: Gateway, target: str, client: int
+                                                                    ) -> None:
+    status, body = raw_get(gateway, target, gateway.as_user("alice", "counsellor"))
+    if client == 1:
+        assert status == 200 and b'"id":1,' in body, (target, body)
+    else:
+        assert status == 403, (target, body)  # client 2 is bob's
+
+
+def test_unknown_routes_and_methods_are_refused(gateway: Gateway) -> None:
+    alice = gateway.as_user("alice", "counsellor")
+    for method, path in [("GET", "/admin"), ("GET", "/CLIENTS/1"), ("HEAD", "/clients/1"),
+                         ("OPTIONS", "/clients/1"), ("TRACE", "/clients/1"), ("GET", "/clients/abc"),
+                         ("GET", "/clients/1/secrets")]:
+        r = gateway.request(method, path, alice)
+        assert r.status_code == 403, (method, path)
+        if method != "HEAD":
+            assert r.json()["error"] == "route not allowed"
+    assert gateway.get("/admin").status_code == 401  # no identity, no access, whatever the route
+
+
+def test_lower_case_method_is_the_same_method(gateway: Gateway) -> None:
+    status, body = raw_get(gateway, "/clients/1", gateway.as_user("alice", "counsellor"), method="get")
+    assert status in (200, 400), body  # served as GET, or refused by the HTTP parser; never another route
+
+
+def test_normalise_path_unit() -> None:
+    assert normalise_path(b"/a//b/./c/../d/") == ("a", "b", "d")
+    assert encode_path(normalise_path(b"/a%20b/%C3%A9")) == "/a%20b/%C3%A9"
+    for bad in (b"a", b"/a%2fb", b"/a;b", b"/%252e", b"/..", b"/a/%ff", b"/a%0a"):
+        with pytest.raises(GatewayError):
+            normalise_path(bad)

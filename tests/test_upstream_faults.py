@@ -1,0 +1,85 @@
+"""A CRM that is down, slow or wrong: short JSON errors, never its bytes, never a stack trace."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, Service, Signing, free_port, start_gateway
+
+
+@pytest.fixture(scope="module")
+def bad_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    d = tmp_path_factory.mktemp("bad-upstream")
+    port = free_port()
+    svc = Service([sys.executable, "-m", "tests.upstreams.misbehaving", str(port)], d / "log",
+                  f"http://127.0.0.1:{port}/health").start()
+    yield f"http://127.0.0.1:{port}"
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(bad_upstream: str, signing: Signing, shared_keys: Path, tmp_path_factory: pytest.TempPathFactory
+       ) -> Iterator[Gateway]:
+    d = tmp_path_factory.mktemp("gw-bad")
+    g = start_gateway(d, bad_upstream, signing, shared_keys)
+    yield g
+    g.service.stop()
+
+
+def test_unclassified_fields_and_envelope_keys_are_removed(gw: Gateway) -> None:
+    alice = gw.as_user("alice", "counsellor")
+    r = gw.get("/clients/1", alice)
+    assert r.status_code == 200 and r.json()["email"] == "ada@example.org"
+    assert "secret_new_field" not in r.json()
+    rec = gw.audit_for(r.headers["x-request-id"])
+    assert rec["unclassified"] == ["secret_new_field"]
+    listing = gw.get("/clients", alice).json()
+    assert "debug_sql" not in listing and all("secret_new_field" not in row for row in listing["items"])
+
+
+@pytest.mark.parametrize(("client", "status"), [(2, 502), (3, 502), (5, 502), (6, 502), (8, 404)])
+def test_wrong_answers_become_short_json_errors(gw: Gateway, client: int, status: int) -> None:
+    r = gw.get(f"/clients/{client}", gw.as_user("alice", "counsellor"))
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert set(r.json()) == {"error", "request_id"}
+    assert "Ada" not in r.text and "Traceback" not in r.text
+
+
+def test_shape_mismatch_removes_the_field(gw: Gateway) -> None:
+    r = gw.get("/clients/7", gw.as_user("alice", "counsellor"))
+    assert r.status_code == 200 and "name" not in r.json()
+
+
+def test_slow_upstream_times_out(gw: Gateway) -> None:
+    r = gw.get("/clients/4", gw.as_user("alice", "counsellor"))
+    assert r.status_code == 504 and r.json()["error"] == "upstream timed out"
+    rec = gw.audit_for(r.headers["x-request-id"])
+    assert rec["outcome"] == "error" and rec["status"] == 504
+
+
+def test_upstream_down(signing: Signing, shared_keys: Path, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    g = start_gateway(tmp_path, dead, signing, shared_keys)
+    try:
+        r = g.get("/clients/1", g.as_user("erin", "admin"))
+        assert r.status_code == 502 and r.json()["error"] == "upstream unreachable"
+        # a decision that needs the caseload facts cannot be made: refused, not guessed
+        r = g.get("/clients/1", g.as_user("alice", "counsellor"))
+        assert r.status_code == 503
+        ready = httpx.get(g.url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["upstream"]["ok"] is False
+        assert httpx.get(g.url + "/healthz").status_code == 200
+    finally:
+        g.service.stop()
+
+
+def test_readyz_reports_policy_and_relations(gw: Gateway) -> None:
+    body = httpx.get(gw.url + "/readyz").json()
+    assert body["ready"] is True
+    assert len(body["checks"]["policy"]["hash"]) == 64 and body["checks"]["relations"]["clients"] == 8

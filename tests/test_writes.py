@@ -1,0 +1,138 @@
+"""Writes through the gateway: allowed ones reach the CRM, refused ones never do."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Gateway, Signing, direct, start_crm, start_gateway, policies_copy
+
+
+@pytest.fixture(scope="module")
+def crm_w(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    svc, url = start_crm(tmp_path_factory.mktemp("crm-writes"))
+    yield url
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(crm_w: str, signing: Signing, shared_keys: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    d = tmp_path_factory.mktemp("gw-writes")
+    g = start_gateway(d, crm_w, signing, shared_keys, policies=policies_copy(d))
+    yield g
+    g.service.stop()
+
+
+def note_of(crm: str, client: int) -> dict[str, object]:
+    return direct(crm, f"/clients/{client}/session-notes")["items"][0]  # type: ignore[no-any-return]
+
+
+def test_counsellor_updates_a_note_of_their_own_client(gw: Gateway, crm_w: str) -> None:
+    note = note_of(crm_w, 1)
+    r = gw.request("PATCH", f"/session-notes/{note['id']}", gw.as_user("alice", "counsellor"),
+                   json={"summary": "Updated after review"})
+    assert r.status_code == 200, r.text
+    assert r.json()["summary"] == "Updated after review"
+    assert direct(crm_w, f"/session-notes/{note['id']}")["summary"] == "Updated after review"
+
+
+def test_counsellor_cannot_touch_another_counsellors_client(gw: Gateway, crm_w: str) -> None:
+    note = note_of(crm_w, 2)
+    r = gw.request("PATCH", f"/session-notes/{note['id']}", gw.as_user("alice", "counsellor"),
+                   json={"summary": "x"})
+    assert r.status_code == 403 and "summary" in r.json()["error"]
+    assert direct(crm_w, f"/session-notes/{note['id']}")["summary"] == note["summary"]
+    rec = gw.audit_for(r.headers["x-request-id"])
+    assert rec["outcome"] == "denied" and rec["refused"] == ["summary (clinical_notes)"]
+
+
+def test_create_note_for_own_client_and_refuse_for_others(gw: Gateway, crm_w: str) -> None:
+    alice = gw.as_user("alice", "counsellor")
+    body = {"author": "alice", "session_date": "2026-11-20", "summary": "First session",
+            "body": "Talked about sleep.", "risk": {"level": "low", "factors": []}}
+    r = gw.request("POST", "/clients/1/session-notes", alice, json=body)
+    assert r.status_code == 403, r.text  # author is class `service`: counsellors do not write it
+    del body["author"]
+    r = gw.request("POST", "/clients/1/session-notes", alice, json=body)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["body"] == "Talked about sleep." and created["client_id"] == 1
+    before = direct(crm_w, "/session-notes?per_page=1")["total"]
+    r = gw.request("POST", "/session-notes", alice, json={**body, "client_id": 2})
+    assert r.status_code == 403 and "client_id" in r.json()["error"]
+    assert direct(crm_w, "/session-notes?per_page=1")["total"] == before
+
+
+def test_admin_writes_contact_details_but_no_notes(gw: Gateway, crm_w: str) -> None:
+    erin = gw.as_user("erin", "admin")
+    r = gw.request("PATCH", "/clients/3", erin, json={"phone": "07700 900999", "address": {"town": "Leeds"}})
+    assert r.status_code == 200, r.text
+    stored = direct(crm_w, "/clients/3")
+    assert stored["phone"] == "07700 900999" and stored["address"] == {"town": "Leeds"}
+    r = gw.request("POST", "/clients/3/session-notes", erin, json={"summary": "x"})
+    assert r.status_code == 403
+
+
+def test_unknown_fields_are_refused_with_their_name(gw: Gateway, crm_w: str) -> None:
+    erin = gw.as_user("erin", "admin")
+    r = gw.request("PATCH", "/clients/3", erin, json={"phone": "07700 900111", "nhs_number": "123"})
+    assert r.status_code == 422 and "nhs_number" in r.json()["error"]
+    r = gw.request("PATCH", "/clients/3", erin, json={"address": {"country": "UK"}})
+    assert r.status_code == 422 and "address.country" in r.json()["error"]
+    assert direct(crm_w, "/clients/3")["phone"] != "07700 900111"
+
+
+def test_client_may_rectify_contact_details_only(gw: Gateway, crm_w: str) -> None:
+    me = gw.as_user("client1", "client", client_id="1")
+    assert gw.request("PATCH", "/clients/1", me, json={"email": "new@example.org"}).status_code == 200
+    assert direct(crm_w, "/clients/1")["email"] == "new@example.org"
+    r = gw.request("PATCH", "/clients/1", me, json={"status": "closed"})
+    assert r.status_code == 403 and "status" in r.json()["error"]
+    assert gw.request("PATCH", "/clients/2", me, json={"email": "x@example.org"}).status_code == 403
+
+
+def test_put_needs_write_on_every_class(gw: Gateway, crm_w: str) -> None:
+    current = direct(crm_w, "/clients/1")
+    del current["id"]
+    r = gw.request("PUT", "/clients/1", gw.as_user("alice", "counsellor"), json=current)
+    assert r.status_code == 403
+
+
+def test_delete_guarded_by_the_record_class(gw: Gateway, crm_w: str) -> None:
+    appt = direct(crm_w, "/clients/4/appointments")["items"][0]
+    note = note_of(crm_w, 1)
+    erin = gw.as_user("erin", "admin")
+    assert gw.request("DELETE", f"/session-notes/{note['id']}", erin).status_code == 403
+    assert direct(crm_w, f"/session-notes/{note['id']}")["id"] == note["id"]
+    assert gw.request("DELETE", f"/appointments/{appt['id']}", erin).status_code == 204
+    assert direct(crm_w, f"/appointments?id={appt['id']}")["total"] == 0
+
+
+def test_new_client_created_by_admin_becomes_visible_to_its_counsellor(gw: Gateway, crm_w: str) -> None:
+    erin = gw.as_user("erin", "admin")
+    body = {"name": {"first": "Nia", "last": "Test"}, "date_of_birth": "1990-01-01", "email": "nia@example.org",
+            "counsellor": "alice", "category": "adult", "status": "waiting"}
+    r = gw.request("POST", "/clients", erin, json=body)
+    assert r.status_code == 201, r.text
+    new_id = r.json()["id"]
+    alice = gw.as_user("alice", "counsellor")
+    assert gw.get(f"/clients/{new_id}", alice).json()["name"]["first"] == "Nia"
+    assert gw.get(f"/clients/{new_id}", gw.as_user("bob", "counsellor")).status_code == 403
+    # a counsellor cannot create clients
+    assert gw.request("POST", "/clients", alice, json=body).status_code == 403
+
+
+def test_bad_bodies_get_clear_errors(gw: Gateway, crm_w: str) -> None:
+    erin = gw.as_user("erin", "admin")
+    r = gw.request("PATCH", "/clients/3", erin, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "request body is not valid JSON"
+    r = gw.request("PATCH", "/clients/3", erin, json=[1, 2])
+    assert r.status_code == 422
+    r = gw.request("PATCH", "/clients/3", erin, content=b"phone=1", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    r = gw.request("PATCH", "/clients/3", erin, json={"referral_source": "x" * 70000})
+    assert r.status_code == 413
+    for resp in (r,):
+        assert "Traceback" not in resp.text and "x" * 20 not in resp.text
