@@ -188,7 +188,7 @@ class Gateway:
 
 
 def start_gateway(directory: Path, upstream: str, signing: Signing, keys: Path, policies: Path | None = None,
-                  extra: str = "", public_key: Path | None = None) -> Gateway:
+                  extra: str = "", public_key: Path | None = None, fields_file: Path | None = None) -> Gateway:
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     audit = directory / "audit.jsonl"
@@ -204,6 +204,7 @@ timeout_seconds = 3.0
 
 [policy]
 dir = "{policies or REPO / 'policies'}"
+fields_file = "{fields_file or ''}"
 poll_seconds = 0.2
 
 [identity]
