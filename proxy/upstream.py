@@ -108,10 +108,15 @@ class Upstream:
                 limit = self.settings.max_response_bytes
                 if resp.content_length is not None and resp.content_length > limit:
                     raise GatewayError(502, "upstream response too large")
-                data = await resp.content.read(limit + 1)
-                if len(data) > limit:
-                    raise GatewayError(502, "upstream response too large")
-                return UpstreamResponse(resp.status, _lower(resp.headers), data)
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_any():
+                    size += len(chunk)
+                    if size > limit:
+                        raise GatewayError(502, "upstream response too large")
+                    chunks.append(chunk)
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return UpstreamResponse(resp.status, _lower(resp.headers), body)
         except GatewayError:
             raise
         except TimeoutError:

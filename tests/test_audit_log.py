@@ -1,0 +1,40 @@
+"""Audit, first form: one JSON line per request, with names and pseudonyms, never values."""
+
+from __future__ import annotations
+
+from tests.conftest import Gateway, direct
+
+
+def test_a_read_is_recorded_with_classes_rules_and_pseudonyms(gateway: Gateway, crm: str) -> None:
+    r = gateway.get("/clients/1", gateway.as_user("carol", "supervisor"))
+    rec = gateway.audit_for(r.headers["x-request-id"])
+    assert rec["user"] == "u:carol" and rec["role"] == "supervisor" and rec["purpose"] == "TREAT"
+    assert rec["method"] == "GET" and rec["route"] == "/clients/{client_id:int}" and rec["status"] == 200
+    assert rec["outcome"] == "allowed" and rec["relations"] == ["any+supervision"]
+    assert rec["clients"] == [r.json()["name"]["first"]]  # the pseudonym, never the CRM id
+    assert rec["pseudonymised"] == {"identity": ["name.first"]}
+    assert "contact" in rec["removed"] and "service" in rec["shown"]
+    assert rec["rules"] and all(rule.startswith("policy.csv:") for rule in rec["rules"])
+    assert len(rec["policy"]) == 64 and rec["token_id"]
+
+
+def test_denials_are_recorded(gateway: Gateway) -> None:
+    r = gateway.get("/clients/2", gateway.as_user("alice", "counsellor"))
+    rec = gateway.audit_for(r.headers["x-request-id"])
+    assert rec["status"] == 403 and rec["outcome"] == "denied"
+    assert rec["reason"] == "no relation to the client" and len(rec["clients"]) == 1
+    r = gateway.get("/nowhere", gateway.as_user("alice", "counsellor"))
+    assert gateway.audit_for(r.headers["x-request-id"])["reason"] == "unknown route"
+
+
+def test_no_values_reach_the_audit_log(gateway: Gateway, crm: str) -> None:
+    alice = gateway.as_user("alice", "counsellor")
+    client = direct(crm, "/clients/1")
+    notes = direct(crm, "/clients/1/session-notes")["items"]
+    for path in ("/clients/1", "/clients/1/session-notes", "/clients?per_page=50"):
+        assert gateway.get(path, alice).status_code == 200
+    text = gateway.audit.read_text()
+    for value in (client["email"], client["name"]["last"], client["phone"], client["date_of_birth"],
+                  notes[0]["body"][:30], client["case_number"]):
+        assert value not in text
+    assert '"clients":["1"]' not in text

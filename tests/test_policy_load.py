@@ -1,0 +1,126 @@
+"""Loading a bundle: each pycasbin pitfall is caught with its line; the proof refuses a changed meaning."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from proxy.decision import Relation
+from proxy.lint import Severity, parse_policy
+from proxy.policy import PolicyError, load_bundle
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path) -> Path:
+    target = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", target, ignore=shutil.ignore_patterns("tests"))
+    return target
+
+
+def append(path: Path, text: str) -> int:
+    """Append a line; return its line number."""
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines, text]) + "\n")
+    return len(lines) + 1
+
+
+def refused(directory: Path) -> PolicyError:
+    with pytest.raises(PolicyError) as info:
+        load_bundle(directory)
+    return info.value
+
+
+@pytest.mark.parametrize(("row", "words"), [
+    ("p, admin, any, clinical_notes, read, allow  # temporary", "comment after a rule"),
+    ("p, admin, any, clinical_notes, read", "expected 5"),
+    ("p, admin, any, clinical_notes, read, allow, extra", "expected 5"),
+    ("g3, admin, counsellor", "unknown row type"),
+    ("pp, admin, TREAT", "unknown row type"),
+    ("p, admin, any, clinical_note, read, allow", "unknown field class"),
+    ("p, admin, everyone, clinical_notes, read, allow", "unknown relation"),
+    ("p, admin, any, clinical_notes, view, allow", "unknown action"),
+    ("p, admin, any, clinical_notes, read, permit", "unknown effect"),
+    ("p, adminn, any, contact, read, allow", "has no purpose of use"),
+    ("p2, admin, SHOPPING", "unknown purpose"),
+    ("p, keyMatch(admin), any, contact, read, allow", "brackets"),
+    ("p, admin, any, , read, allow", "empty value"),
+    ("g, counsellor, counsellor", "inherit itself"),
+])
+def test_policy_pitfalls_are_errors_with_their_line(bundle_dir: Path, row: str, words: str) -> None:
+    line = append(bundle_dir / "policy.csv", row)
+    exc = refused(bundle_dir)
+    hits = [f for f in exc.findings if f.file == "policy.csv" and f.line == line]
+    assert hits and words in hits[0].message, [str(f) for f in exc.findings]
+
+
+def test_role_cycles_and_long_chains(bundle_dir: Path) -> None:
+    append(bundle_dir / "policy.csv", "g, admin, researcher")
+    append(bundle_dir / "policy.csv", "g, researcher, admin")
+    assert any("cycle" in f.message for f in refused(bundle_dir).findings)
+    text = "\n".join(f"g, r{i}, r{i + 1}" for i in range(12)) + "\np2, r12, TREAT\n"
+    parsed = parse_policy(text, ["contact"])
+    assert any("links long" in f.message for f in parsed.findings)
+
+
+def test_duplicates_are_warnings(bundle_dir: Path) -> None:
+    append(bundle_dir / "policy.csv", "p, admin, any, contact, read, allow")
+    bundle = load_bundle(bundle_dir)
+    assert any(w.severity is Severity.WARNING and "duplicate" in w.message for w in bundle.warnings)
+
+
+@pytest.mark.parametrize(("old", "new", "words"), [
+    ("r = sub, cli, cls, act\n", "r = sub, cli, cls, act  # the request\n", "comment after a definition"),
+    ("g2 = _, _\n", "g2 = _, _, (_, _)\n", "conditional role links"),
+])
+def test_model_pitfalls(bundle_dir: Path, old: str, new: str, words: str) -> None:
+    model = bundle_dir / "model.conf"
+    model.write_text(model.read_text().replace(old, new))
+    assert any(words in f.message for f in refused(bundle_dir).findings)
+
+
+def test_the_proof_refuses_a_model_whose_meaning_changed(bundle_dir: Path) -> None:
+    """Dropping the relation check would give counsellors every client: Casbin and the table disagree."""
+    model = bundle_dir / "model.conf"
+    model.write_text(model.read_text().replace(
+        ' && (p.rel == "any" || g2(r.cli, p.rel + ":" + r.sub))', ""))
+    exc = refused(bundle_dir)
+    assert any("Casbin says allow but the compiled table says deny" in f.message for f in exc.findings)
+
+
+def test_deny_overrides_allow_and_inheritance(bundle_dir: Path) -> None:
+    append(bundle_dir / "policy.csv", "p, admin, any, clinical_notes, read, allow")
+    table = load_bundle(bundle_dir).table
+    view = table.view("admin", Relation.ANY)
+    assert view is not None and view.outcome("clinical_notes").value == "remove"
+    decided = view.classes["clinical_notes"]
+    assert decided.denied_by is not None and decided.denied_by.effect.value == "deny"
+    append(bundle_dir / "policy.csv", "g, senior_counsellor, counsellor")
+    table = load_bundle(bundle_dir).table
+    senior = table.view("senior_counsellor", Relation.ANY | Relation.CASELOAD)
+    assert senior is not None and senior.outcome("clinical_notes").value == "clear"
+    assert table.purpose_allowed("senior_counsellor", "TREAT")
+
+
+@pytest.mark.parametrize(("old", "new", "words"), [
+    ("      email: contact\n", "      email: contactt\n", "unknown class"),
+    ("      gp: gp\n", "      gp: gp\n      gp.name: gp\n", "overlaps"),
+    ("      email: contact\n", "      email: {class: contact, mask: blur}\n", "unknown mask"),
+    ("  appointments:    {label: N", "  appointments:    {label: X", "label must be"),
+    ("      - POST /clients\n", "      - POST /clients\n      - GET /clients: {list: true}\n", "overlaps"),
+])
+def test_field_map_errors(bundle_dir: Path, old: str, new: str, words: str) -> None:
+    fields = bundle_dir / "fields.yaml"
+    assert old in fields.read_text()
+    fields.write_text(fields.read_text().replace(old, new, 1))
+    exc = refused(bundle_dir)
+    assert any(words in f.message for f in exc.findings), [str(f) for f in exc.findings]
+    assert all(f.line for f in exc.findings if f.file == "fields.yaml")
+
+
+def test_shipped_bundle_is_clean() -> None:
+    bundle = load_bundle(REPO / "policies")
+    assert bundle.warnings == ()
+    assert bundle.proof_checks > 5000
