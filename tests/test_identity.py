@@ -58,7 +58,7 @@ def test_wrong_signature(gateway: Gateway, signing: Signing) -> None:
     other = ec.generate_private_key(ec.SECP256R1())
     assert status(gateway, jwt.encode(claims(), other, algorithm="ES256")) == 401
     good = sign(signing)
-    head, body, sig = good.split(".")
+    head, _body, sig = good.split(".")
     tampered = ".".join([head, _b64(claims(roles=["admin"], purpose_of_use=["HOPERAT"])), sig])
     assert status(gateway, tampered) == 401
 

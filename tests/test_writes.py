@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Gateway, Signing, direct, start_crm, start_gateway, policies_copy
+from tests.conftest import Gateway, Signing, direct, policies_copy, start_crm, start_gateway
 
 
 @pytest.fixture(scope="module")
