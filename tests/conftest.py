@@ -188,7 +188,8 @@ class Gateway:
 
 
 def start_gateway(directory: Path, upstream: str, signing: Signing, keys: Path, policies: Path | None = None,
-                  extra: str = "", public_key: Path | None = None, fields_file: Path | None = None) -> Gateway:
+                  extra: str = "", public_key: Path | None = None, fields_file: Path | None = None,
+                  upstream_extra: str = "", identity: str | None = None) -> Gateway:
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     audit = directory / "audit.jsonl"
@@ -201,6 +202,7 @@ max_body_bytes = 65536
 [upstream]
 url = "{upstream}"
 timeout_seconds = 3.0
+{upstream_extra}
 
 [policy]
 dir = "{policies or REPO / 'policies'}"
@@ -210,7 +212,7 @@ poll_seconds = 0.2
 [identity]
 issuer = "{ISSUER}"
 audience = "{AUDIENCE}"
-public_key_file = "{public_key or signing.public_file}"
+{identity or f'public_key_file = "{public_key or signing.public_file}"'}
 
 [keys]
 dir = "{keys}"

@@ -134,3 +134,35 @@ def test_every_refusal_is_audited_without_the_token(gateway: Gateway, signing: S
     rec = gateway.audit_for(r.headers["x-request-id"])
     assert rec["status"] == 401 and rec["outcome"] == "denied" and rec["reason"] == "wrong audience"
     assert token not in gateway.audit.read_text()
+
+
+def test_jwks_with_key_ids(crm: str, signing: Signing, shared_keys: Path, tmp_path: Path) -> None:
+    keys = {kid: ec.generate_private_key(ec.SECP256R1()) for kid in ("k1", "k2")}
+    jwks = {"keys": [{**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(k.public_key())), "kid": kid}
+                     for kid, k in keys.items()]}
+    (tmp_path / "jwks.json").write_text(json.dumps(jwks))
+    g = start_gateway(tmp_path, crm, signing, shared_keys, identity=f'jwks_file = "{tmp_path / "jwks.json"}"')
+    try:
+        for kid, key in keys.items():
+            tok = jwt.encode(claims(), key, algorithm="ES256", headers={"kid": kid})
+            assert status(g, tok) == 200
+        wrong = jwt.encode(claims(), keys["k1"], algorithm="ES256", headers={"kid": "k2"})
+        assert status(g, wrong) == 401
+        assert status(g, jwt.encode(claims(), keys["k1"], algorithm="ES256", headers={"kid": "k9"})) == 401
+    finally:
+        g.service.stop()
+
+
+def test_token_command_mints_a_working_token(gateway: Gateway, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    key = tmp_path / "signing.pem"
+    key.write_bytes(gateway.signing.private_pem)
+    cfg = tmp_path / "fg.toml"
+    cfg.write_text(gateway.config.read_text().replace("[identity]", f'[identity]\ndemo_signing_key_file = "{key}"'))
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "token", "--config", str(cfg), "--sub", "alice",
+                          "--role", "counsellor"], capture_output=True, text=True, check=True)
+    token = out.stdout.strip()
+    assert jwt.decode(token, options={"verify_signature": False})["purpose_of_use"] == ["TREAT"]
+    assert status(gateway, token) == 200

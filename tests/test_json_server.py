@@ -13,6 +13,7 @@ import calendar
 import hashlib
 import itertools
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,10 +89,10 @@ def _db() -> dict[str, list[dict[str, Any]]]:
 
 def _first_client_with_records(counsellor: str) -> int:
     db = _db()
-    return next(
+    return int(next(
         c["id"] for c in db["clients"]
         if c["counsellor"] == counsellor and all(any(r["clientId"] == c["id"] for r in db[k]) for k in SUB_RESOURCES)
-    )
+    ))
 
 
 WHOSE = {"alice's": _first_client_with_records("alice"), "bob's": _first_client_with_records("bob"),
@@ -360,7 +361,10 @@ def _express_etag(document: Any) -> str:
 
 def _guess_from_etag(etag: str, known: dict[str, Any], month: str) -> dict[str, Any] | None:
     """Try every start in the month, duration and status: the length in the ETag prunes most guesses."""
-    length = int(etag.split('"')[1].split("-")[0], 16)
+    m = re.match(r'^W/"([0-9a-f]+)-', etag)
+    if m is None:  # not json-server's ETag: nothing to guess against
+        return None
+    length = int(m.group(1), 16)
     year, mon = map(int, month.split("-"))
     days = calendar.monthrange(year, mon)[1]
     statuses = ("booked", "attended", "cancelled", "did_not_attend", "no_show", "rescheduled")
@@ -392,3 +396,13 @@ def test_etag_does_not_reveal_what_was_masked(gw: Gateway, js: JsonServer) -> No
     known = {"id": appt["id"], "clientId": client, "counsellor": shown["counsellor"]}
     recovered = _guess_from_etag(etag, known, shown["start"]) if etag else None
     assert recovered is None, f"exact appointment recovered from the ETag: {recovered}"
+
+
+@pytest.mark.xfail(strict=True, reason="gateway bug: If-None-Match is forwarded (upstream.forward_headers) and the "
+                                       "CRM's bodiless 304 becomes a 502 (proxy/gateway.py Exchange._json)")
+def test_a_conditional_get_with_the_gateways_own_etag_does_not_fail(gw: Gateway) -> None:
+    alice = gw.as_user("alice", "counsellor")
+    first = gw.get("/clients/1", alice)
+    assert first.status_code == 200 and "etag" in first.headers
+    again = gw.get("/clients/1", alice, headers={"if-none-match": first.headers["etag"]})
+    assert again.status_code in (200, 304), again.text

@@ -82,4 +82,28 @@ def test_upstream_down(signing: Signing, shared_keys: Path, tmp_path: Path) -> N
 def test_readyz_reports_policy_and_relations(gw: Gateway) -> None:
     body = httpx.get(gw.url + "/readyz").json()
     assert body["ready"] is True
-    assert len(body["checks"]["policy"]["hash"]) == 64 and body["checks"]["relations"]["clients"] == 8
+    assert len(body["checks"]["policy"]["hash"]) == 64 and body["checks"]["relations"]["clients"] == 10
+
+
+def test_what_reaches_the_crm(gw: Gateway) -> None:
+    token = gw.as_user("alice", "counsellor")
+    r = gw.get("/clients/9", token, headers={"x-request-id": "trace-12345678", "cookie": "session=abc",
+                                              "connection": "keep-alive, x-secret", "x-secret": "1",
+                                              "accept-language": "en-GB", "x-forwarded-for": "10.0.0.9"})
+    assert r.status_code == 200
+    seen = r.json()["email"]
+    assert "authorization" not in seen and "cookie" not in seen and "x-secret" not in seen
+    assert seen["x-request-id"] == "trace-12345678" and r.headers["x-request-id"] == "trace-12345678"
+    assert seen["x-forwarded-for"] == "10.0.0.9, 127.0.0.1" and seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"].startswith("127.0.0.1:") and seen["accept-language"] == "en-GB"
+    assert r.headers["cache-control"] == "no-store"
+
+
+def test_oversized_upstream_answer(signing: Signing, shared_keys: Path, bad_upstream: str, tmp_path: Path) -> None:
+    g = start_gateway(tmp_path, bad_upstream, signing, shared_keys, upstream_extra="max_response_bytes = 100000")
+    try:
+        r = g.get("/clients/10", g.as_user("alice", "counsellor"))
+        assert r.status_code == 502 and r.json()["error"] == "upstream response too large"
+        assert g.get("/clients/1", g.as_user("alice", "counsellor")).status_code == 200
+    finally:
+        g.service.stop()

@@ -22,7 +22,7 @@ async def staff(_: Request) -> Response:
 
 
 async def clients(request: Request) -> Response:
-    rows = [{**CLIENT, "id": i} for i in range(1, 9)]
+    rows = [{**CLIENT, "id": i} for i in range(1, 11)]
     return JSONResponse({"items": rows, "total": len(rows), "page": 1, "per_page": 500, "debug_sql": "SELECT"})
 
 
@@ -42,6 +42,10 @@ async def client(request: Request) -> Response:
         return JSONResponse({**CLIENT, "id": 7, "name": "Ada Test"})  # an object where the map expects one
     if cid == 8:
         return JSONResponse({"detail": "client Ada Test not found"}, status_code=404)
+    if cid == 9:  # what the CRM received, echoed in a field the caller may read
+        return JSONResponse({**CLIENT, "id": 9, "email": dict(request.headers), "phone": request.url.path})
+    if cid == 10:
+        return JSONResponse({**CLIENT, "id": 10, "email": "x" * 300_000})
     return JSONResponse({**CLIENT, "id": cid})
 
 
