@@ -33,9 +33,9 @@ class UpstreamSection:
     max_response_bytes: int = 32 * 1024 * 1024
     pool_size: int = 100
     headers: dict[str, str] = field(default_factory=dict)
-    forward_headers: list[str] = field(
-        default_factory=lambda: ["accept-language", "if-match", "if-none-match", "if-modified-since", "user-agent"]
-    )
+    # Conditional headers (If-None-Match, ...) are not forwarded: they would test the CRM's
+    # unredacted representation, and a 304 carries nothing to rewrite.
+    forward_headers: list[str] = field(default_factory=lambda: ["accept-language", "user-agent"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -364,6 +364,9 @@ def _route(
     if not isinstance(query, dict):
         raise MapError(line, f"{where}: query must map parameter names to the class they reveal")
     filter_param = options.get("filter")
+    if filter_param is not None and filter_param != resource.client_field:
+        raise MapError(line, f"{where}: filter must be the resource's client field ({resource.client_field}): "
+                             "it is the query parameter that limits rows to the caller's clients")
     has_item_param = "{" in template
     locate = options.get("locate")
     if locate is None and has_item_param and "{client_id" not in template and method != "GET":

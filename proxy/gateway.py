@@ -47,7 +47,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _JSON = b"application/json"
-_PASS_RESPONSE_HEADERS = ("etag", "last-modified")
 _ADMIN = {("healthz",), ("readyz",)}
 
 
@@ -422,13 +421,10 @@ class Exchange:
         except orjson.JSONDecodeError:
             raise GatewayError(502, "upstream sent malformed JSON") from None
 
-    def _reply(self, status: int, document: Any, resp: UpstreamResponse, extra: list[tuple[bytes, bytes]] | None = None
-               ) -> Reply:
-        headers = [(b"content-type", _JSON)]
-        for name in _PASS_RESPONSE_HEADERS:
-            if name in resp.headers:
-                headers.append((name.encode(), resp.headers[name].encode("latin-1")))
-        return Reply(status, orjson.dumps(document), headers + (extra or []))
+    def _reply(self, status: int, document: Any, extra: list[tuple[bytes, bytes]] | None = None) -> Reply:
+        """A rewritten document. The CRM's validators (ETag, Last-Modified) describe the unredacted
+        record, so they are never passed on: a hash of hidden fields is a way to guess them."""
+        return Reply(status, orjson.dumps(document), [(b"content-type", _JSON), *(extra or [])])
 
     # -------------------------------------------------------------- reads
     async def read_record(self) -> Reply:
@@ -442,11 +438,12 @@ class Exchange:
         shown = self.redactor.record(self.resource, document)
         if shown is None:
             raise GatewayError(403, "no access to this record", reason="no relation to the record's client")
-        return self._reply(resp.status, shown, resp)
+        return self._reply(resp.status, shown)
 
     async def read_list(self) -> Reply:
         fmt = self.bundle.fieldmap.list_format
         extra: dict[str, list[str]] | None = None
+        self._query()  # refuse a disallowed parameter whatever the push-down decides
         client = self.params.get("client_id")
         if client is not None:
             self._require_visible(self.view(client))
@@ -471,7 +468,7 @@ class Exchange:
             if total is not None:
                 extra_headers.append((fmt.total_header.encode(), str(max(total - dropped, 0)).encode()))
         if fmt.items == ".":
-            return self._reply(resp.status, shown, resp, extra_headers)
+            return self._reply(resp.status, shown, extra_headers)
         assert isinstance(document, dict)
         out: dict[str, Any] = {k: document[k] for k in fmt.metadata if k in document}
         for key in document:
@@ -480,7 +477,7 @@ class Exchange:
         if fmt.total and isinstance(out.get(fmt.total), int) and dropped:
             out[fmt.total] = max(out[fmt.total] - dropped, 0)
         out[fmt.items] = shown
-        return self._reply(resp.status, out, resp, extra_headers)
+        return self._reply(resp.status, out, extra_headers)
 
     def _empty_list(self) -> Reply:
         fmt = self.bundle.fieldmap.list_format
@@ -545,19 +542,30 @@ class Exchange:
             raise GatewayError(400, "request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise GatewayError(422, "request body must be a JSON object")
-        if self.route.verb is Verb.CREATE and "client_id" not in self.params:
+        creating = self.route.verb is Verb.CREATE
+        if creating and "client_id" not in self.params:
             client = self.redactor.client_of(self.resource, body) if self.resource.client_field != "id" else None
         else:
             client = await self._locate()
         view = self.view(client)
         out, _written = check_write(self.resource, body, view, replace=self.route.verb is Verb.REPLACE)
-        self.record.refused = []
+        target = self.redactor.client_of(self.resource, body) if self.resource.client_field != "id" else None
+        moving = not creating and target is not None and target != client
+        if moving:
+            # moving a record to another client writes to both: each must allow it
+            check_write(self.resource, body, self.view(target), replace=False)
+        owners = [client] if creating else [client, target] if moving else []
+        for who in owners:
+            if self.resource.record_class not in self.view(who).writable:
+                raise GatewayError(403, f"not allowed to {'create' if creating else 'move'} "
+                                        f"{self.resource.name} records for this client",
+                                   reason=f"no write on {self.resource.record_class}")
         resp = await self._forward(self.route.method, self._query(), orjson.dumps(out))
         document = self._json(resp)
         if not isinstance(document, dict):
             return Reply(resp.status, b"{}", [(b"content-type", _JSON)])
         shown = self.redactor.record(self.resource, document)
-        return self._reply(resp.status, shown if shown is not None else {}, resp)
+        return self._reply(resp.status, shown if shown is not None else {})
 
     async def delete(self) -> Reply:
         client = await self._locate()

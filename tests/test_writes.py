@@ -136,3 +136,16 @@ def test_bad_bodies_get_clear_errors(gw: Gateway, crm_w: str) -> None:
     assert r.status_code == 413
     for resp in (r,):
         assert "Traceback" not in resp.text and "x" * 20 not in resp.text
+
+
+def test_a_record_cannot_be_moved_to_a_client_the_caller_may_not_write(gw: Gateway, crm_w: str) -> None:
+    note = note_of(crm_w, 1)
+    erin, alice = gw.as_user("erin", "admin"), gw.as_user("alice", "counsellor")
+    assert gw.request("PATCH", f"/session-notes/{note['id']}", erin, json={"client_id": 3}).status_code == 403
+    r = gw.request("PATCH", f"/session-notes/{note['id']}", alice, json={"client_id": 2})
+    assert r.status_code == 403
+    assert direct(crm_w, f"/session-notes/{note['id']}")["client_id"] == 1
+    # within her own caseload the move is allowed
+    mine = [c["id"] for c in direct(crm_w, "/clients?counsellor=alice&per_page=5")["items"]]
+    r = gw.request("PATCH", f"/session-notes/{note['id']}", alice, json={"client_id": mine[1]})
+    assert r.status_code == 200 and direct(crm_w, f"/session-notes/{note['id']}")["client_id"] == mine[1]
