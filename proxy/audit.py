@@ -32,7 +32,7 @@ class Disclosure:
     rules: set[str] = field(default_factory=set)
     dropped_rows: int = 0
     key_ids: set[str] = field(default_factory=set)
-    failures: set[str] = field(default_factory=set)  # e.g. "decrypt:body" when a ciphertext is refused
+    failures: set[str] = field(default_factory=set)  # "session_note.body: key belongs to another client"
 
     def note(self, outcome: Outcome, field_class: str, path: str) -> None:
         paths = self.fields[outcome].get(field_class)
@@ -69,20 +69,23 @@ class AuditRecord:
     policy: str = ""
     break_glass: str | None = None
     key_ids: list[str] = field(default_factory=list)
+    decrypt_failures: list[str] = field(default_factory=list)  # "resource.path: reason", never the ciphertext
+    counts: dict[str, int] = field(default_factory=dict)  # operations on many records (keys, migration)
     upstream_status: int | None = None
     duration_ms: float = 0.0
 
-    def add_disclosure(self, d: Disclosure, pseudonym: Any) -> None:
+    def add_disclosure(self, d: Disclosure, pseudonyms: dict[str, str]) -> None:
         self.shown = _sorted(d.fields[Outcome.CLEAR])
         self.pseudonymised = _sorted(d.fields[Outcome.PSEUDONYM])
         self.masked = _sorted(d.fields[Outcome.MASK])
         self.removed = _sorted(d.fields[Outcome.REMOVE])
         self.unclassified = sorted(d.unclassified)
-        self.clients = sorted({pseudonym(c) for c in d.clients})
+        self.clients = sorted({pseudonyms.get(c, "unresolved") for c in d.clients})
         self.relations = sorted({r.label for r in d.clients.values()})
         self.rules = sorted(d.rules)
         self.rows_dropped = d.dropped_rows
         self.key_ids = sorted(d.key_ids)
+        self.decrypt_failures = sorted(d.failures)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

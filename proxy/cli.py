@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -78,6 +83,199 @@ def demo(port: int, crm_port: int, data_dir: Path | None, reset: bool) -> None:
     from proxy.demo import run_demo
 
     sys.exit(run_demo(port=port, crm_port=crm_port, data_dir=data_dir, reset=reset))
+
+
+# ---------------------------------------------------------------------------------------------- keys
+CONFIG = click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                      help="fieldguard.toml")
+DRY_RUN = click.option("--dry-run", is_flag=True, help="say what would change; change nothing")
+ACTOR = click.option("--actor", default=None, help="who is running this, for the audit record (default: $USER)")
+
+
+def _run(coro: Any) -> Any:
+    from proxy.kek import KekError
+
+    try:
+        return asyncio.run(coro)
+    except (KekError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _echo(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@main.group()
+def keys() -> None:
+    """Key-encryption key and per-client data keys: init, status, rotation, shredding."""
+
+
+@keys.command("init")
+@CONFIG
+@click.option("--generate-passphrase", "generate", type=click.Path(dir_okay=False, path_type=Path),
+              help="write a new random passphrase to this file (0600) and use it (file backend)")
+@ACTOR
+def keys_init(config: Path | None, generate: Path | None, actor: str | None) -> None:
+    """Create the KEK (sealed file or PKCS#11 token key) and the keystore."""
+    from proxy import keytool
+    from proxy.secretfile import write_private
+
+    settings = _settings(config)
+    if generate is not None:
+        if generate.exists():
+            raise click.ClickException(f"{generate} exists; refusing to overwrite a passphrase")
+        write_private(generate, secrets.token_urlsafe(32).encode())
+        os.environ[settings.keys.passphrase_env] = generate.read_text().strip()
+    report = _run(keytool.init(settings))
+    _run(keytool.audit(settings, report.action, report, who=actor or keytool.actor()))
+    click.echo(f"KEK {report.detail['kek']} created ({report.detail['backend']}); keystore ready in "
+               f"{settings.path(settings.keys.dir)}")
+
+
+@keys.command("status")
+@CONFIG
+def keys_status(config: Path | None) -> None:
+    """KEKs, data keys by scope and status, keys still wrapped by an old KEK."""
+    from proxy import keytool
+
+    _echo(_run(keytool.status(_settings(config))))
+
+
+@keys.command("rotate-kek")
+@CONFIG
+@DRY_RUN
+@click.option("--retire-old", is_flag=True, help="afterwards, destroy KEKs that no longer wrap any key "
+              "(backups of the keystore made before then become unreadable)")
+@ACTOR
+def keys_rotate_kek(config: Path | None, dry_run: bool, retire_old: bool, actor: str | None) -> None:
+    """Make a new KEK current and re-wrap every data key (no CRM traffic); rerun to resume."""
+    from proxy import keytool
+
+    settings = _settings(config)
+    preview = _run(keytool.rotate_kek(settings, True, False))
+    if dry_run:
+        _run(keytool.audit(settings, preview.action, preview, who=actor or keytool.actor()))
+        _echo({"would_rewrap": preview.counts["to_rewrap"], "resuming": preview.detail["resuming"]})
+        return
+    with click.progressbar(length=preview.counts["to_rewrap"], label="re-wrapping data keys") as bar:
+        report = _run(keytool.rotate_kek(settings, False, retire_old, bar.update))
+    _run(keytool.audit(settings, report.action, report, who=actor or keytool.actor()))
+    _echo({"kek": report.detail["kek"], "rewrapped": report.counts["rewrapped"],
+           "retired": report.detail.get("retired", [])})
+
+
+@keys.command("rotate")
+@CONFIG
+@click.option("--client", "client_id", required=True, help="the client's CRM id")
+@click.option("--scope", default=None, help="record or process_notes (default: every scope)")
+@DRY_RUN
+@ACTOR
+def keys_rotate(config: Path | None, client_id: str, scope: str | None, dry_run: bool, actor: str | None) -> None:
+    """A new data-key version for one client; the old version only decrypts from now on."""
+    from proxy import keytool
+
+    settings = _settings(config)
+    report = _run(keytool.rotate_client(settings, client_id, scope, dry_run))
+    _run(keytool.audit(settings, report.action, report, who=actor or keytool.actor(),
+                       clients=[report.detail["pseudonym"]]))
+    _echo({"client": report.detail["pseudonym"], "scopes_rotated": report.counts["scopes"], "dry_run": dry_run})
+
+
+@keys.command("shred")
+@CONFIG
+@click.option("--client", "client_id", required=True, help="the client's CRM id")
+@click.option("--scope", default=None, help="record or process_notes (default: every scope and the pseudonym)")
+@click.option("--reason", required=True, help="the legal basis or ticket (no client details)")
+@DRY_RUN
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@ACTOR
+def keys_shred(config: Path | None, client_id: str, scope: str | None, reason: str, dry_run: bool, yes: bool,
+               actor: str | None) -> None:
+    """Destroy a client's data keys: their encrypted fields become unreadable everywhere, backups included."""
+    from proxy import keytool
+
+    settings = _settings(config)
+    if not dry_run and not yes:
+        click.confirm(f"Destroy every {scope or 'data'} key of client {client_id}? This cannot be undone",
+                      abort=True)
+    report = _run(keytool.shred(settings, client_id, scope, reason, dry_run))
+    _run(keytool.audit(settings, report.action, report, who=actor or keytool.actor(), reason=reason,
+                       clients=[report.detail["pseudonym"]]))
+    _echo({"client": report.detail["pseudonym"], "keys": report.counts["keys"],
+           "destroyed": report.counts.get("destroyed", 0), "dry_run": dry_run})
+
+
+# ---------------------------------------------------------------------------------------------- migration
+def _migration(settings: Settings, dry_run: bool, rate: float, run: Any, label: str, **kw: Any) -> Any:
+    from proxy.custody import open_kek, open_keyring
+    from proxy.gateway import policy_source
+    from proxy.policy import load_bundle
+
+    fm = load_bundle(policy_source(settings), settings.path(settings.keys.dir) / "proofs").fieldmap
+
+    async def go() -> Any:
+        ring = await open_keyring(settings, open_kek(settings))
+        bar_holder: dict[str, Any] = {}
+        try:
+            def totals(n: int) -> None:
+                bar_holder["bar"] = click.progressbar(length=n, label=label, file=sys.stderr)
+                bar_holder["bar"].__enter__()
+
+            def progress(n: int) -> None:
+                if "bar" in bar_holder:
+                    bar_holder["bar"].update(n)
+
+            return await run(settings, fm, ring, dry_run=dry_run, rate=rate, progress=progress, totals=totals, **kw)
+        finally:
+            if "bar" in bar_holder:
+                bar_holder["bar"].__exit__(None, None, None)
+            await ring.store.close()
+
+    return _run(go())
+
+
+def _report_migration(settings: Settings, report: Any, actor: str | None) -> None:
+    from proxy import keytool
+
+    counts = {"records": report.records, "changed_records": report.changed_records, "fields": report.fields,
+              "failures": report.failures}
+    _run(keytool.audit(settings, report.action, keytool.KeyReport(report.action, report.dry_run, counts),
+                       who=actor or keytool.actor()))
+    _echo({**counts, "by_resource": report.by_resource, "complete": report.complete, "dry_run": report.dry_run})
+    if report.failures:
+        raise click.ClickException(f"{report.failures} records could not be processed; see the CRM's log")
+
+
+@main.command("encrypt-existing")
+@CONFIG
+@DRY_RUN
+@click.option("--rate", default=50.0, show_default=True, help="CRM writes per second (0: unlimited)")
+@click.option("--max-records", type=int, default=None, help="stop after this many records (rerun to resume)")
+@ACTOR
+def encrypt_existing(config: Path | None, dry_run: bool, rate: float, max_records: int | None,
+                     actor: str | None) -> None:
+    """Encrypt the sensitive fields a CRM already holds in plaintext, through its own API."""
+    from proxy.migrate import encrypt_existing as run
+
+    settings = _settings(config)
+    report = _migration(settings, dry_run, rate, run, "encrypting", max_records=max_records)
+    _report_migration(settings, report, actor)
+
+
+@main.command("decrypt-export")
+@CONFIG
+@DRY_RUN
+@click.option("--rate", default=50.0, show_default=True, help="CRM writes per second (0: unlimited)")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write decrypted records to this JSON-lines file (0600) instead of back into the CRM")
+@ACTOR
+def decrypt_export(config: Path | None, dry_run: bool, rate: float, output: Path | None, actor: str | None) -> None:
+    """Leave FieldGuard: decrypt every sealed field back into the CRM (or into a file)."""
+    from proxy.migrate import decrypt_export as run
+
+    settings = _settings(config)
+    report = _migration(settings, dry_run, rate, run, "decrypting", output=output)
+    _report_migration(settings, report, actor)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,17 @@ class IdentitySection:
 @dataclass(frozen=True, slots=True)
 class KeysSection:
     dir: str = "keys"
+    keystore: str = "keystore.sqlite3"  # in dir
+    kek: str = "file"  # file | pkcs11
+    kek_file: str = "kek.json"  # in dir (file backend)
+    passphrase_env: str = "FIELDGUARD_KEK_PASSPHRASE"
+    passphrase_file: str = ""  # read when the environment variable is not set
+    pkcs11_module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    pkcs11_token: str = "fieldguard"
+    pkcs11_pin_env: str = "FIELDGUARD_PKCS11_PIN"
+    cache_size: int = 10_000
+    cache_seconds: float = 300.0
+    revocation_poll_seconds: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)

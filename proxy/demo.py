@@ -6,7 +6,9 @@ database and an audit log under demo-data/. Nothing secret is ever read from the
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -20,8 +22,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.audit import JsonLinesTrail, MultiTrail
-from proxy.config import build_settings
+from proxy.config import Settings, build_settings
 from proxy.identity import mint_token
+from proxy.kek import FileKek
 from proxy.secretfile import check_private, write_private
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +75,21 @@ def demo_keys(keys_dir: Path) -> Path:
     return private
 
 
+def demo_kek(keys_dir: Path) -> Path:
+    """A passphrase file and the file KEK sealed under it, made once under keys/ (demo only: in production
+    the passphrase comes from the environment or a secrets manager, not a file beside the KEK)."""
+    passphrase = keys_dir / "demo-passphrase"
+    if not passphrase.exists():
+        if (keys_dir / "kek.json").exists():
+            raise RuntimeError(f"{keys_dir / 'kek.json'} exists but not the demo passphrase; "
+                               "remove keys/kek.json and keys/keystore.sqlite3 to start the demo afresh")
+        write_private(passphrase, secrets.token_urlsafe(32).encode())
+    check_private(passphrase)
+    if not (keys_dir / "kek.json").exists():
+        FileKek.create(keys_dir / "kek.json", passphrase.read_bytes().strip())
+    return passphrase
+
+
 def write_config(data_dir: Path, port: int, crm_port: int) -> Path:
     """The demo's fieldguard.toml: the embedded defaults plus the demo's own keys and ports."""
     keys = REPO / "keys"
@@ -93,6 +111,7 @@ demo_signing_key_file = "{keys / 'demo-signing.pem'}"
 
 [keys]
 dir = "{keys}"
+passphrase_file = "{keys / 'demo-passphrase'}"
 
 [audit]
 log = "{data_dir / 'audit.jsonl'}"
@@ -131,6 +150,10 @@ def banner(port: int, crm_port: int, private_key: Path, data_dir: Path) -> str:
         f"  example CRM http://127.0.0.1:{crm_port}        (what the gateway protects; no auth of its own)",
         f"  audit log   {data_dir / 'audit.jsonl'}  (also printed below, one JSON line per request)",
         "",
+        "Behind the gateway the CRM holds session notes, process notes, letters, communications and GP",
+        "details only as ciphertext (fg1....), one key per client. See for yourself:",
+        f"  curl -s 'http://127.0.0.1:{crm_port}/clients/1/session-notes?per_page=1'; echo",
+        "",
         "Demo tokens (valid 8 hours) - paste these into another shell:",
     ]
     pem = private_key.read_bytes()
@@ -155,10 +178,15 @@ def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool) -> in
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     private_key = demo_keys(REPO / "keys")
+    demo_kek(REPO / "keys")
     config = write_config(data_dir, port, crm_port)
     crm = start_crm(data_dir / "crm.sqlite3", crm_port, data_dir / "crm.log")
     try:
         settings = build_settings(_toml(config), os.environ, data_dir)
+        sealed = asyncio.run(encrypt_seeded(settings))
+        if sealed:
+            print(f"Encrypted {sealed} sensitive fields the example CRM held in plaintext "
+                  "(fieldguard encrypt-existing).", flush=True)
         print(banner(port, crm_port, private_key, data_dir), flush=True)
         trail = MultiTrail([JsonLinesTrail(str(data_dir / "audit.jsonl")), JsonLinesTrail("-")])
         return run(settings, trail)
@@ -168,6 +196,21 @@ def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool) -> in
             crm.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             crm.kill()
+
+
+async def encrypt_seeded(settings: Settings) -> int:
+    """What `fieldguard encrypt-existing` does, run on the freshly seeded CRM (idempotent on a restart)."""
+    from proxy.custody import open_kek, open_keyring
+    from proxy.migrate import encrypt_existing
+    from proxy.policy import load_bundle
+
+    fm = load_bundle(REPO / "policies", settings.path(settings.keys.dir) / "proofs").fieldmap
+    ring = await open_keyring(settings, open_kek(settings))
+    try:
+        report = await encrypt_existing(settings, fm, ring, dry_run=False, rate=0, max_records=None)
+    finally:
+        await ring.store.close()
+    return report.fields
 
 
 def _toml(path: Path) -> dict[str, object]:

@@ -24,17 +24,18 @@ import structlog
 
 from proxy.audit import AuditRecord, AuditTrail, Disclosure, JsonLinesTrail
 from proxy.config import Settings
+from proxy.custody import open_kek, open_keyring
 from proxy.decision import Outcome, Relation, View
 from proxy.errors import GatewayError
+from proxy.fieldcipher import FieldCipher, seal_fields
 from proxy.fieldmap import Resource
 from proxy.identity import IdentitySettings, Principal, TokenVerifier
+from proxy.keyring import KeyRing
 from proxy.policy import BundleSource, PolicyBundle, load_bundle
-from proxy.pseudonym import Pseudonymizer
 from proxy.redact import Redactor, deciding_rules
 from proxy.relations import RelationIndex
 from proxy.reload import PolicyWatcher
 from proxy.routes import Route, Shape, Verb, encode_path, normalise_path
-from proxy.secretfile import read_or_create
 from proxy.upstream import OpenStream, Upstream, UpstreamResponse, UpstreamSettings
 from proxy.writes import WriteRefused, check_write
 
@@ -102,7 +103,9 @@ class Gateway:
         ))
         self.forward_headers = tuple(h.lower() for h in up.forward_headers)
         self.index = RelationIndex()
-        self.pseudonym = Pseudonymizer(read_or_create(keys_dir / "pseudonym.key"))
+        encrypted = any(c.key_scope for c in bundle.fieldmap.classes.values())
+        self.kek = open_kek(settings) if encrypted else None
+        self.ring: KeyRing | None = None
         self.trail: AuditTrail = trail or JsonLinesTrail(settings.audit.log)
         self._tasks: list[asyncio.Task[None]] = []
         self._last_refresh = 0.0
@@ -135,6 +138,9 @@ class Gateway:
                 return
 
     async def startup(self) -> None:
+        self.ring = await open_keyring(self.settings, self.kek)
+        self._tasks.append(asyncio.create_task(
+            self.ring.watch_revocations(self.settings.keys.revocation_poll_seconds)))
         await self.upstream.start()
         await self.refresh_relations()
         if self.settings.policy.watch:
@@ -152,6 +158,8 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.upstream.close()
+        if self.ring is not None:
+            await self.ring.store.close()
         await self.trail.close()
 
     async def _reload_quietly(self) -> None:
@@ -258,7 +266,7 @@ class Gateway:
                 body_reply = await exchange.write(body)
             return body_reply
         finally:
-            exchange.finish()
+            await exchange.finish()
 
     async def _public(
         self, route: Route, segments: tuple[str, ...], scope: Scope, headers: dict[str, str], record: AuditRecord
@@ -328,9 +336,11 @@ class Exchange:
         self.resource: Resource = bundle.fieldmap.resources[route.resource]
         self.now = datetime.now(UTC)
         self.disclosure = Disclosure()
+        self.pseudonyms: dict[str, str] = {}
+        self.cipher = FieldCipher(gateway.ring, bundle.fieldmap.classes) if gateway.ring is not None else None
         self.redactor = Redactor(
-            bundle.table, principal.role, self.relations_of, gateway.pseudonym, self.disclosure,
-            observe=self._observe,
+            bundle.table, principal.role, self.relations_of, self.pseudonyms.get, self.disclosure,
+            cipher=self.cipher, observe=self._observe,
         )
 
     # -------------------------------------------------------------- facts
@@ -350,10 +360,23 @@ class Exchange:
     def view(self, client_id: str | None) -> View:
         return self.redactor.view_for(client_id)
 
-    def finish(self) -> None:
-        rules = deciding_rules(self.redactor.views, self.disclosure)
-        self.disclosure.rules |= rules
-        self.record.add_disclosure(self.disclosure, self.g.pseudonym)
+    async def resolve(self, client_ids: set[str]) -> None:
+        """Fetch the pseudonyms of these clients (one keystore query for those not cached)."""
+        missing = client_ids - self.pseudonyms.keys()
+        if missing and self.g.ring is not None:
+            self.pseudonyms.update(await self.g.ring.pseudonyms(missing))
+
+    async def prepare(self, body: bytes, rows: list[Any]) -> None:
+        """Before a response is rewritten: its keystore rows and its clients' pseudonyms, in one go each."""
+        if self.cipher is not None:
+            await self.cipher.prefetch(body)
+        await self.resolve({c for row in rows if isinstance(row, dict)
+                            and (c := self.redactor.client_of(self.resource, row)) is not None})
+
+    async def finish(self) -> None:
+        await self.resolve(set(self.disclosure.clients))
+        self.disclosure.rules |= deciding_rules(self.redactor.views, self.disclosure)
+        self.record.add_disclosure(self.disclosure, self.pseudonyms)
 
     # -------------------------------------------------------------- forwarding
     def _query(self, extra: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
@@ -435,6 +458,7 @@ class Exchange:
         document = self._json(resp)
         if not isinstance(document, dict):
             raise GatewayError(502, "upstream record has an unexpected shape")
+        await self.prepare(resp.body, [document])
         shown = self.redactor.record(self.resource, document)
         if shown is None:
             raise GatewayError(403, "no access to this record", reason="no relation to the record's client")
@@ -460,6 +484,7 @@ class Exchange:
         rows = document if fmt.items == "." else (document.get(fmt.items) if isinstance(document, dict) else None)
         if not isinstance(rows, list):
             raise GatewayError(502, "upstream list has an unexpected shape")
+        await self.prepare(resp.body, rows)
         shown = self.redactor.rows(self.resource, rows)
         dropped = self.disclosure.dropped_rows
         extra_headers: list[tuple[bytes, bytes]] = []
@@ -548,7 +573,7 @@ class Exchange:
         else:
             client = await self._locate()
         view = self.view(client)
-        out, _written = check_write(self.resource, body, view, replace=self.route.verb is Verb.REPLACE)
+        out, written = check_write(self.resource, body, view, replace=self.route.verb is Verb.REPLACE)
         target = self.redactor.client_of(self.resource, body) if self.resource.client_field != "id" else None
         moving = not creating and target is not None and target != client
         if moving:
@@ -560,12 +585,49 @@ class Exchange:
                 raise GatewayError(403, f"not allowed to {'create' if creating else 'move'} "
                                         f"{self.resource.name} records for this client",
                                    reason=f"no write on {self.resource.record_class}")
-        resp = await self._forward(self.route.method, self._query(), orjson.dumps(out))
-        document = self._json(resp)
+        classes = self.bundle.fieldmap.classes
+        if moving and any(classes[c].key_scope for c in self.resource.classes):
+            raise GatewayError(409, f"{self.resource.name} records hold fields sealed with their client's key "
+                                    "and cannot move to another client; create a new record instead")
+        orphans = await self._seal(out, written, client)
+        try:
+            resp = await self._forward(self.route.method, self._query(), orjson.dumps(out))
+            document = self._json(resp)
+        except GatewayError:
+            await self._settle(orphans, None)
+            raise
+        await self._settle(orphans, self.redactor.client_of(self.resource, document)
+                           if isinstance(document, dict) else None)
         if not isinstance(document, dict):
             return Reply(resp.status, b"{}", [(b"content-type", _JSON)])
+        await self.prepare(resp.body, [document])
         shown = self.redactor.record(self.resource, document)
         return self._reply(resp.status, shown if shown is not None else {})
+
+    async def _seal(self, body: dict[str, Any], written: set[str], client: str | None) -> list[bytes]:
+        """Seal the fields of encrypted classes with the client's keys; return keys made for a new client."""
+        if self.cipher is None:
+            raise GatewayError(503, "field encryption is not available", reason="keyring not open")
+        scopes = self.cipher.scopes(written)
+        if not scopes:
+            return []
+        ring = self.cipher.ring
+        if not ring.can_encrypt:
+            raise GatewayError(503, "field encryption is not available", reason="no KEK")
+        keys = {scope: await ring.for_writing(client, scope) for scope in sorted(scopes)}
+        seal_fields(self.resource, body, self.bundle.fieldmap.classes, keys)
+        self.disclosure.key_ids |= {k.key.hex_id for k in keys.values()}
+        return [k.key.key_id for k in keys.values()] if client is None else []
+
+    async def _settle(self, orphans: list[bytes], new_client: str | None) -> None:
+        """Keys made before the CRM named a new client: link them to it, or destroy them if it refused."""
+        if not orphans or self.cipher is None:
+            return
+        if new_client is None:
+            await self.cipher.ring.discard(orphans, "the CRM did not create the record")
+        else:
+            for key_id in orphans:
+                await self.cipher.ring.link(key_id, new_client)
 
     async def delete(self) -> Reply:
         client = await self._locate()

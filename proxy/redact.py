@@ -26,7 +26,8 @@ class FieldCipher(Protocol):
 
     def is_ciphertext(self, value: Any) -> bool: ...
 
-    def open(self, value: str, client_id: str | None, resource: str, path: str, d: Disclosure) -> Any: ...
+    def open(self, value: str, client_id: str | None, resource: str, path: str, field_class: str,
+             d: Disclosure) -> Any: ...
 
 
 class CipherFailure(Exception):
@@ -45,7 +46,7 @@ class Redactor:
         table: DecisionTable,
         role: str,
         relations_of: RelationsOf,
-        pseudonym: Callable[[str], str],
+        pseudonym: Callable[[str], str | None],
         disclosure: Disclosure,
         cipher: FieldCipher | None = None,
         observe: Observe | None = None,
@@ -173,16 +174,18 @@ class Redactor:
             if sealed:
                 assert self.cipher is not None
                 try:
-                    value = self.cipher.open(value, client_id, resource, spec.path, self.d)
-                except CipherFailure:
-                    self.d.failures.add(f"decrypt:{resource}.{spec.path}")
+                    value = self.cipher.open(value, client_id, resource, spec.path, cls, self.d)
+                except CipherFailure as exc:
+                    self.d.failures.add(f"{resource}.{spec.path}: {exc}")
                     self.d.note(Outcome.REMOVE, cls, spec.path)
                     return _DROP
             self.d.note(Outcome.CLEAR, cls, spec.path)
             return value
         if outcome is Outcome.PSEUDONYM and spec.pseudonym and client_id is not None:
-            self.d.note(Outcome.PSEUDONYM, cls, spec.path)
-            return self.pseudonym(client_id)
+            stand_in = self.pseudonym(client_id)
+            if stand_in is not None:
+                self.d.note(Outcome.PSEUDONYM, cls, spec.path)
+                return stand_in
         if outcome is Outcome.MASK and spec.mask is not None and not sealed:
             masked = MASKS[spec.mask](value)
             if masked is not None:

@@ -11,6 +11,7 @@ from proxy import logs
 from proxy.audit import AuditTrail
 from proxy.config import Settings
 from proxy.gateway import Gateway
+from proxy.kek import KekError
 from proxy.policy import PolicyError
 
 
@@ -28,7 +29,7 @@ def run(settings: Settings, trail: AuditTrail | None = None) -> int:
         for finding in exc.findings:
             print(f"  {finding}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, KekError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
     config = uvicorn.Config(

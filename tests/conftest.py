@@ -29,6 +29,8 @@ from proxy.identity import mint_token
 
 REPO = Path(__file__).resolve().parent.parent
 ISSUER = "https://idp.test"
+KEK_PASSPHRASE = "test passphrase, generated nowhere near production"
+KEK_ENV = {"FIELDGUARD_KEK_PASSPHRASE": KEK_PASSPHRASE}
 AUDIENCE = "fieldguard-test"
 
 
@@ -126,12 +128,21 @@ def signing(tmp_path_factory: pytest.TempPathFactory) -> Signing:
     return s
 
 
+def make_keys(directory: Path) -> Path:
+    """A keys/ directory with a file KEK sealed under the test passphrase (made here, never committed)."""
+    from proxy.kek import FileKek, ScryptParams
+
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    FileKek.create(directory / "kek.json", KEK_PASSPHRASE.encode(), ScryptParams(n=2**14))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def shared_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One keys/ directory for the session's gateways, so a bundle is proved once, not per gateway."""
-    d = tmp_path_factory.mktemp("keys")
-    d.chmod(0o700)
-    return d
+    """One keys/ directory for the session's gateways, so a bundle is proved once, not per gateway.
+    Tests that destroy keys use their own (`make_keys`)."""
+    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 def policies_copy(directory: Path, cover_for: tuple[str, str] | None = ("dana", "bob")) -> Path:
@@ -222,7 +233,7 @@ log = "{audit}"
 {extra}
 """)
     svc = Service([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)], directory / "gateway.log",
-                  f"http://127.0.0.1:{port}/healthz").start()
+                  f"http://127.0.0.1:{port}/healthz", env=KEK_ENV).start()
     return Gateway(svc, f"http://127.0.0.1:{port}", audit, config, signing)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.envelope import is_sealed
 from proxy.fieldmap import load_fieldmap
 from proxy.policy import BundleSource, load_bundle
 from tests.conftest import REPO, Gateway, Service, Signing, free_port, policies_copy, start_gateway
@@ -270,8 +271,9 @@ def test_counsellor_updates_a_note_of_her_client(gw: Gateway, js: JsonServer) ->
                    json={"summary": "Updated after review"})
     assert r.status_code == 200, r.text
     assert r.json() == {**note, "summary": "Updated after review"}
-    assert js.json(f"/notes/{note['id']}")["summary"] == "Updated after review"
-    assert js.stored("notes", note["id"]) == {**note, "summary": "Updated after review"}
+    stored = js.json(f"/notes/{note['id']}")
+    assert is_sealed(stored["summary"]) and stored == js.stored("notes", note["id"])  # the CRM holds ciphertext
+    assert gw.get(f"/notes/{note['id']}", gw.as_user("alice", "counsellor")).json()["summary"] == "Updated after review"
 
 
 def test_counsellor_cannot_change_a_note_of_another_counsellors_client(gw: Gateway, js: JsonServer) -> None:
@@ -313,7 +315,10 @@ def test_counsellor_creates_notes_for_her_clients_only(gw: Gateway, js: JsonServ
     assert r.status_code == 201, r.text
     created = r.json()
     assert {k: created[k] for k in body} == body
-    assert js.json(f"/notes/{created['id']}") == created == js.stored("notes", created["id"])
+    stored = js.json(f"/notes/{created['id']}")
+    assert stored == js.stored("notes", created["id"])
+    assert all(is_sealed(stored[k]) for k in ("date", "summary", "text")) and stored["clientId"] == CASELOAD[1]
+    assert gw.get(f"/notes/{created['id']}", alice).json() == created
     assert js.total("/notes?_page=1&_limit=1") == before + 1
     r = gw.request("POST", "/notes", alice, json={**body, "clientId": BOBS[0]})
     assert r.status_code == 403 and "clientId" in r.json()["error"], r.text

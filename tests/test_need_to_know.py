@@ -60,7 +60,7 @@ SUB_RESOURCES = {
     "letters": "letter",
     "communications": "communication",
 }
-PSEUDONYM = re.compile(r"^P-[A-Z2-7]{16}$")
+PSEUDONYM = re.compile(r"^P-[0-9A-F]{16}$")
 
 
 def test_compiled_table_matches_the_written_rules() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.envelope import is_sealed
 from tests.conftest import Gateway, Signing, direct, policies_copy, start_crm, start_gateway
 
 
@@ -35,7 +36,9 @@ def test_counsellor_updates_a_note_of_their_own_client(gw: Gateway, crm_w: str) 
                    json={"summary": "Updated after review"})
     assert r.status_code == 200, r.text
     assert r.json()["summary"] == "Updated after review"
-    assert direct(crm_w, f"/session-notes/{note['id']}")["summary"] == "Updated after review"
+    assert is_sealed(direct(crm_w, f"/session-notes/{note['id']}")["summary"])  # the CRM holds ciphertext
+    again = gw.get(f"/session-notes/{note['id']}", gw.as_user("alice", "counsellor")).json()
+    assert again["summary"] == "Updated after review"
 
 
 def test_counsellor_cannot_touch_another_counsellors_client(gw: Gateway, crm_w: str) -> None:
@@ -145,7 +148,7 @@ def test_a_record_cannot_be_moved_to_a_client_the_caller_may_not_write(gw: Gatew
     r = gw.request("PATCH", f"/session-notes/{note['id']}", alice, json={"client_id": 2})
     assert r.status_code == 403
     assert direct(crm_w, f"/session-notes/{note['id']}")["client_id"] == 1
-    # within her own caseload the move is allowed
+    # even within her own caseload: the note's fields are sealed with client 1's key
     mine = [c["id"] for c in direct(crm_w, "/clients?counsellor=alice&per_page=5")["items"]]
     r = gw.request("PATCH", f"/session-notes/{note['id']}", alice, json={"client_id": mine[1]})
-    assert r.status_code == 200 and direct(crm_w, f"/session-notes/{note['id']}")["client_id"] == mine[1]
+    assert r.status_code == 409 and direct(crm_w, f"/session-notes/{note['id']}")["client_id"] == 1

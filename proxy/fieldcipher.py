@@ -1,0 +1,98 @@
+"""Field encryption on the request path: seal on the way to the CRM, open only for `clear`.
+
+Opening checks, in order: the envelope's version and algorithm are known; the key is in the keystore
+and not destroyed; the key belongs to the record's client and to the field class's key scope; the tag
+verifies against this resource and path. Any failure removes the field and is reported for the audit
+record; there is never a plaintext fallback or an error page carrying the ciphertext.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.audit import Disclosure
+from proxy.envelope import EnvelopeError, is_sealed, key_id_of, open_sealed, parse, seal
+from proxy.fieldmap import FieldClass, Node, Resource
+from proxy.kek import KekError
+from proxy.keyring import KeyRing, OpenKey
+from proxy.redact import CipherFailure
+
+_SEALED_IN_BODY = re.compile(rb'"fg1\.([A-Za-z0-9_-]{24})')
+
+
+class FieldCipher:
+    def __init__(self, ring: KeyRing, classes: Mapping[str, FieldClass]) -> None:
+        self.ring = ring
+        self.classes = classes
+
+    def is_ciphertext(self, value: Any) -> bool:
+        return is_sealed(value)
+
+    async def prefetch(self, body: bytes) -> None:
+        """Fetch the keystore rows a response will need, in one query, before it is rewritten."""
+        if b'"fg1.' not in body:
+            return
+        ids = {key_id_of("fg1." + m.decode()) for m in _SEALED_IN_BODY.findall(body)}
+        await self.ring.prefetch(k for k in ids if k is not None)
+
+    def open(self, value: str, client_id: str | None, resource: str, path: str, field_class: str,
+             d: Disclosure) -> Any:
+        try:
+            envelope = parse(value)
+        except EnvelopeError as exc:
+            raise CipherFailure(str(exc)) from None
+        try:
+            opened = self.ring.opened(envelope.key_id)
+        except KekError:
+            raise CipherFailure("key-encryption key unavailable") from None
+        if opened is None:
+            raise CipherFailure("unknown or destroyed key")
+        key = opened.key
+        if key.client_id is None or key.client_id != client_id:
+            raise CipherFailure("key belongs to another client")
+        cls = self.classes.get(field_class)
+        if cls is None or cls.key_scope != key.scope:
+            raise CipherFailure("key of another scope")
+        try:
+            plain = open_sealed(opened.aead, envelope, resource, path)
+        except EnvelopeError as exc:
+            raise CipherFailure(str(exc)) from None
+        d.key_ids.add(key.hex_id)
+        return plain
+
+    def scopes(self, written: set[str]) -> set[str]:
+        return {s for c in written if (s := self.classes[c].key_scope) is not None}
+
+
+def seal_fields(resource: Resource, body: dict[str, Any], classes: Mapping[str, FieldClass],
+                keys: Mapping[str, OpenKey]) -> dict[str, Any]:
+    """Replace the value of every field of an encrypted class with its ciphertext (in place)."""
+    assert resource.root.children is not None
+    _seal_object(resource.root.children, body, body, resource.name, classes, keys)
+    return body
+
+
+def _seal_object(children: dict[str, Node], value: dict[str, Any], record: dict[str, Any], resource: str,
+                 classes: Mapping[str, FieldClass], keys: Mapping[str, OpenKey]) -> None:
+    for key, item in list(value.items()):
+        child = children.get(key)
+        if child is not None:
+            value[key] = _seal_node(child, item, record, resource, classes, keys)
+
+
+def _seal_node(node: Node, value: Any, record: dict[str, Any], resource: str, classes: Mapping[str, FieldClass],
+               keys: Mapping[str, OpenKey]) -> Any:
+    if node.spec is not None:
+        scope = classes[node.spec.class_for(record)].key_scope
+        if scope is None or value is None:
+            return value
+        opened = keys[scope]
+        return seal(opened.aead, opened.key.key_id, value, resource, node.spec.path)
+    if node.children is not None and isinstance(value, dict):
+        _seal_object(node.children, value, record, resource, classes, keys)
+        return value
+    if node.items is not None and isinstance(value, list):
+        return [_seal_node(node.items, v, record, resource, classes, keys) for v in value]
+    return value

@@ -1,0 +1,275 @@
+"""Key-encryption keys: what wraps every client's data key. Never in the CRM, never in git.
+
+Two backends:
+- `file`: KEKs sealed in `keys/kek.json` with a key derived by scrypt from a passphrase (from an
+  environment variable or a file). The file is refused if group or others can read it.
+- `pkcs11`: a non-extractable AES-256 key inside a PKCS#11 token (an HSM; SoftHSM2 in tests). The key
+  never leaves the token; wrapping is AES-GCM performed by the token.
+
+Both keep every KEK version they have made, each named by a `kek_id`, so rotation can re-wrap data keys
+from the old KEK to the new one without touching the CRM.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from proxy.secretfile import check_private, write_private
+
+_NONCE = 12
+
+
+class KekError(Exception):
+    """The KEK cannot be used (missing, locked, wrong passphrase, token absent)."""
+
+
+class KeyEncryptionKey(Protocol):
+    """Wraps and unwraps data keys. `wrap` always uses the current KEK version."""
+
+    @property
+    def current_id(self) -> str: ...
+
+    def wrap(self, dek: bytes, aad: bytes) -> tuple[bytes, str]: ...
+
+    def unwrap(self, blob: bytes, aad: bytes, kek_id: str) -> bytes: ...
+
+    def rotate(self) -> str: ...
+
+    def known_ids(self) -> list[str]: ...
+
+    def retire(self, kek_id: str) -> None: ...
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+@dataclass(frozen=True, slots=True)
+class ScryptParams:
+    n: int = 2**15
+    r: int = 8
+    p: int = 1
+
+
+class FileKek:
+    """KEKs sealed in a JSON file under a passphrase-derived key."""
+
+    def __init__(self, path: Path, passphrase: bytes) -> None:
+        self.path = path
+        if not path.exists():
+            raise KekError(f"{path} does not exist: run `fieldguard keys init`")
+        check_private(path)
+        doc = json.loads(path.read_text())
+        if doc.get("format") != "fieldguard-kek-file-1":
+            raise KekError(f"{path} is not a FieldGuard KEK file")
+        self._doc = doc
+        params = doc["kdf"]
+        self._wrapping = AESGCM(_derive(passphrase, _unb64(params["salt"]),
+                                        ScryptParams(params["n"], params["r"], params["p"])))
+        self._keks: dict[str, AESGCM] = {}
+        for entry in doc["keks"]:
+            try:
+                raw = self._wrapping.decrypt(_unb64(entry["nonce"]), _unb64(entry["sealed"]), entry["kek_id"].encode())
+            except InvalidTag:
+                raise KekError(f"{path}: wrong passphrase (or the file was altered)") from None
+            self._keks[entry["kek_id"]] = AESGCM(raw)
+        self._current = doc["current"]
+
+    @classmethod
+    def create(cls, path: Path, passphrase: bytes, params: ScryptParams = ScryptParams()) -> FileKek:
+        if path.exists():
+            raise KekError(f"{path} already exists; refusing to overwrite a key-encryption key")
+        if len(passphrase) < 12:
+            raise KekError("the passphrase must be at least 12 characters")
+        salt = secrets.token_bytes(16)
+        kdf = {"name": "scrypt", "salt": _b64(salt), "n": params.n, "r": params.r, "p": params.p}
+        doc: dict[str, Any] = {"format": "fieldguard-kek-file-1", "kdf": kdf, "keks": [], "current": ""}
+        wrapping = AESGCM(_derive(passphrase, salt, params))
+        kek_id = _new_kek_id()
+        doc["keks"].append(_seal_entry(wrapping, kek_id, AESGCM.generate_key(256)))
+        doc["current"] = kek_id
+        write_private(path, json.dumps(doc, indent=2).encode())
+        return cls(path, passphrase)
+
+    @property
+    def current_id(self) -> str:
+        return str(self._current)
+
+    def wrap(self, dek: bytes, aad: bytes) -> tuple[bytes, str]:
+        nonce = os.urandom(_NONCE)
+        return nonce + self._keks[self._current].encrypt(nonce, dek, aad), self._current
+
+    def unwrap(self, blob: bytes, aad: bytes, kek_id: str) -> bytes:
+        kek = self._keks.get(kek_id)
+        if kek is None:
+            raise KekError(f"unknown or retired KEK {kek_id}")
+        try:
+            return kek.decrypt(blob[:_NONCE], blob[_NONCE:], aad)
+        except InvalidTag:
+            raise KekError("wrapped key failed authentication") from None
+
+    def rotate(self) -> str:
+        kek_id = _new_kek_id()
+        raw = AESGCM.generate_key(256)
+        self._doc["keks"].append(_seal_entry(self._wrapping, kek_id, raw))
+        self._doc["current"] = kek_id
+        write_private(self.path, json.dumps(self._doc, indent=2).encode())
+        self._keks[kek_id] = AESGCM(raw)
+        self._current = kek_id
+        return kek_id
+
+    def known_ids(self) -> list[str]:
+        return list(self._keks)
+
+    def retire(self, kek_id: str) -> None:
+        if kek_id == self._current:
+            raise KekError("the current KEK cannot be retired")
+        self._doc["keks"] = [e for e in self._doc["keks"] if e["kek_id"] != kek_id]
+        write_private(self.path, json.dumps(self._doc, indent=2).encode())
+        self._keks.pop(kek_id, None)
+
+
+def _derive(passphrase: bytes, salt: bytes, p: ScryptParams) -> bytes:
+    return Scrypt(salt=salt, length=32, n=p.n, r=p.r, p=p.p).derive(passphrase)
+
+
+def _seal_entry(wrapping: AESGCM, kek_id: str, raw: bytes) -> dict[str, str]:
+    nonce = os.urandom(_NONCE)
+    return {"kek_id": kek_id, "nonce": _b64(nonce), "sealed": _b64(wrapping.encrypt(nonce, raw, kek_id.encode())),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _new_kek_id() -> str:
+    return f"kek-{time.strftime('%Y%m%d', time.gmtime())}-{secrets.token_hex(4)}"
+
+
+class Pkcs11Kek:
+    """A KEK that never leaves a PKCS#11 token. One session per thread, opened lazily."""
+
+    LABEL_PREFIX = "fieldguard-kek-"
+
+    def __init__(self, module: str, token_label: str, pin: str) -> None:
+        try:
+            import pkcs11
+        except ImportError:  # pragma: no cover - dependency of the package
+            raise KekError("python-pkcs11 is not installed") from None
+        self._pkcs11 = pkcs11
+        try:
+            self._token = pkcs11.lib(module).get_token(token_label=token_label)
+        except Exception as exc:
+            raise KekError(f"PKCS#11 token {token_label!r} not available: {type(exc).__name__}") from None
+        self._pin = pin
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        ids = self.known_ids()
+        if not ids:
+            raise KekError(f"no FieldGuard KEK in token {token_label!r}: run `fieldguard keys init`")
+        self._current = max(ids)
+
+    @classmethod
+    def create(cls, module: str, token_label: str, pin: str) -> Pkcs11Kek:
+        import pkcs11
+
+        token = pkcs11.lib(module).get_token(token_label=token_label)
+        with token.open(user_pin=pin, rw=True) as session:
+            existing = [k[pkcs11.Attribute.LABEL]
+                        for k in session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY})]
+            if any(str(label).startswith(cls.LABEL_PREFIX) for label in existing):
+                raise KekError("the token already holds a FieldGuard KEK; refusing to make another")
+            _generate(session, f"{cls.LABEL_PREFIX}{_stamp()}")
+        return cls(module, token_label, pin)
+
+    @contextmanager
+    def _session(self) -> Iterator[Any]:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            with self._lock:
+                session = self._token.open(user_pin=self._pin, rw=True)
+            self._local.session = session
+            self._local.keys = {}
+        yield session
+
+    def _key(self, kek_id: str) -> Any:
+        with self._session() as session:
+            keys: dict[str, Any] = self._local.keys
+            key = keys.get(kek_id)
+            if key is None:
+                try:
+                    key = session.get_key(label=kek_id, key_type=self._pkcs11.KeyType.AES)
+                except Exception:
+                    raise KekError(f"KEK {kek_id} not found in the token") from None
+                keys[kek_id] = key
+            return key
+
+    @property
+    def current_id(self) -> str:
+        return self._current
+
+    def wrap(self, dek: bytes, aad: bytes) -> tuple[bytes, str]:
+        from pkcs11.mechanisms import GCMParams
+
+        nonce = os.urandom(_NONCE)
+        blob = self._key(self._current).encrypt(dek, mechanism=self._pkcs11.Mechanism.AES_GCM,
+                                                mechanism_param=GCMParams(nonce, aad, 128))
+        return nonce + bytes(blob), self._current
+
+    def unwrap(self, blob: bytes, aad: bytes, kek_id: str) -> bytes:
+        from pkcs11.mechanisms import GCMParams
+
+        try:
+            return bytes(self._key(kek_id).decrypt(blob[_NONCE:], mechanism=self._pkcs11.Mechanism.AES_GCM,
+                                                   mechanism_param=GCMParams(blob[:_NONCE], aad, 128)))
+        except KekError:
+            raise
+        except Exception:
+            raise KekError("wrapped key failed authentication in the token") from None
+
+    def rotate(self) -> str:
+        with self._session() as session:
+            label = f"{self.LABEL_PREFIX}{_stamp()}"
+            _generate(session, label)
+        self._current = label
+        return label
+
+    def known_ids(self) -> list[str]:
+        with self._session() as session:
+            labels = [str(k[self._pkcs11.Attribute.LABEL]) for k in session.get_objects(
+                {self._pkcs11.Attribute.CLASS: self._pkcs11.ObjectClass.SECRET_KEY})]
+        return sorted(label for label in labels if label.startswith(self.LABEL_PREFIX))
+
+    def retire(self, kek_id: str) -> None:
+        if kek_id == self._current:
+            raise KekError("the current KEK cannot be retired")
+        self._key(kek_id).destroy()
+        self._local.keys.pop(kek_id, None)
+
+
+def _generate(session: Any, label: str) -> None:
+    import pkcs11
+
+    session.generate_key(pkcs11.KeyType.AES, 256, label=label, store=True, template={
+        pkcs11.Attribute.EXTRACTABLE: False, pkcs11.Attribute.SENSITIVE: True,
+        pkcs11.Attribute.ENCRYPT: True, pkcs11.Attribute.DECRYPT: True,
+    })
+
+
+def _stamp() -> str:
+    return f"{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"

@@ -1,0 +1,236 @@
+"""The key ring: data keys for the request path, from the keystore through the KEK to a bounded cache.
+
+A response only unwraps keys for fields whose outcome is `clear`; keystore rows are fetched ahead (one
+query per response, by the key ids read from the body), but unwrapping waits until a field needs it.
+Unwrapped keys are kept in a cache bounded in entries and age, and dropped at once when the keystore
+records a rotation or a shred (polled every `revocation_poll_seconds`, and immediately in-process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
+
+import structlog
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from proxy.fieldmap import KEY_SCOPES
+from proxy.kek import KekError, KeyEncryptionKey
+from proxy.keystore import DataKey, KeyStatus, Keystore
+
+log = structlog.get_logger("fieldguard.keys")
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class BoundedCache(Generic[K, V]):
+    """An LRU bounded in entries and in age (seconds since insertion)."""
+
+    def __init__(self, size: int, seconds: float) -> None:
+        self.size, self.seconds = size, seconds
+        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        hit = self._data.get(key)
+        if hit is None:
+            return None
+        born, value = hit
+        if time.monotonic() - born > self.seconds:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._data[key] = (time.monotonic(), value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    def drop(self, key: K) -> None:
+        self._data.pop(key, None)
+
+    def drop_where(self, predicate: Callable[[V], bool]) -> None:
+        for key in [k for k, (_, v) in self._data.items() if predicate(v)]:
+            del self._data[key]
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenKey:
+    key: DataKey
+    aead: AESGCM
+
+
+def wrap_aad(key_id: bytes, scope: str) -> bytes:
+    """Binds a wrapped key to its id and scope, so a wrapped blob cannot be swapped between rows."""
+    return b"fieldguard-dek\x00" + key_id + b"\x00" + scope.encode()
+
+
+class KeyRing:
+    def __init__(self, store: Keystore, kek: KeyEncryptionKey | None, cache_size: int = 10_000,
+                 cache_seconds: float = 300.0) -> None:
+        self.store = store
+        self._kek = kek
+        self.rows: BoundedCache[bytes, DataKey] = BoundedCache(cache_size * 4, cache_seconds)
+        self.open_keys: BoundedCache[bytes, OpenKey] = BoundedCache(cache_size, cache_seconds)
+        self.writers: BoundedCache[tuple[str, str], bytes] = BoundedCache(cache_size, cache_seconds)
+        self.pseudonym_cache: BoundedCache[str, str] = BoundedCache(cache_size * 10, cache_seconds)
+        self._revocation_seq = 0
+        self.unwraps = 0
+
+    @property
+    def kek(self) -> KeyEncryptionKey:
+        if self._kek is None:
+            raise KekError("no key-encryption key is configured")
+        return self._kek
+
+    @property
+    def can_encrypt(self) -> bool:
+        return self._kek is not None
+
+    async def pseudonyms(self, client_ids: Iterable[str]) -> dict[str, str]:
+        """Each client's random pseudonym (made on first use), cached; dropped when the client is shredded."""
+        found: dict[str, str] = {}
+        missing: list[str] = []
+        for cid in client_ids:
+            hit = self.pseudonym_cache.get(cid)
+            if hit is None:
+                missing.append(cid)
+            else:
+                found[cid] = hit
+        if missing:
+            for cid, pseudonym in (await self.store.pseudonyms(missing)).items():
+                self.pseudonym_cache.put(cid, pseudonym)
+                found[cid] = pseudonym
+        return found
+
+    # ----------------------------------------------------------------- reading
+    async def prefetch(self, key_ids: Iterable[bytes]) -> None:
+        """Fetch keystore rows for keys not cached: one query, no unwrapping."""
+        missing = [k for k in set(key_ids) if self.rows.get(k) is None]
+        if missing:
+            for key_id, row in (await self.store.get_many(missing)).items():
+                self.rows.put(key_id, row)
+
+    def opened(self, key_id: bytes) -> OpenKey | None:
+        """The key, unwrapped now if its row is known; None when the keystore does not know it."""
+        cached = self.open_keys.get(key_id)
+        if cached is not None:
+            return cached
+        row = self.rows.get(key_id)
+        if row is None or row.wrapped is None or row.status is KeyStatus.DESTROYED or row.kek_id is None:
+            return None
+        dek = self.kek.unwrap(row.wrapped, wrap_aad(row.key_id, row.scope), row.kek_id)
+        self.unwraps += 1
+        opened = OpenKey(row, AESGCM(dek))
+        self.open_keys.put(key_id, opened)
+        return opened
+
+    def row(self, key_id: bytes) -> DataKey | None:
+        return self.rows.get(key_id)
+
+    # ----------------------------------------------------------------- writing
+    async def for_writing(self, client_id: str | None, scope: str) -> OpenKey:
+        """The client's active key for a scope, made on first use (for a new client: unlinked for now)."""
+        if client_id is not None:
+            cached_id = self.writers.get((client_id, scope))
+            if cached_id is not None:
+                cached = self.opened(cached_id)
+                if cached is not None and cached.key.status is KeyStatus.ACTIVE:
+                    return cached
+            row = await self.store.active(client_id, scope)
+            if row is not None:
+                self.rows.put(row.key_id, row)
+                opened = self.opened(row.key_id)
+                if opened is not None:
+                    self.writers.put((client_id, scope), row.key_id)
+                    return opened
+        return await self.create(client_id, scope)
+
+    async def create(self, client_id: str | None, scope: str) -> OpenKey:
+        key_id = os.urandom(16)
+        dek = AESGCM.generate_key(256)
+        wrapped, kek_id = self.kek.wrap(dek, wrap_aad(key_id, scope))
+        version = await self.store.next_version(client_id, scope)
+        row = DataKey(key_id, client_id, scope, version, KeyStatus.ACTIVE, wrapped, kek_id, time.time())
+        await self.store.add(row)
+        opened = OpenKey(row, AESGCM(dek))
+        self.rows.put(key_id, row)
+        self.open_keys.put(key_id, opened)
+        if client_id is not None:
+            self.writers.put((client_id, scope), key_id)
+        return opened
+
+    async def link(self, key_id: bytes, client_id: str) -> None:
+        """A new client's key, now that the CRM has said who the client is."""
+        await self.store.link(key_id, client_id)
+        row = self.rows.get(key_id)
+        if row is not None:
+            row = replace(row, client_id=client_id)
+            self.rows.put(key_id, row)
+            self.writers.put((client_id, row.scope), key_id)
+        opened = self.open_keys.get(key_id)
+        if opened is not None:
+            self.open_keys.put(key_id, OpenKey(replace(opened.key, client_id=client_id), opened.aead))
+
+    async def discard(self, key_ids: Iterable[bytes], reason: str) -> None:
+        """Destroy keys made for a write the CRM refused (orphans)."""
+        ids = list(key_ids)
+        if ids:
+            await self.store.destroy(None, None, reason, ids)
+            self.forget(ids, ())
+
+    # ----------------------------------------------------------------- revocation
+    def forget(self, key_ids: Iterable[bytes], client_ids: Iterable[str]) -> None:
+        ids = set(key_ids)
+        clients = set(client_ids)
+        for key_id in ids:
+            self.rows.drop(key_id)
+            self.open_keys.drop(key_id)
+        self.writers.drop_where(lambda key_id: key_id in ids)
+        for client in clients:
+            self.pseudonym_cache.drop(client)
+        if clients:
+            self.rows.drop_where(lambda row: row.client_id in clients)
+            self.open_keys.drop_where(lambda opened: opened.key.client_id in clients)
+            for client in clients:
+                for scope in KEY_SCOPES:
+                    self.writers.drop((client, scope))
+
+    async def poll_revocations(self) -> int:
+        last, keys, clients = await self.store.revocations_since(self._revocation_seq)
+        if last != self._revocation_seq:
+            self._revocation_seq = last
+            self.forget(keys, clients)
+            if keys or clients:
+                log.info("keys dropped from cache", keys=len(keys), clients=len(clients))
+        return last
+
+    async def watch_revocations(self, every: float) -> None:
+        self._revocation_seq = (await self.store.revocations_since(0))[0]
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.poll_revocations()
+            except Exception as exc:  # the cache is also bounded in age; keep polling
+                log.error("revocation poll failed", error=type(exc).__name__)
+
+    def clear(self) -> None:
+        self.pseudonym_cache.clear()
+        self.rows.clear()
+        self.open_keys.clear()
+        self.writers.clear()
+
+
+__all__ = ["BoundedCache", "KekError", "KeyRing", "OpenKey", "wrap_aad"]

@@ -1,0 +1,313 @@
+"""The keystore: every client's wrapped data keys and audit pseudonym, beside the gateway, never in the CRM.
+
+SQLite by default (WAL, synchronous=FULL: a committed key survives a power cut), behind the async
+`Keystore` interface so a shared PostgreSQL store can follow. A destroyed key keeps its row (id,
+client, scope, when, why) but loses its wrapped bytes for good, and is listed in `revocations`, which
+running gateways poll to drop it from their caches at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiosqlite
+
+from proxy.secretfile import check_private
+
+
+class KeyStatus(StrEnum):
+    ACTIVE = "active"  # encrypts new writes and decrypts
+    DECRYPT_ONLY = "decrypt_only"  # rotated out: decrypts what it sealed, seals nothing new
+    DESTROYED = "destroyed"  # shredded: its wrapped bytes are gone
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    """One client's data key for one scope and version (the key itself stays wrapped here)."""
+
+    key_id: bytes
+    client_id: str | None  # None until the CRM assigns the client's id
+    scope: str
+    version: int
+    status: KeyStatus
+    wrapped: bytes | None
+    kek_id: str | None
+    created_at: float
+
+    @property
+    def hex_id(self) -> str:
+        return self.key_id.hex()
+
+
+class Keystore(Protocol):
+    async def get_many(self, key_ids: Iterable[bytes]) -> dict[bytes, DataKey]: ...
+
+    async def active(self, client_id: str, scope: str) -> DataKey | None: ...
+
+    async def add(self, key: DataKey) -> DataKey: ...
+
+    async def link(self, key_id: bytes, client_id: str) -> None: ...
+
+    async def retire_active(self, client_id: str, scope: str) -> list[DataKey]: ...
+
+    async def destroy(self, client_id: str | None, scope: str | None, reason: str,
+                      key_ids: Iterable[bytes] = ()) -> list[DataKey]: ...
+
+    async def rewrap(self, key_id: bytes, wrapped: bytes, kek_id: str) -> None: ...
+
+    async def needing_rewrap(self, kek_id: str, limit: int) -> list[DataKey]: ...
+
+    async def keys_of(self, client_id: str) -> list[DataKey]: ...
+
+    async def revocations_since(self, seq: int) -> tuple[int, set[bytes], set[str]]: ...
+
+    async def pseudonyms(self, client_ids: Iterable[str]) -> dict[str, str]: ...
+
+    async def client_of_pseudonym(self, pseudonym: str) -> str | None: ...
+
+    async def summary(self) -> dict[str, object]: ...
+
+    async def next_version(self, client_id: str | None, scope: str) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS data_keys (
+    key_id BLOB PRIMARY KEY,
+    client_id TEXT,
+    scope TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'decrypt_only', 'destroyed')),
+    wrapped BLOB,
+    kek_id TEXT,
+    created_at REAL NOT NULL,
+    linked_at REAL,
+    retired_at REAL,
+    destroyed_at REAL,
+    destroy_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS data_keys_client ON data_keys (client_id, scope, status);
+CREATE INDEX IF NOT EXISTS data_keys_kek ON data_keys (kek_id);
+CREATE TABLE IF NOT EXISTS client_pseudonyms (
+    client_id TEXT PRIMARY KEY,
+    pseudonym TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id BLOB,
+    client_id TEXT,
+    at REAL NOT NULL
+);
+"""
+
+_COLUMNS = "key_id, client_id, scope, version, status, wrapped, kek_id, created_at"
+
+
+def _row(row: Any) -> DataKey:
+    key_id, client_id, scope, version, status, wrapped, kek_id, created_at = row
+    return DataKey(bytes(key_id), str(client_id) if client_id is not None else None, str(scope), int(version),
+                   KeyStatus(str(status)), bytes(wrapped) if wrapped is not None else None,
+                   str(kek_id) if kek_id is not None else None, float(created_at))
+
+
+def _private_file(path: Path) -> None:
+    """The keystore file exists with mode 0600 before SQLite opens it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        path.touch(mode=0o600)
+    check_private(path)
+
+
+def new_pseudonym() -> str:
+    """A random pseudonym: unlinkable to the client once its keystore row is gone."""
+    return "P-" + secrets.token_hex(8).upper()
+
+
+class SqliteKeystore:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteKeystore:
+        await asyncio.to_thread(_private_file, path)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA secure_delete=ON")  # destroyed wrapped keys are overwritten on disk
+        await db.execute("PRAGMA busy_timeout=5000")
+        await db.executescript(_SCHEMA)
+        return cls(db)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def get_many(self, key_ids: Iterable[bytes]) -> dict[bytes, DataKey]:
+        ids = list(set(key_ids))
+        found: dict[bytes, DataKey] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            async with self._db.execute(f"SELECT {_COLUMNS} FROM data_keys WHERE key_id IN ({marks})",  # noqa: S608
+                                        chunk) as cur:
+                for row in await cur.fetchall():
+                    key = _row(tuple(row))
+                    found[key.key_id] = key
+        return found
+
+    async def active(self, client_id: str, scope: str) -> DataKey | None:
+        async with self._db.execute(
+            f"SELECT {_COLUMNS} FROM data_keys WHERE client_id = ? AND scope = ? AND status = 'active' "  # noqa: S608
+            "ORDER BY version DESC LIMIT 1", (client_id, scope)) as cur:
+            row = await cur.fetchone()
+        return _row(tuple(row)) if row else None
+
+    async def next_version(self, client_id: str | None, scope: str) -> int:
+        if client_id is None:
+            return 1
+        async with self._db.execute("SELECT COALESCE(MAX(version), 0) FROM data_keys WHERE client_id = ? AND scope = ?",
+                                    (client_id, scope)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) + 1 if row else 1
+
+    async def add(self, key: DataKey) -> DataKey:
+        await self._db.execute(
+            f"INSERT INTO data_keys ({_COLUMNS}, linked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+            (key.key_id, key.client_id, key.scope, key.version, key.status.value, key.wrapped, key.kek_id,
+             key.created_at, key.created_at if key.client_id else None))
+        return key
+
+    async def link(self, key_id: bytes, client_id: str) -> None:
+        await self._db.execute(
+            "UPDATE data_keys SET client_id = ?, linked_at = ? WHERE key_id = ? AND client_id IS NULL",
+            (client_id, time.time(), key_id))
+
+    async def retire_active(self, client_id: str, scope: str) -> list[DataKey]:
+        async with self._db.execute(
+            f"UPDATE data_keys SET status = 'decrypt_only', retired_at = ? WHERE client_id = ? AND scope = ? "  # noqa: S608
+            f"AND status = 'active' RETURNING {_COLUMNS}", (time.time(), client_id, scope)) as cur:
+            rows = await cur.fetchall()
+        for row in rows:
+            await self._db.execute("INSERT INTO revocations (key_id, client_id, at) VALUES (?, ?, ?)",
+                                   (bytes(row[0]), client_id, time.time()))
+        return [_row(tuple(r)) for r in rows]
+
+    async def destroy(self, client_id: str | None, scope: str | None, reason: str,
+                      key_ids: Iterable[bytes] = ()) -> list[DataKey]:
+        """Destroy every version (of one scope, or all); with all scopes, also the pseudonym link."""
+        now = time.time()
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            ids = list(key_ids)
+            if client_id is not None:
+                query = f"SELECT {_COLUMNS} FROM data_keys WHERE client_id = ? AND status != 'destroyed'"  # noqa: S608
+                args: tuple[object, ...] = (client_id,)
+                if scope is not None:
+                    query += " AND scope = ?"
+                    args += (scope,)
+                async with self._db.execute(query, args) as cur:
+                    ids += [bytes(r[0]) for r in await cur.fetchall()]
+            victims = await self.get_many(ids)
+            for key_id in victims:
+                await self._db.execute(
+                    "UPDATE data_keys SET status = 'destroyed', wrapped = NULL, destroyed_at = ?, destroy_reason = ? "
+                    "WHERE key_id = ?", (now, reason, key_id))
+                await self._db.execute("INSERT INTO revocations (key_id, client_id, at) VALUES (?, ?, ?)",
+                                       (key_id, client_id, now))
+            if client_id is not None and scope is None:
+                await self._db.execute("DELETE FROM client_pseudonyms WHERE client_id = ?", (client_id,))
+                await self._db.execute("INSERT INTO revocations (key_id, client_id, at) VALUES (NULL, ?, ?)",
+                                       (client_id, now))
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        # the old page images of the wrapped keys leave the write-ahead log too
+        await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return list(victims.values())
+
+    async def rewrap(self, key_id: bytes, wrapped: bytes, kek_id: str) -> None:
+        await self._db.execute(
+            "UPDATE data_keys SET wrapped = ?, kek_id = ? WHERE key_id = ? AND status != 'destroyed'",
+            (wrapped, kek_id, key_id))
+
+    async def needing_rewrap(self, kek_id: str, limit: int) -> list[DataKey]:
+        async with self._db.execute(
+            f"SELECT {_COLUMNS} FROM data_keys WHERE status != 'destroyed' AND kek_id != ? "  # noqa: S608
+            "ORDER BY key_id LIMIT ?", (kek_id, limit)) as cur:
+            return [_row(tuple(r)) for r in await cur.fetchall()]
+
+    async def keys_of(self, client_id: str) -> list[DataKey]:
+        async with self._db.execute(f"SELECT {_COLUMNS} FROM data_keys WHERE client_id = ? "  # noqa: S608
+                                    "ORDER BY scope, version", (client_id,)) as cur:
+            return [_row(tuple(r)) for r in await cur.fetchall()]
+
+    async def revocations_since(self, seq: int) -> tuple[int, set[bytes], set[str]]:
+        async with self._db.execute("SELECT seq, key_id, client_id FROM revocations WHERE seq > ? ORDER BY seq",
+                                    (seq,)) as cur:
+            rows = await cur.fetchall()
+        last = seq
+        keys: set[bytes] = set()
+        clients: set[str] = set()
+        for s, key_id, client_id in rows:
+            last = max(last, int(s))
+            if key_id is not None:
+                keys.add(bytes(key_id))
+            elif client_id is not None:
+                clients.add(str(client_id))
+        return last, keys, clients
+
+    async def pseudonyms(self, client_ids: Iterable[str]) -> dict[str, str]:
+        """Each client's audit pseudonym, made on first use."""
+        wanted = list(set(client_ids))
+        found: dict[str, str] = {}
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            async with self._db.execute(
+                f"SELECT client_id, pseudonym FROM client_pseudonyms WHERE client_id IN ({marks})", chunk  # noqa: S608
+            ) as cur:
+                found.update({str(c): str(p) for c, p in await cur.fetchall()})
+        missing = [c for c in wanted if c not in found]
+        if missing:
+            now = time.time()
+            fresh = {c: new_pseudonym() for c in missing}
+            await self._db.executemany(
+                "INSERT INTO client_pseudonyms (client_id, pseudonym, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (client_id) DO NOTHING", [(c, p, now) for c, p in fresh.items()])
+            marks = ",".join("?" * len(missing))
+            async with self._db.execute(
+                f"SELECT client_id, pseudonym FROM client_pseudonyms WHERE client_id IN ({marks})", missing  # noqa: S608
+            ) as cur:
+                found.update({str(c): str(p) for c, p in await cur.fetchall()})
+        return found
+
+    async def client_of_pseudonym(self, pseudonym: str) -> str | None:
+        async with self._db.execute("SELECT client_id FROM client_pseudonyms WHERE pseudonym = ?", (pseudonym,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def summary(self) -> dict[str, object]:
+        async with self._db.execute(
+            "SELECT scope, status, COUNT(*), COUNT(DISTINCT client_id) FROM data_keys GROUP BY scope, status") as cur:
+            by = [{"scope": s, "status": st, "keys": n, "clients": c} for s, st, n, c in await cur.fetchall()]
+        async with self._db.execute(
+            "SELECT kek_id, COUNT(*) FROM data_keys WHERE status != 'destroyed' GROUP BY kek_id") as cur:
+            keks = {str(k): int(n) for k, n in await cur.fetchall()}
+        async with self._db.execute("SELECT COUNT(*) FROM data_keys WHERE client_id IS NULL "
+                                    "AND status != 'destroyed'") as cur:
+            row = await cur.fetchone()
+        return {"keys": by, "wrapped_by_kek": keks, "unlinked": int(row[0]) if row else 0}
+
+    async def rows(self) -> AsyncIterator[DataKey]:
+        async with self._db.execute(f"SELECT {_COLUMNS} FROM data_keys ORDER BY created_at") as cur:  # noqa: S608
+            async for row in cur:
+                yield _row(tuple(row))

@@ -1,0 +1,167 @@
+"""Key lifecycle: init, status, KEK rotation, per-client rotation and shredding.
+
+Each operation that changes keys writes an audit record (who ran it, on which client by pseudonym, why,
+how many keys) and supports a dry run. KEK rotation re-wraps data keys only: the CRM is not touched, and
+an interrupted rotation resumes where it stopped when run again.
+"""
+
+from __future__ import annotations
+
+import getpass
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.audit import AuditRecord, AuditTrail, JsonLinesTrail
+from proxy.config import Settings
+from proxy.custody import create_kek, open_kek, open_keyring
+from proxy.fieldmap import KEY_SCOPES
+from proxy.keyring import KeyRing, wrap_aad
+from proxy.keystore import KeyStatus
+
+Progress = Callable[[int], None]
+
+
+@dataclass(slots=True)
+class KeyReport:
+    """What a key operation did (or, in a dry run, would do)."""
+
+    action: str
+    dry_run: bool
+    counts: dict[str, int] = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+async def audit(settings: Settings, action: str, outcome: KeyReport, *, who: str, reason: str | None = None,
+                clients: list[str] | None = None, trail: AuditTrail | None = None) -> None:
+    """Key operations are accesses too: one audit record each, like a request's."""
+    record = AuditRecord(request_id=secrets.token_hex(12), method="CLI", user=f"u:{who}", route=action,
+                         status=0 if outcome.dry_run else 200, outcome="dry-run" if outcome.dry_run else "allowed",
+                         reason=reason, clients=clients or [], key_ids=sorted(outcome.detail.get("key_ids", [])))
+    record.counts = dict(outcome.counts)
+    own = trail is None
+    sink = trail or JsonLinesTrail(str(settings.path(settings.audit.log)) if settings.audit.log != "-" else "-")
+    await sink.append(record)
+    if own:
+        await sink.close()
+
+
+async def init(settings: Settings) -> KeyReport:
+    kek = create_kek(settings)
+    ring = await open_keyring(settings, kek)
+    await ring.store.close()
+    return KeyReport("keys init", False, {}, {"kek": kek.current_id, "backend": settings.keys.kek})
+
+
+async def status(settings: Settings) -> dict[str, Any]:
+    kek = open_kek(settings)
+    ring = await open_keyring(settings, kek)
+    try:
+        summary = await ring.store.summary()
+    finally:
+        await ring.store.close()
+    return {"backend": settings.keys.kek, "current_kek": kek.current_id, "keks": kek.known_ids(), **summary,
+            "cache": {"size": settings.keys.cache_size, "seconds": settings.keys.cache_seconds}}
+
+
+async def rotate_kek(settings: Settings, dry_run: bool, retire_old: bool, progress: Progress | None = None,
+                     batch: int = 500) -> KeyReport:
+    """Make a new KEK current and re-wrap every data key under it; resume an interrupted rotation."""
+    kek = open_kek(settings)
+    ring = await open_keyring(settings, kek)
+    try:
+        summary = await ring.store.summary()
+        by_kek: dict[str, int] = summary["wrapped_by_kek"]  # type: ignore[assignment]
+        stale = sum(n for k, n in by_kek.items() if k != kek.current_id)
+        resuming = stale > 0
+        outcome = KeyReport("keys rotate-kek", dry_run, {"to_rewrap": stale if resuming else sum(by_kek.values())})
+        if dry_run:
+            outcome.detail["resuming"] = resuming
+            return outcome
+        if not resuming:
+            outcome.detail["previous"] = kek.current_id
+            kek.rotate()
+        target = kek.current_id
+        outcome.detail["kek"] = target
+        done = 0
+        while rows := await ring.store.needing_rewrap(target, batch):
+            for row in rows:
+                assert row.wrapped is not None and row.kek_id is not None
+                aad = wrap_aad(row.key_id, row.scope)
+                wrapped, kek_id = kek.wrap(kek.unwrap(row.wrapped, aad, row.kek_id), aad)
+                await ring.store.rewrap(row.key_id, wrapped, kek_id)
+            done += len(rows)
+            if progress is not None:
+                progress(len(rows))
+        outcome.counts["rewrapped"] = done
+        if retire_old:
+            remaining = (await ring.store.summary())["wrapped_by_kek"]
+            retired = [k for k in kek.known_ids() if k != target and k not in remaining]  # type: ignore[operator]
+            for kek_id in retired:
+                kek.retire(kek_id)
+            outcome.detail["retired"] = retired
+        return outcome
+    finally:
+        await ring.store.close()
+
+
+def _scopes(scope: str | None) -> tuple[str, ...]:
+    if scope is None:
+        return KEY_SCOPES
+    if scope not in KEY_SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; one of {', '.join(KEY_SCOPES)}")
+    return (scope,)
+
+
+async def rotate_client(settings: Settings, client_id: str, scope: str | None, dry_run: bool) -> KeyReport:
+    """A new data-key version for the client; the old one only decrypts from now on."""
+    ring = await open_keyring(settings, open_kek(settings))
+    try:
+        keys = await ring.store.keys_of(client_id)
+        scopes = [s for s in _scopes(scope) if any(k.scope == s and k.status is KeyStatus.ACTIVE for k in keys)]
+        outcome = KeyReport("keys rotate", dry_run, {"scopes": len(scopes)})
+        outcome.detail["pseudonym"] = (await ring.pseudonyms([client_id]))[client_id]
+        if dry_run:
+            return outcome
+        ids: list[str] = []
+        for s in scopes:
+            old = await ring.store.retire_active(client_id, s)
+            new = await ring.create(client_id, s)
+            ids += [k.hex_id for k in old] + [new.key.hex_id]
+        outcome.detail["key_ids"] = ids
+        return outcome
+    finally:
+        await ring.store.close()
+
+
+async def shred(settings: Settings, client_id: str, scope: str | None, reason: str, dry_run: bool) -> KeyReport:
+    """Destroy every version of the client's keys (of one scope, or all and the pseudonym link)."""
+    if not reason.strip():
+        raise ValueError("a shred needs a reason (the legal basis, a ticket)")
+    ring = await open_keyring(settings, None)
+    try:
+        keys = [k for k in await ring.store.keys_of(client_id)
+                if k.status is not KeyStatus.DESTROYED and (scope is None or k.scope == scope)]
+        _scopes(scope)
+        outcome = KeyReport("keys shred", dry_run, {"keys": len(keys)})
+        outcome.detail["pseudonym"] = (await ring.pseudonyms([client_id]))[client_id]
+        outcome.detail["key_ids"] = [k.hex_id for k in keys]
+        if not dry_run:
+            destroyed = await ring.store.destroy(client_id, scope, reason)
+            outcome.counts["destroyed"] = len(destroyed)
+            outcome.detail["at"] = time.time()
+        return outcome
+    finally:
+        await ring.store.close()
+
+
+__all__ = ["KeyReport", "KeyRing", "actor", "audit", "init", "rotate_client", "rotate_kek", "shred", "status"]
