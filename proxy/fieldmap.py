@@ -265,6 +265,16 @@ def _parse_resource(
         spec = _parse_spec(str(path), raw_spec, classes, line_of(raw_fields, path), where)
         _insert(root, spec, where)
         specs.append(spec)
+    for spec in specs:
+        if spec.flag is None:
+            continue
+        flag = next((f for f in specs if f.path == spec.flag), None)
+        if flag is None:
+            raise MapError(spec.line, f"{where}: field {spec.path}: when.flag {spec.flag!r} is not a classified "
+                                      "top-level field")
+        if classes[flag.field_class].key_scope is not None or flag.flag is not None:
+            raise MapError(flag.line, f"{where}: field {flag.path} decides other fields' class, so its own class "
+                                      "must not be encrypted or conditional")
     client = body.get("client")
     if client is not None and (not isinstance(client, str) or client not in (root.children or {})):
         raise MapError(line_of(body, "client"), f"{where}: client must name a top-level classified field")

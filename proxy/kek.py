@@ -18,8 +18,6 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -161,24 +159,44 @@ def _new_kek_id() -> str:
     return f"kek-{time.strftime('%Y%m%d', time.gmtime())}-{secrets.token_hex(4)}"
 
 
+_SESSIONS: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _shared_session(module: str, token_label: str, pin: str) -> tuple[Any, threading.Lock]:
+    """One logged-in session per token per process. PKCS#11 login state belongs to the process, so a
+    second login fails (CKR_USER_ALREADY_LOGGED_IN) and sessions are not thread-safe: share one, locked."""
+    import pkcs11
+
+    with _SESSIONS_LOCK:
+        found = _SESSIONS.get((module, token_label))
+        if found is not None:
+            return found
+        try:
+            token = pkcs11.lib(module).get_token(token_label=token_label)
+            try:
+                session = token.open(user_pin=pin, rw=True)
+            except pkcs11.exceptions.UserAlreadyLoggedIn:
+                session = token.open(rw=True)
+        except pkcs11.exceptions.PKCS11Error as exc:
+            raise KekError(f"PKCS#11 token {token_label!r} not usable: {type(exc).__name__}") from None
+        except RuntimeError as exc:  # the module cannot be loaded
+            raise KekError(f"PKCS#11 module {module} not usable: {type(exc).__name__}") from None
+        _SESSIONS[(module, token_label)] = found = (session, threading.Lock())
+        return found
+
+
 class Pkcs11Kek:
-    """A KEK that never leaves a PKCS#11 token. One session per thread, opened lazily."""
+    """A KEK that never leaves a PKCS#11 token: AES-256, sensitive, non-extractable; the token wraps."""
 
     LABEL_PREFIX = "fieldguard-kek-"
 
     def __init__(self, module: str, token_label: str, pin: str) -> None:
-        try:
-            import pkcs11
-        except ImportError:  # pragma: no cover - dependency of the package
-            raise KekError("python-pkcs11 is not installed") from None
+        import pkcs11
+
         self._pkcs11 = pkcs11
-        try:
-            self._token = pkcs11.lib(module).get_token(token_label=token_label)
-        except Exception as exc:
-            raise KekError(f"PKCS#11 token {token_label!r} not available: {type(exc).__name__}") from None
-        self._pin = pin
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self._session, self._lock = _shared_session(module, token_label, pin)
+        self._keys: dict[str, Any] = {}
         ids = self.known_ids()
         if not ids:
             raise KekError(f"no FieldGuard KEK in token {token_label!r}: run `fieldguard keys init`")
@@ -186,38 +204,22 @@ class Pkcs11Kek:
 
     @classmethod
     def create(cls, module: str, token_label: str, pin: str) -> Pkcs11Kek:
-        import pkcs11
-
-        token = pkcs11.lib(module).get_token(token_label=token_label)
-        with token.open(user_pin=pin, rw=True) as session:
-            existing = [k[pkcs11.Attribute.LABEL]
-                        for k in session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY})]
-            if any(str(label).startswith(cls.LABEL_PREFIX) for label in existing):
+        session, lock = _shared_session(module, token_label, pin)
+        with lock:
+            if _labels(session):
                 raise KekError("the token already holds a FieldGuard KEK; refusing to make another")
             _generate(session, f"{cls.LABEL_PREFIX}{_stamp()}")
         return cls(module, token_label, pin)
 
-    @contextmanager
-    def _session(self) -> Iterator[Any]:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            with self._lock:
-                session = self._token.open(user_pin=self._pin, rw=True)
-            self._local.session = session
-            self._local.keys = {}
-        yield session
-
     def _key(self, kek_id: str) -> Any:
-        with self._session() as session:
-            keys: dict[str, Any] = self._local.keys
-            key = keys.get(kek_id)
-            if key is None:
-                try:
-                    key = session.get_key(label=kek_id, key_type=self._pkcs11.KeyType.AES)
-                except Exception:
-                    raise KekError(f"KEK {kek_id} not found in the token") from None
-                keys[kek_id] = key
-            return key
+        key = self._keys.get(kek_id)
+        if key is None:
+            try:
+                key = self._session.get_key(label=kek_id, key_type=self._pkcs11.KeyType.AES)
+            except self._pkcs11.exceptions.PKCS11Error:
+                raise KekError(f"KEK {kek_id} not found in the token") from None
+            self._keys[kek_id] = key
+        return key
 
     @property
     def current_id(self) -> str:
@@ -227,39 +229,47 @@ class Pkcs11Kek:
         from pkcs11.mechanisms import GCMParams
 
         nonce = os.urandom(_NONCE)
-        blob = self._key(self._current).encrypt(dek, mechanism=self._pkcs11.Mechanism.AES_GCM,
-                                                mechanism_param=GCMParams(nonce, aad, 128))
+        with self._lock:
+            blob = self._key(self._current).encrypt(dek, mechanism=self._pkcs11.Mechanism.AES_GCM,
+                                                    mechanism_param=GCMParams(nonce, aad, 128))
         return nonce + bytes(blob), self._current
 
     def unwrap(self, blob: bytes, aad: bytes, kek_id: str) -> bytes:
         from pkcs11.mechanisms import GCMParams
 
-        try:
-            return bytes(self._key(kek_id).decrypt(blob[_NONCE:], mechanism=self._pkcs11.Mechanism.AES_GCM,
-                                                   mechanism_param=GCMParams(blob[:_NONCE], aad, 128)))
-        except KekError:
-            raise
-        except Exception:
-            raise KekError("wrapped key failed authentication in the token") from None
+        with self._lock:
+            key = self._key(kek_id)
+            try:
+                return bytes(key.decrypt(blob[_NONCE:], mechanism=self._pkcs11.Mechanism.AES_GCM,
+                                         mechanism_param=GCMParams(blob[:_NONCE], aad, 128)))
+            except self._pkcs11.exceptions.PKCS11Error:
+                raise KekError("wrapped key failed authentication in the token") from None
 
     def rotate(self) -> str:
-        with self._session() as session:
-            label = f"{self.LABEL_PREFIX}{_stamp()}"
-            _generate(session, label)
+        label = f"{self.LABEL_PREFIX}{_stamp()}"
+        with self._lock:
+            _generate(self._session, label)
         self._current = label
         return label
 
     def known_ids(self) -> list[str]:
-        with self._session() as session:
-            labels = [str(k[self._pkcs11.Attribute.LABEL]) for k in session.get_objects(
-                {self._pkcs11.Attribute.CLASS: self._pkcs11.ObjectClass.SECRET_KEY})]
-        return sorted(label for label in labels if label.startswith(self.LABEL_PREFIX))
+        with self._lock:
+            return _labels(self._session)
 
     def retire(self, kek_id: str) -> None:
         if kek_id == self._current:
             raise KekError("the current KEK cannot be retired")
-        self._key(kek_id).destroy()
-        self._local.keys.pop(kek_id, None)
+        with self._lock:
+            self._key(kek_id).destroy()
+        self._keys.pop(kek_id, None)
+
+
+def _labels(session: Any) -> list[str]:
+    import pkcs11
+
+    labels = [str(k[pkcs11.Attribute.LABEL])
+              for k in session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY})]
+    return sorted(label for label in labels if label.startswith(Pkcs11Kek.LABEL_PREFIX))
 
 
 def _generate(session: Any, label: str) -> None:

@@ -200,7 +200,8 @@ class Gateway:
 
 def start_gateway(directory: Path, upstream: str, signing: Signing, keys: Path, policies: Path | None = None,
                   extra: str = "", public_key: Path | None = None, fields_file: Path | None = None,
-                  upstream_extra: str = "", identity: str | None = None) -> Gateway:
+                  upstream_extra: str = "", identity: str | None = None, keys_extra: str = "",
+                  env: dict[str, str] | None = None) -> Gateway:
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     audit = directory / "audit.jsonl"
@@ -227,13 +228,15 @@ audience = "{AUDIENCE}"
 
 [keys]
 dir = "{keys}"
+revocation_poll_seconds = 0.2
+{keys_extra}
 
 [audit]
 log = "{audit}"
 {extra}
 """)
     svc = Service([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)], directory / "gateway.log",
-                  f"http://127.0.0.1:{port}/healthz", env=KEK_ENV).start()
+                  f"http://127.0.0.1:{port}/healthz", env={**KEK_ENV, **(env or {})}).start()
     return Gateway(svc, f"http://127.0.0.1:{port}", audit, config, signing)
 
 

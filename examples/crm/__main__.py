@@ -1,4 +1,5 @@
-"""Run the example CRM: ``python -m examples.crm --db PATH [--port 8100] [--host 127.0.0.1] [--no-seed]``."""
+"""Run the example CRM: ``python -m examples.crm --db PATH [--port 8100] [--host 127.0.0.1] [--no-seed]
+[--staff-only]``."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="fill a new or empty database with fake data (default: on)",
     )
+    parser.add_argument("--staff-only", action="store_true",
+                        help="seed only the staff directory: a service with no client records yet")
     args = parser.parse_args(argv)
 
     Path(args.db).parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             == 0
         )
         if args.seed and empty:
-            seed(conn)
+            seed(conn, only=("staff",) if args.staff_only else None)
     finally:
         conn.close()
 

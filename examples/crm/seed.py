@@ -400,10 +400,12 @@ def generate() -> dict[str, list[Record]]:
     return gen.data
 
 
-def seed(conn: sqlite3.Connection) -> None:
-    """Create the schema and insert the seed data in one transaction."""
+def seed(conn: sqlite3.Connection, only: tuple[str, ...] | None = None) -> None:
+    """Create the schema and insert the seed data (or only the named resources) in one transaction."""
     init_schema(conn)
     data = generate()
+    if only is not None:
+        data = {name: (rows if name in only else []) for name, rows in data.items()}
     if not conn.in_transaction:
         conn.execute("BEGIN")
     try:
