@@ -188,7 +188,7 @@ def filter_candidates(token: str) -> list[Any]:
     if _INT_RE.fullmatch(token) and -_INT64 <= int(token) < _INT64:
         out.append(int(token))
     if token in ("true", "false"):
-        out.append(orjson.dumps(token == "true"))  # noqa: S105 (a JSON literal, not a password)
+        out.append(orjson.dumps(token == "true"))
     return out
 
 
