@@ -78,11 +78,13 @@ def token(sub: str, roles: tuple[str, ...], purposes: tuple[str, ...], client_id
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where the demo keeps its CRM database and audit log (default: ./demo-data)")
 @click.option("--reset", is_flag=True, help="start from a freshly seeded CRM")
-def demo(port: int, crm_port: int, data_dir: Path | None, reset: bool) -> None:
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where the demo keeps its keys (default: keys/ in the repository)")
+def demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys_dir: Path | None) -> None:
     """Start the example CRM and the gateway in front of it; print a curl line per demo user."""
     from proxy.demo import run_demo
 
-    sys.exit(run_demo(port=port, crm_port=crm_port, data_dir=data_dir, reset=reset))
+    sys.exit(run_demo(port=port, crm_port=crm_port, data_dir=data_dir, reset=reset, keys=keys_dir))
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -114,13 +116,19 @@ def keys() -> None:
 @CONFIG
 @click.option("--generate-passphrase", "generate", type=click.Path(dir_okay=False, path_type=Path),
               help="write a new random passphrase to this file (0600) and use it (file backend)")
+@DRY_RUN
 @ACTOR
-def keys_init(config: Path | None, generate: Path | None, actor: str | None) -> None:
+def keys_init(config: Path | None, generate: Path | None, dry_run: bool, actor: str | None) -> None:
     """Create the KEK (sealed file or PKCS#11 token key) and the keystore."""
     from proxy import keytool
     from proxy.secretfile import write_private
 
     settings = _settings(config)
+    if dry_run:
+        k = settings.keys
+        where = settings.path(k.dir) / k.kek_file if k.kek == "file" else f"token {k.pkcs11_token}"
+        click.echo(f"would create a {k.kek} KEK ({where}) and the keystore {settings.path(k.dir) / k.keystore}")
+        return
     if generate is not None:
         if generate.exists():
             raise click.ClickException(f"{generate} exists; refusing to overwrite a passphrase")

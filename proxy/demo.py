@@ -90,9 +90,8 @@ def demo_kek(keys_dir: Path) -> Path:
     return passphrase
 
 
-def write_config(data_dir: Path, port: int, crm_port: int) -> Path:
+def write_config(data_dir: Path, port: int, crm_port: int, keys: Path) -> Path:
     """The demo's fieldguard.toml: the embedded defaults plus the demo's own keys and ports."""
-    keys = REPO / "keys"
     text = f"""# Written by `fieldguard demo`; see examples/fieldguard.toml for every setting.
 [server]
 port = {port}
@@ -170,16 +169,17 @@ def banner(port: int, crm_port: int, private_key: Path, data_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool) -> int:
+def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys: Path | None = None) -> int:
     from proxy.server import run
 
     data_dir = (data_dir or Path.cwd() / "demo-data").resolve()
     if reset and data_dir.exists():
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    private_key = demo_keys(REPO / "keys")
-    demo_kek(REPO / "keys")
-    config = write_config(data_dir, port, crm_port)
+    keys = (keys or REPO / "keys").resolve()
+    private_key = demo_keys(keys)
+    demo_kek(keys)
+    config = write_config(data_dir, port, crm_port, keys)
     crm = start_crm(data_dir / "crm.sqlite3", crm_port, data_dir / "crm.log")
     try:
         settings = build_settings(_toml(config), os.environ, data_dir)

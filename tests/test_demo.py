@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,8 +17,8 @@ from tests.conftest import REPO, Service, free_port
 def test_demo_shows_each_role_what_the_rules_allow(tmp_path: Path) -> None:
     port, crm_port = free_port(), free_port()
     demo = Service([sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--crm-port", str(crm_port),
-                    "--data", str(tmp_path / "demo")], tmp_path / "demo.log", f"http://127.0.0.1:{port}/readyz",
-                   cwd=REPO)
+                    "--data", str(tmp_path / "demo"), "--keys", str(tmp_path / "keys")], tmp_path / "demo.log",
+                   f"http://127.0.0.1:{port}/readyz", cwd=REPO)
     demo.start(timeout=90)
     try:
         out = demo.output()
@@ -52,8 +52,23 @@ def test_demo_shows_each_role_what_the_rules_allow(tmp_path: Path) -> None:
         audit_file = (tmp_path / "demo" / "audit.jsonl").read_text().splitlines()
         assert len(audit_file) >= len(curls)
         assert {rec["user"] for rec in lines} >= {"u:alice", "u:carol", "u:erin", "u:rhea"}
-        # the printed config works with the other commands too
+        # behind the gateway the CRM holds ciphertext (the printed line shows it)
+        direct_line = re.search(r"^  curl -s '(http://127.0.0.1:\d+/clients/1/session-notes[^']*)'", out, re.M)
+        assert direct_line is not None
+        raw = httpx.get(direct_line.group(1), timeout=10).json()["items"][0]
+        assert raw["body"].startswith("fg1.") and raw["summary"].startswith("fg1.")
+        # a data-protection officer shreds client 1's keys: their notes become unreadable through the gateway
         cfg = tmp_path / "demo" / "fieldguard.toml"
-        assert shlex.quote(str(cfg))
+        shred = subprocess.run([sys.executable, "-m", "proxy.cli", "keys", "shred", "--config", str(cfg), "--client",
+                                "1", "--reason", "erasure request T-42", "--yes"], capture_output=True, text=True,
+                               cwd=REPO, timeout=60)
+        assert shred.returncode == 0, shred.stderr
+        time.sleep(1)
+        notes = call("ALICE", f"http://127.0.0.1:{port}/clients/1/session-notes").json()["items"]
+        assert notes and all("body" not in n and "summary" not in n for n in notes)
+        others = [c["id"] for c in call("ALICE", f"http://127.0.0.1:{port}/clients?per_page=25").json()["items"]]
+        readable = [call("ALICE", f"http://127.0.0.1:{port}/clients/{c}/session-notes").json()["items"]
+                    for c in others if c != 1]
+        assert any(n.get("body") for notes_of_one in readable for n in notes_of_one)  # other clients unaffected
     finally:
         demo.stop()
