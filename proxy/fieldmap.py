@@ -8,7 +8,7 @@ does not classify is removed, so a new CRM field stays hidden until a security o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +160,6 @@ class FieldMap:
     routes: tuple[Route, ...]
     list_format: ListFormat
     relations: RelationSource
-    public_paths: tuple[str, ...] = field(default_factory=tuple)
 
 
 def load_fieldmap(path: Path) -> FieldMap:
@@ -186,10 +185,22 @@ def parse_fieldmap(text: str) -> FieldMap:
         resources[resource.name] = resource
         routes.extend(resource_routes)
     relations = _parse_relations(doc.get("relations") or {}, resources)
-    public = doc.get("public") or []
-    if not isinstance(public, list) or not all(isinstance(p, str) and p.startswith("/") for p in public):
-        raise MapError(line_of(doc, "public"), "public must be a list of absolute paths")
-    return FieldMap(classes, resources, tuple(routes), list_format, relations, tuple(public))
+    routes.extend(_parse_public(doc.get("public") or [], line_of(doc, "public")))
+    return FieldMap(classes, resources, tuple(routes), list_format, relations)
+
+
+def _parse_public(raw: Any, line: int | None) -> list[Route]:
+    """Routes served without identity (a health check, say): opt-in only, GET only, JSON only."""
+    if not isinstance(raw, list):
+        raise MapError(line, "public must be a list of 'GET /path' entries")
+    routes = []
+    for entry in raw:
+        words = str(entry).split()
+        if len(words) != 2 or words[0] != "GET" or "{" in words[1]:
+            raise MapError(line, f"public route {entry!r}: only 'GET /literal/path' can be public")
+        routes.append(compile_route("GET", words[1], "", Shape.RECORD, public=True,
+                                    source=f"fields.yaml:{line}" if line else "fields.yaml"))
+    return routes
 
 
 def _known(mapping: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -355,7 +366,7 @@ def _parse_routes(resource: Resource, raw: Any, line: int | None, where: str) ->
         if len(words) < 2:
             raise MapError(entry_line, f"{where}: route {decl!r} needs methods and a path")
         *methods, template = words
-        _known(options, {"list", "filter", "query", "opaque", "locate", "public"}, f"{where} route {decl}")
+        _known(options, {"list", "filter", "query", "opaque", "locate"}, f"{where} route {decl}")
         for method in methods:
             routes.append(_route(resource, method, template, options, entry_line, where))
     return routes
@@ -393,7 +404,6 @@ def _route(
             query={str(k): (str(v) if v is not None else None) for k, v in query.items()},
             opaque_field=options.get("opaque") if isinstance(options.get("opaque"), str) else None,
             locate=locate,
-            public=bool(options.get("public", False)),
             source=f"fields.yaml:{line}" if line else "fields.yaml",
         )
     except ValueError as exc:
