@@ -85,6 +85,14 @@ class RelationsSection:
 @dataclass(frozen=True, slots=True)
 class AuditSection:
     log: str = "-"  # JSON lines for a SIEM: a file path, or "-" for stdout
+    store: str = "audit.sqlite3"  # the durable, hash-linked trail (SQLite)
+    timeout_seconds: float = 2.0  # a record not committed by then: the caller gets 503 and no data
+    checkpoint_every: int = 1000  # sign the trail's head every N records ...
+    checkpoint_seconds: float = 60.0  # ... or every T seconds, whichever comes first
+    signing_key: str = "audit-signing.pem"  # Ed25519 checkpoint key, in keys.dir; public half beside it
+    origin: str = ""  # the trail's name in checkpoints (default: the host name)
+    max_bytes: int = 0  # cap on the store's size (0: none); when full, data requests get 503
+    min_free_bytes: int = 100 * 1024 * 1024  # /readyz reports not ready below this much free disk
 
 
 @dataclass(frozen=True, slots=True)

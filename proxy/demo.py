@@ -114,6 +114,7 @@ passphrase_file = "{keys / 'demo-passphrase'}"
 
 [audit]
 log = "{data_dir / 'audit.jsonl'}"
+store = "{data_dir / 'audit.sqlite3'}"
 """
     path = data_dir / "fieldguard.toml"
     path.write_text(text)
@@ -147,7 +148,7 @@ def banner(port: int, crm_port: int, private_key: Path, data_dir: Path) -> str:
         "FieldGuard demo",
         f"  gateway     {base}        (every caller goes through here)",
         f"  example CRM http://127.0.0.1:{crm_port}        (what the gateway protects; no auth of its own)",
-        f"  audit log   {data_dir / 'audit.jsonl'}  (also printed below, one JSON line per request)",
+        f"  audit trail {data_dir / 'audit.sqlite3'}  (hash-linked, signed; also printed below as JSON lines)",
         "",
         "Behind the gateway the CRM holds session notes, process notes, letters, communications and GP",
         "details only as ciphertext (fg1....), one key per client. See for yourself:",

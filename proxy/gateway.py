@@ -22,7 +22,8 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 import structlog
 
-from proxy.audit import AuditRecord, AuditTrail, Disclosure, JsonLinesTrail
+from proxy.audit import AuditRecord, Disclosure, JsonLinesTrail, MultiTrail
+from proxy.checkpoints import CheckpointSigner
 from proxy.config import Settings
 from proxy.custody import open_kek, open_keyring
 from proxy.decision import Outcome, Relation, View
@@ -36,6 +37,7 @@ from proxy.redact import Redactor, deciding_rules
 from proxy.relations import RelationIndex
 from proxy.reload import PolicyWatcher
 from proxy.routes import Route, Shape, Verb, encode_path, normalise_path
+from proxy.trail import AuditUnavailable, DurableTrail
 from proxy.upstream import OpenStream, Upstream, UpstreamResponse, UpstreamSettings
 from proxy.writes import WriteRefused, check_write
 
@@ -71,7 +73,7 @@ def policy_source(settings: Settings) -> BundleSource:
 class Gateway:
     """The ASGI application. Construct with settings; uvicorn drives the lifespan."""
 
-    def __init__(self, settings: Settings, trail: AuditTrail | None = None) -> None:
+    def __init__(self, settings: Settings, siem: JsonLinesTrail | MultiTrail | None = None) -> None:
         self.settings = settings
         keys_dir = settings.path(settings.keys.dir)
         self.proofs = keys_dir / "proofs"
@@ -106,7 +108,12 @@ class Gateway:
         encrypted = any(c.key_scope for c in bundle.fieldmap.classes.values())
         self.kek = open_kek(settings) if encrypted else None
         self.ring: KeyRing | None = None
-        self.trail: AuditTrail = trail or JsonLinesTrail(settings.audit.log)
+        audit = settings.audit
+        self.siem = siem or JsonLinesTrail(str(settings.path(audit.log)) if audit.log != "-" else "-")
+        self.trail = DurableTrail(
+            settings.path(audit.store), CheckpointSigner(keys_dir / audit.signing_key), origin=audit.origin,
+            timeout_seconds=audit.timeout_seconds, checkpoint_every=audit.checkpoint_every,
+            checkpoint_seconds=audit.checkpoint_seconds, max_bytes=audit.max_bytes, siem=self.siem)
         self._tasks: list[asyncio.Task[None]] = []
         self._last_refresh = 0.0
         self._refreshing = False
@@ -138,6 +145,7 @@ class Gateway:
                 return
 
     async def startup(self) -> None:
+        await self.trail.open()
         self.ring = await open_keyring(self.settings, self.kek)
         self._tasks.append(asyncio.create_task(
             self.ring.watch_revocations(self.settings.keys.revocation_poll_seconds)))
@@ -222,7 +230,16 @@ class Gateway:
             reply = Reply(500, error_body("internal error", request_id), [])
         record.status = reply.status
         record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
-        await self.trail.append(record)
+        try:
+            await self.trail.append(record)
+        except AuditUnavailable as exc:
+            # no durable record, no data: the caller learns nothing but that the trail is down
+            if reply.stream is not None:
+                reply.stream.close()
+            reply = Reply(503, error_body("audit trail unavailable; nothing was released", request_id), [])
+            record.status, record.outcome, record.reason = 503, "error", f"withheld: {exc}"
+            with contextlib.suppress(Exception):
+                await self.siem.append(record)
         await _send(send, reply, request_id)
 
     async def _exchange(
@@ -292,7 +309,11 @@ class Gateway:
             "relations": {"ok": relations_ok, "clients": len(self.index.counsellor_of),
                           "synced_at": self.index.synced_at, "last_error": self.index.last_error},
         }
-        ready = upstream and relations_ok and self.policy.status.last_error is None
+        audit = self.trail.health()
+        free = audit["free_bytes"]
+        audit["ok"] = audit["ok"] and (free is None or free >= self.settings.audit.min_free_bytes)
+        checks["audit"] = audit
+        ready = upstream and relations_ok and self.policy.status.last_error is None and audit["ok"]
         return Reply(200 if ready else 503, orjson.dumps({"ready": ready, "checks": checks}), [])
 
     def _forward_headers(self, scope: Scope, headers: dict[str, str], record: AuditRecord) -> dict[str, str]:

@@ -1,0 +1,291 @@
+"""The durable, tamper-evident audit trail.
+
+Every record is canonical JSON, appended to an SQLite table in one writer thread: its leaf hash is
+SHA-256(0x00 || body) and its link is SHA-256(previous link || leaf), so editing, removing, inserting or
+reordering any record breaks every link after it. Every `checkpoint_every` records or
+`checkpoint_seconds` the head is signed (Ed25519, see proxy.checkpoints).
+
+Group commit: requests hand their records to one writer task, which commits whatever has queued while
+the previous commit was on disk, in one transaction with one fsync, then releases all their responses.
+A response leaves only after its record is committed; if that cannot happen within `timeout_seconds`
+the caller gets 503 and no data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import shutil
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from proxy.audit import AuditRecord, JsonLinesTrail, MultiTrail
+from proxy.checkpoints import Checkpoint, CheckpointSigner
+
+log = structlog.get_logger("fieldguard.audit")
+
+GENESIS = bytes(32)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_records (
+    seq INTEGER PRIMARY KEY,
+    recorded_at REAL NOT NULL,
+    body BLOB NOT NULL,
+    leaf BLOB NOT NULL,
+    link BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size INTEGER PRIMARY KEY,
+    head BLOB NOT NULL,
+    origin TEXT NOT NULL,
+    time TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_records_no_update BEFORE UPDATE ON audit_records
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_records_no_delete BEFORE DELETE ON audit_records
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+"""
+
+
+class AuditUnavailable(Exception):
+    """The record could not be made durable: no data may be released."""
+
+
+def canonical(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+
+
+def leaf_hash(body: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + body).digest()
+
+
+def link_hash(previous: bytes, leaf: bytes) -> bytes:
+    return hashlib.sha256(previous + leaf).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    seq: int
+    body: bytes
+    leaf: bytes
+    link: bytes
+
+
+def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def read_records(conn: sqlite3.Connection) -> Iterator[StoredRecord]:
+    for seq, body, leaf, link in conn.execute("SELECT seq, body, leaf, link FROM audit_records ORDER BY seq"):
+        yield StoredRecord(int(seq), bytes(body), bytes(leaf), bytes(link))
+
+
+def read_checkpoints(conn: sqlite3.Connection) -> list[Checkpoint]:
+    rows = conn.execute("SELECT origin, size, head, time, key_id, signature FROM checkpoints ORDER BY size")
+    return [Checkpoint(str(o), int(s), bytes(h), str(t), str(k), bytes(sig)) for o, s, h, t, k, sig in rows]
+
+
+@dataclass(slots=True)
+class _Pending:
+    record: AuditRecord
+    done: asyncio.Future[None]
+
+
+class DurableTrail:
+    """The gateway's `AuditTrail`: SQLite store, hash links, signed checkpoints, group commit."""
+
+    def __init__(self, path: Path, signer: CheckpointSigner, *, origin: str = "", timeout_seconds: float = 2.0,
+                 checkpoint_every: int = 1000, checkpoint_seconds: float = 60.0, max_bytes: int = 0,
+                 siem: JsonLinesTrail | MultiTrail | None = None) -> None:
+        self.path = path
+        self.signer = signer
+        self.origin = origin or socket.gethostname()
+        self.timeout = timeout_seconds
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_seconds = checkpoint_seconds
+        self.max_bytes = max_bytes
+        self.siem = siem
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldguard-audit")
+        self._conn: sqlite3.Connection | None = None
+        self._queue: list[_Pending] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._seq = 0
+        self._head = GENESIS
+        self._checkpointed = 0
+        self._checkpoint_at = time.monotonic()
+        self._signed: list[Checkpoint] = []
+        self.last_error: str | None = None
+        self.last_commit: float | None = None
+        self.commits = 0
+        self.records = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        try:
+            await loop.run_in_executor(self._thread, self._open_sync)
+        except (sqlite3.Error, OSError) as exc:
+            self.last_error = f"cannot open the audit store: {type(exc).__name__}"
+            log.error("audit store unavailable; data requests get 503", error=type(exc).__name__)
+        self._task = asyncio.create_task(self._writer())
+
+    def _open_sync(self) -> None:
+        conn = connect(self.path)
+        if self.max_bytes:
+            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            conn.execute(f"PRAGMA max_page_count={max(self.max_bytes // page, 16)}")
+        row = conn.execute("SELECT seq, link FROM audit_records ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is not None:
+            self._seq, self._head = int(row[0]), bytes(row[1])
+        last = conn.execute("SELECT MAX(size) FROM checkpoints").fetchone()
+        self._checkpointed = int(last[0] or 0)
+        self._conn = conn
+        self.last_error = None
+        if self._seq > self._checkpointed:
+            self._checkpoint_sync()  # anchor what an earlier run left unsigned
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        if self._conn is not None:
+            await loop.run_in_executor(self._thread, self._close_sync)
+        self._thread.shutdown(wait=True)
+        if self.siem is not None:
+            await self.siem.close()
+
+    def _close_sync(self) -> None:
+        assert self._conn is not None
+        try:
+            if self._seq > self._checkpointed:
+                self._checkpoint_sync()
+        except sqlite3.Error:
+            pass
+        self._conn.close()
+        self._conn = None
+
+    # ------------------------------------------------------------------ appending
+    async def append(self, record: AuditRecord) -> None:
+        """Return once the record is committed; raise AuditUnavailable otherwise (then: 503, no data)."""
+        if self._wake is None:
+            raise AuditUnavailable("audit store not open")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(record, done))
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self.timeout)
+        except TimeoutError:
+            self.last_error = "audit commit timed out"
+            raise AuditUnavailable("audit commit timed out") from None
+
+    async def _writer(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    if self._conn is None:
+                        await loop.run_in_executor(self._thread, self._open_sync)
+                    await loop.run_in_executor(self._thread, self._commit_sync, [p.record for p in batch])
+                except (sqlite3.Error, OSError) as exc:
+                    self.last_error = f"audit write failed: {type(exc).__name__}: {exc}"[:200]
+                    log.error("audit write failed; responses withheld", error=type(exc).__name__,
+                              records=len(batch))
+                    for p in batch:
+                        if not p.done.done():
+                            p.done.set_exception(AuditUnavailable(self.last_error))
+                    continue
+                self.last_error = None
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_result(None)
+                if self.siem is not None:
+                    try:
+                        for p in batch:
+                            await self.siem.append(p.record)
+                        for cp in self._signed:
+                            self.siem.checkpoint(cp.as_dict())
+                    except Exception as exc:  # the SIEM copy must never hold back the durable trail
+                        log.error("SIEM audit line failed", error=type(exc).__name__)
+                self._signed.clear()
+
+    def _commit_sync(self, records: list[AuditRecord]) -> None:
+        conn = self._conn
+        assert conn is not None
+        seq, head = self._seq, self._head
+        rows = []
+        now = time.time()
+        for record in records:
+            seq += 1
+            record.seq = seq
+            body = canonical(record.as_dict())
+            leaf = leaf_hash(body)
+            head = link_hash(head, leaf)
+            rows.append((seq, now, body, leaf, head))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("INSERT INTO audit_records (seq, recorded_at, body, leaf, link) VALUES (?, ?, ?, ?, ?)",
+                             rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            for record in records:
+                record.seq = None
+            raise
+        self._seq, self._head = seq, head
+        self.last_commit = now
+        self.commits += 1
+        self.records += len(records)
+        due = (self._seq - self._checkpointed >= self.checkpoint_every
+               or time.monotonic() - self._checkpoint_at >= self.checkpoint_seconds)
+        if due:
+            self._checkpoint_sync()
+
+    def _checkpoint_sync(self) -> Checkpoint | None:
+        conn = self._conn
+        assert conn is not None
+        self._checkpoint_at = time.monotonic()
+        if self._seq == self._checkpointed:
+            return None
+        cp = self.signer.sign(self.origin, self._seq, self._head)
+        conn.execute("INSERT INTO checkpoints (size, head, origin, time, key_id, signature) VALUES (?, ?, ?, ?, ?, ?)",
+                     (cp.size, cp.head, cp.origin, cp.time, cp.key_id, cp.signature))
+        self._checkpointed = cp.size
+        self._signed.append(cp)
+        return cp
+
+    # ------------------------------------------------------------------ health
+    def health(self) -> dict[str, Any]:
+        pending = len(self._queue)
+        free = None
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(self.path.parent).free
+        return {"ok": self.last_error is None and self._conn is not None, "records": self._seq,
+                "checkpointed": self._checkpointed, "pending": pending, "last_error": self.last_error,
+                "last_commit": self.last_commit, "free_bytes": free}
