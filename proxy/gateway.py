@@ -65,6 +65,16 @@ def error_body(message: str, request_id: str) -> bytes:
     return orjson.dumps({"error": message, "request_id": request_id})
 
 
+def open_trail(settings: Settings, siem: JsonLinesTrail | MultiTrail | None = None) -> DurableTrail:
+    """The deployment's durable audit trail, with its SIEM copy."""
+    audit = settings.audit
+    siem = siem or JsonLinesTrail(str(settings.path(audit.log)) if audit.log != "-" else "-")
+    return DurableTrail(
+        settings.path(audit.store), CheckpointSigner(settings.path(settings.keys.dir) / audit.signing_key),
+        origin=audit.origin, timeout_seconds=audit.timeout_seconds, checkpoint_every=audit.checkpoint_every,
+        checkpoint_seconds=audit.checkpoint_seconds, max_bytes=audit.max_bytes, siem=siem)
+
+
 def policy_source(settings: Settings) -> BundleSource:
     fields = settings.policy.fields_file
     return BundleSource(settings.path(settings.policy.dir), settings.path(fields) if fields else None)
@@ -108,12 +118,8 @@ class Gateway:
         encrypted = any(c.key_scope for c in bundle.fieldmap.classes.values())
         self.kek = open_kek(settings) if encrypted else None
         self.ring: KeyRing | None = None
-        audit = settings.audit
-        self.siem = siem or JsonLinesTrail(str(settings.path(audit.log)) if audit.log != "-" else "-")
-        self.trail = DurableTrail(
-            settings.path(audit.store), CheckpointSigner(keys_dir / audit.signing_key), origin=audit.origin,
-            timeout_seconds=audit.timeout_seconds, checkpoint_every=audit.checkpoint_every,
-            checkpoint_seconds=audit.checkpoint_seconds, max_bytes=audit.max_bytes, siem=self.siem)
+        self.trail = open_trail(settings, siem)
+        self.siem = self.trail.siem
         self._tasks: list[asyncio.Task[None]] = []
         self._last_refresh = 0.0
         self._refreshing = False

@@ -72,6 +72,8 @@ class Keystore(Protocol):
 
     async def client_of_pseudonym(self, pseudonym: str) -> str | None: ...
 
+    async def known_pseudonym(self, client_id: str) -> str | None: ...
+
     async def summary(self) -> dict[str, object]: ...
 
     async def next_version(self, client_id: str | None, scope: str) -> int: ...
@@ -289,6 +291,12 @@ class SqliteKeystore:
             ) as cur:
                 found.update({str(c): str(p) for c, p in await cur.fetchall()})
         return found
+
+    async def known_pseudonym(self, client_id: str) -> str | None:
+        """The client's pseudonym if they have one (never made here: a lookup must not create one)."""
+        async with self._db.execute("SELECT pseudonym FROM client_pseudonyms WHERE client_id = ?", (client_id,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
 
     async def client_of_pseudonym(self, pseudonym: str) -> str | None:
         async with self._db.execute("SELECT client_id FROM client_pseudonyms WHERE pseudonym = ?", (pseudonym,)) as cur:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.audit import AuditRecord, AuditTrail, JsonLinesTrail
+from proxy.audit import AuditRecord
 from proxy.config import Settings
 from proxy.custody import create_kek, open_kek, open_keyring
 from proxy.fieldmap import KEY_SCOPES
@@ -42,17 +42,25 @@ def actor() -> str:
 
 
 async def audit(settings: Settings, action: str, outcome: KeyReport, *, who: str, reason: str | None = None,
-                clients: list[str] | None = None, trail: AuditTrail | None = None) -> None:
-    """Key operations are accesses too: one audit record each, like a request's."""
+                clients: list[str] | None = None) -> None:
+    """Key operations are accesses too: one record each in the durable trail, like a request's."""
     record = AuditRecord(request_id=secrets.token_hex(12), method="CLI", user=f"u:{who}", route=action,
                          status=0 if outcome.dry_run else 200, outcome="dry-run" if outcome.dry_run else "allowed",
                          reason=reason, clients=clients or [], key_ids=sorted(outcome.detail.get("key_ids", [])))
     record.counts = dict(outcome.counts)
-    own = trail is None
-    sink = trail or JsonLinesTrail(str(settings.path(settings.audit.log)) if settings.audit.log != "-" else "-")
-    await sink.append(record)
-    if own:
-        await sink.close()
+    await append_durably(settings, record)
+
+
+async def append_durably(settings: Settings, record: AuditRecord) -> None:
+    """Append one record to the deployment's trail (beside a running gateway, safely) and its SIEM log."""
+    from proxy.gateway import open_trail
+
+    trail = open_trail(settings)
+    await trail.open()
+    try:
+        await trail.append(record)
+    finally:
+        await trail.close()
 
 
 async def init(settings: Settings) -> KeyReport:

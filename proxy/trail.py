@@ -116,7 +116,7 @@ class DurableTrail:
 
     def __init__(self, path: Path, signer: CheckpointSigner, *, origin: str = "", timeout_seconds: float = 2.0,
                  checkpoint_every: int = 1000, checkpoint_seconds: float = 60.0, max_bytes: int = 0,
-                 siem: JsonLinesTrail | MultiTrail | None = None) -> None:
+                 siem: JsonLinesTrail | MultiTrail) -> None:
         self.path = path
         self.signer = signer
         self.origin = origin or socket.gethostname()
@@ -236,25 +236,29 @@ class DurableTrail:
                 self._signed.clear()
 
     def _commit_sync(self, records: list[AuditRecord]) -> None:
+        """One transaction, one fsync. The head is read inside the write lock, so `fieldguard` commands
+        can append beside a running gateway without forking the chain."""
         conn = self._conn
         assert conn is not None
-        seq, head = self._seq, self._head
-        rows = []
         now = time.time()
-        for record in records:
-            seq += 1
-            record.seq = seq
-            body = canonical(record.as_dict())
-            leaf = leaf_hash(body)
-            head = link_hash(head, leaf)
-            rows.append((seq, now, body, leaf, head))
         conn.execute("BEGIN IMMEDIATE")
         try:
+            row = conn.execute("SELECT seq, link FROM audit_records ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, head = (int(row[0]), bytes(row[1])) if row is not None else (0, GENESIS)
+            rows = []
+            for record in records:
+                seq += 1
+                record.seq = seq
+                body = canonical(record.as_dict())
+                leaf = leaf_hash(body)
+                head = link_hash(head, leaf)
+                rows.append((seq, now, body, leaf, head))
             conn.executemany("INSERT INTO audit_records (seq, recorded_at, body, leaf, link) VALUES (?, ?, ?, ?, ?)",
                              rows)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             for record in records:
                 record.seq = None
             raise
@@ -274,8 +278,8 @@ class DurableTrail:
         if self._seq == self._checkpointed:
             return None
         cp = self.signer.sign(self.origin, self._seq, self._head)
-        conn.execute("INSERT INTO checkpoints (size, head, origin, time, key_id, signature) VALUES (?, ?, ?, ?, ?, ?)",
-                     (cp.size, cp.head, cp.origin, cp.time, cp.key_id, cp.signature))
+        conn.execute("INSERT OR IGNORE INTO checkpoints (size, head, origin, time, key_id, signature) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", (cp.size, cp.head, cp.origin, cp.time, cp.key_id, cp.signature))
         self._checkpointed = cp.size
         self._signed.append(cp)
         return cp

@@ -186,7 +186,8 @@ class Gateway:
     def audit_records(self) -> list[dict[str, Any]]:
         if not self.audit.exists():
             return []
-        return [json.loads(line) for line in self.audit.read_text().splitlines() if line.strip()]
+        lines = [json.loads(line) for line in self.audit.read_text().splitlines() if line.strip()]
+        return [r for r in lines if r.get("event") == "access"]  # not the checkpoint copies
 
     def audit_for(self, request_id: str) -> dict[str, Any]:
         deadline = time.monotonic() + 5

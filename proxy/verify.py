@@ -1,0 +1,139 @@
+"""Offline verification of the audit trail, from the store or an export, with the auditor's public key.
+
+Every record is re-hashed (not only the checkpoints: immudb's audit mode once reported "consistent" over
+tampered values because it checked roots only), sequence numbers must run 1, 2, 3... without gaps, every
+link must follow from the one before, every checkpoint must carry a valid signature under the trusted
+key and match the chain at its size, and no checkpoint may cover more records than the trail holds. The
+first failure is named: the record, or the range of records between two checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from proxy.checkpoints import Checkpoint, key_id
+from proxy.trail import GENESIS, StoredRecord, connect, leaf_hash, link_hash, read_checkpoints, read_records
+
+
+@dataclass(slots=True)
+class Verdict:
+    ok: bool = True
+    records: int = 0
+    checkpoints: int = 0
+    last_checkpoint: int = 0
+    problems: list[str] = field(default_factory=list)
+    first_bad: int | None = None  # sequence number of the first record found bad
+
+    @property
+    def unanchored(self) -> int:
+        """Records after the last signed checkpoint: intact links, but no signature covers them yet."""
+        return self.records - self.last_checkpoint
+
+    def fail(self, message: str, seq: int | None = None) -> None:
+        self.ok = False
+        self.problems.append(message)
+        if seq is not None and self.first_bad is None:
+            self.first_bad = seq
+
+
+def verify_store(path: Path, public: Ed25519PublicKey, anchors: Iterable[Checkpoint] = ()) -> Verdict:
+    conn = connect(path, readonly=True)
+    try:
+        return verify(read_records(conn), read_checkpoints(conn), public, anchors)
+    except sqlite3.DatabaseError as exc:
+        verdict = Verdict()
+        verdict.fail(f"the store cannot be read: {exc}")
+        return verdict
+    finally:
+        conn.close()
+
+
+def read_export(path: Path) -> tuple[list[StoredRecord], list[Checkpoint]]:
+    records: list[StoredRecord] = []
+    checkpoints: list[Checkpoint] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if "checkpoint" in item:
+                checkpoints.append(Checkpoint.from_dict(item["checkpoint"]))
+            else:
+                records.append(StoredRecord(int(item["seq"]), item["body"].encode(), bytes.fromhex(item["leaf"]),
+                                            bytes.fromhex(item["link"])))
+    return records, checkpoints
+
+
+def verify_export(path: Path, public: Ed25519PublicKey, anchors: Iterable[Checkpoint] = ()) -> Verdict:
+    records, checkpoints = read_export(path)
+    return verify(iter(records), checkpoints, public, anchors)
+
+
+def verify(records: Iterator[StoredRecord], checkpoints: list[Checkpoint], public: Ed25519PublicKey,
+           anchors: Iterable[Checkpoint] = ()) -> Verdict:
+    verdict = Verdict()
+    trusted = key_id(public)
+    signed: dict[int, Checkpoint] = {}
+    for candidate in [*checkpoints, *anchors]:
+        if not candidate.verify(public):
+            cp = candidate
+            why = "signed by another key" if cp.key_id != trusted else "signature does not verify"
+            verdict.fail(f"checkpoint at size {cp.size}: {why} (the trusted key is {trusted})")
+            continue
+        known = signed.get(candidate.size)
+        if known is not None and known.head != candidate.head:
+            verdict.fail(f"two validly signed checkpoints at size {candidate.size} disagree: the trail was forked")
+        signed[candidate.size] = candidate
+    verdict.checkpoints = len(signed)
+    head = GENESIS
+    expected = 1
+    previous_anchor = 0
+    for rec in records:
+        if rec.seq != expected:
+            if rec.seq > expected:
+                verdict.fail(f"record {expected} is missing (the next record is {rec.seq})", expected)
+            else:
+                verdict.fail(f"record {rec.seq} appears again after record {expected - 1}", rec.seq)
+            return _finish(verdict, expected - 1, signed)
+        try:
+            claimed = json.loads(rec.body).get("seq")
+        except ValueError:
+            claimed = None
+        if claimed != rec.seq:
+            verdict.fail(f"record {rec.seq}: its content says it is record {claimed} (records were moved)", rec.seq)
+            return _finish(verdict, rec.seq, signed)
+        leaf = leaf_hash(rec.body)
+        if leaf != rec.leaf:
+            verdict.fail(f"record {rec.seq}: its content does not match its hash (the record was edited)", rec.seq)
+            return _finish(verdict, rec.seq, signed)
+        head = link_hash(head, leaf)
+        if head != rec.link:
+            verdict.fail(f"record {rec.seq}: its link does not follow from record {rec.seq - 1} "
+                         "(a record before it was removed, inserted or reordered)", rec.seq)
+            return _finish(verdict, rec.seq, signed)
+        anchor = signed.get(rec.seq)
+        if anchor is not None:
+            if anchor.head != head:
+                verdict.fail(f"records {previous_anchor + 1} to {rec.seq} do not match the checkpoint signed at "
+                             f"{anchor.time} (rewritten after it was signed)", previous_anchor + 1)
+                return _finish(verdict, rec.seq, signed)
+            previous_anchor = rec.seq
+            verdict.last_checkpoint = rec.seq
+        verdict.records = rec.seq
+        expected += 1
+    return _finish(verdict, verdict.records, signed)
+
+
+def _finish(verdict: Verdict, seen: int, signed: dict[int, Checkpoint]) -> Verdict:
+    verdict.records = max(verdict.records, seen)
+    beyond = [size for size in signed if size > verdict.records]
+    if beyond and verdict.ok:
+        verdict.fail(f"a checkpoint covers {max(beyond)} records but the trail holds {verdict.records} "
+                     "(records were removed from its end)", verdict.records + 1)
+    return verdict

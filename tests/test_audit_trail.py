@@ -1,0 +1,319 @@
+"""The durable trail: tamper each way and `audit verify` names the record; kill -9 loses no released
+record; an unwritable store releases no data; queries, reports and exports over a real run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from proxy.checkpoints import note
+from proxy.trail import canonical, leaf_hash, link_hash
+from tests.conftest import KEK_ENV, Gateway, Signing, make_keys, policies_copy, start_crm, start_gateway
+
+
+def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy.cli", *args, "--config", str(gw.config)],
+                          capture_output=True, text=True, env={**os.environ, **KEK_ENV}, timeout=120)
+
+
+def verdict(out: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def run(crm: str, signing: Signing, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A real run of the demo policy: a gateway with checkpoints every 20 records, a mix of requests."""
+    d = tmp_path_factory.mktemp("trail")
+    keys = make_keys(d / "keys")
+    gw = start_gateway(d / "gw", crm, signing, keys, policies=policies_copy(d / "gw"),
+                       extra="checkpoint_every = 20")
+    try:
+        alice, carol, erin = (gw.as_user("alice", "counsellor"), gw.as_user("carol", "supervisor"),
+                              gw.as_user("erin", "admin"))
+        for _ in range(12):
+            assert gw.get("/clients/1/session-notes", alice).status_code == 200
+            assert gw.get("/clients/1", carol).status_code == 200
+            assert gw.get("/clients/2", alice).status_code == 403
+            assert gw.get("/clients/1/appointments", erin).status_code == 200
+    finally:
+        gw.service.stop()  # a clean stop signs a last checkpoint
+    return {"gw": gw, "store": d / "gw" / "audit.sqlite3", "keys": keys, "dir": d}
+
+
+def test_a_clean_trail_verifies(run: dict[str, Any]) -> None:
+    out = cli(run["gw"], "audit", "verify", "--public-key", str(run["keys"] / "audit-signing.pub.pem"))
+    v = verdict(out)
+    assert out.returncode == 0 and v["ok"] and v["records"] == 48 and v["checkpoints"] >= 2
+    assert v["last_checkpoint"] == 48 and v["unanchored"] == 0
+
+
+def tampered(run: dict[str, Any], name: str) -> tuple[Path, sqlite3.Connection]:
+    copy = run["dir"] / f"{name}.sqlite3"
+    src = sqlite3.connect(run["store"])
+    dst = sqlite3.connect(copy)
+    src.backup(dst)
+    src.close()
+    dst.execute("DROP TRIGGER audit_records_no_update")  # what someone with the file and sqlite3 does first
+    dst.execute("DROP TRIGGER audit_records_no_delete")
+    return copy, dst
+
+
+def verify_copy(run: dict[str, Any], store: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    out = cli(run["gw"], "audit", "verify", "--store", str(store),
+              "--public-key", str(run["keys"] / "audit-signing.pub.pem"), *extra)
+    return out.returncode, verdict(out)
+
+
+def test_editing_one_field_is_named(run: dict[str, Any]) -> None:
+    store, db = tampered(run, "edit")
+    body = json.loads(db.execute("SELECT body FROM audit_records WHERE seq = 17").fetchone()[0])
+    body["user"] = "u:somebody-else"
+    db.execute("UPDATE audit_records SET body = ? WHERE seq = 17", (canonical(body),))
+    db.commit()
+    code, v = verify_copy(run, store)
+    assert code == 1 and v["first_bad_record"] == 17
+    assert "record 17" in v["problems"][0] and "edited" in v["problems"][0]
+
+
+def test_deleting_a_record_is_named(run: dict[str, Any]) -> None:
+    store, db = tampered(run, "delete")
+    db.execute("DELETE FROM audit_records WHERE seq = 23")
+    db.commit()
+    code, v = verify_copy(run, store)
+    assert code == 1 and v["first_bad_record"] == 23 and "missing" in v["problems"][0]
+
+
+def test_swapping_two_records_is_named(run: dict[str, Any]) -> None:
+    store, db = tampered(run, "swap")
+    a, b = (db.execute("SELECT body, leaf, link FROM audit_records WHERE seq = ?", (s,)).fetchone() for s in (30, 31))
+    db.execute("UPDATE audit_records SET body = ?, leaf = ?, link = ? WHERE seq = 30", b)
+    db.execute("UPDATE audit_records SET body = ?, leaf = ?, link = ? WHERE seq = 31", a)
+    db.commit()
+    code, v = verify_copy(run, store)
+    assert code == 1 and v["first_bad_record"] == 30
+
+
+def test_inserting_a_record_is_named(run: dict[str, Any]) -> None:
+    store, db = tampered(run, "insert")
+    rows = db.execute("SELECT seq, body, leaf, link FROM audit_records WHERE seq >= 10 ORDER BY seq DESC").fetchall()
+    for seq, body, _leaf, _link in rows:  # make room, as an attacker must
+        record = json.loads(body)
+        record["seq"] = seq + 1
+        new = canonical(record)
+        db.execute("UPDATE audit_records SET seq = ?, body = ?, leaf = ? WHERE seq = ?",
+                   (seq + 1, new, leaf_hash(new), seq))
+    prev = db.execute("SELECT link FROM audit_records WHERE seq = 9").fetchone()[0]
+    forged = json.loads(db.execute("SELECT body FROM audit_records WHERE seq = 11").fetchone()[0])
+    forged.update(seq=10, user="u:nobody", route="/clients")
+    body = canonical(forged)
+    db.execute("INSERT INTO audit_records VALUES (10, 0, ?, ?, ?)",
+               (body, leaf_hash(body), link_hash(prev, leaf_hash(body))))
+    db.commit()
+    code, v = verify_copy(run, store)
+    assert code == 1 and v["first_bad_record"] in (10, 11), v
+
+
+def test_truncation_after_a_checkpoint_is_named(run: dict[str, Any]) -> None:
+    store, db = tampered(run, "truncate")
+    db.execute("DELETE FROM audit_records WHERE seq > 40")
+    db.commit()
+    code, v = verify_copy(run, store)
+    assert code == 1 and "removed from its end" in " ".join(v["problems"]) and v["first_bad_record"] == 41
+    # deleting the checkpoints too hides it from the store alone, but not from a kept export
+    db.execute("DELETE FROM checkpoints WHERE size > 40")
+    db.commit()
+    anchors = run["dir"] / "anchor.jsonl"
+    out = cli(run["gw"], "audit", "export", "--format", "jsonl", "--output", str(anchors))
+    assert out.returncode == 0, out.stderr
+    code, v = verify_copy(run, store, "--anchor", str(anchors))
+    assert code == 1 and v["first_bad_record"] == 41
+
+
+def test_rewriting_the_chain_and_resigning_with_another_key_is_caught(run: dict[str, Any]) -> None:
+    store, db = tampered(run, "rewrite")
+    rows = db.execute("SELECT seq, body FROM audit_records ORDER BY seq").fetchall()
+    head = bytes(32)
+    forger = Ed25519PrivateKey.generate()
+    db.execute("DELETE FROM checkpoints")
+    for seq, body in rows:
+        record = json.loads(body)
+        if seq == 5:
+            record["purpose"] = "HRESCH"
+        new = canonical(record)
+        head = link_hash(head, leaf_hash(new))
+        db.execute("UPDATE audit_records SET body = ?, leaf = ?, link = ? WHERE seq = ?",
+                   (new, leaf_hash(new), head, seq))
+        if seq % 20 == 0 or seq == len(rows):
+            sig = forger.sign(note("forged", seq, head, "2026-01-01T00:00:00+00:00"))
+            db.execute("INSERT INTO checkpoints VALUES (?, ?, 'forged', '2026-01-01T00:00:00+00:00', 'x', ?)",
+                       (seq, head, sig))
+    db.commit()
+    code, v = verify_copy(run, store)
+    assert code == 1 and "signed by another key" in v["problems"][0]
+    # ...and if they also replace the signing key file, the auditor's own copy of the public key still says no
+    assert v["checkpoints"] == 0
+
+
+def test_rewritten_records_under_the_original_checkpoints_are_placed(run: dict[str, Any]) -> None:
+    store, db = tampered(run, "rechain")
+    rows = db.execute("SELECT seq, body FROM audit_records ORDER BY seq").fetchall()
+    head = bytes(32)
+    for seq, body in rows:
+        record = json.loads(body)
+        if seq == 27:  # a refusal (403) rewritten as a success
+            record["status"] = 200
+        new = canonical(record)
+        head = link_hash(head, leaf_hash(new))
+        db.execute("UPDATE audit_records SET body = ?, leaf = ?, link = ? WHERE seq = ?",
+                   (new, leaf_hash(new), head, seq))
+    db.commit()
+    code, v = verify_copy(run, store)
+    assert code == 1 and "records 21 to 40 do not match the checkpoint" in v["problems"][0]
+
+
+def test_queries_reports_and_exports(run: dict[str, Any], tmp_path: Path) -> None:
+    gw = run["gw"]
+    out = cli(gw, "audit", "query", "--client", "1", "--user", "alice", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert len(rows) == 12 and {r["route"] for r in rows} == {"/clients/{client_id:int}/session-notes"}
+    denied = json.loads(cli(gw, "audit", "query", "--outcome", "denied", "--format", "json").stdout)
+    assert len(denied) == 12 and all(r["status"] == 403 for r in denied)
+    table = cli(gw, "audit", "query", "--role", "supervisor").stdout
+    assert table.splitlines()[0].startswith("seq") and len(table.splitlines()) == 13
+    report = json.loads(cli(gw, "audit", "report", "--client", "1", "--format", "json").stdout)
+    assert report["count"] == 36 and {a["who"] for a in report["accesses"]} == {"u:alice", "u:carol", "u:erin"}
+    carol = next(a for a in report["accesses"] if a["who"] == "u:carol")
+    assert carol["why"] == "TREAT" and "identity" in carol["pseudonymised"] and "contact" in carol["withheld"]
+    html = tmp_path / "report.html"
+    assert cli(gw, "audit", "report", "--client", "1", "--output", str(html)).returncode == 0
+    assert "<table>" in html.read_text() and "u:carol" in html.read_text()
+    fhir = [json.loads(x) for x in cli(gw, "audit", "export", "--format", "fhir").stdout.splitlines()]
+    read = next(e for e in fhir if e["agent"][0]["who"]["identifier"]["value"] == "u:carol")
+    assert read["resourceType"] == "AuditEvent" and read["action"] == "R" and read["outcome"] == "0"
+    assert read["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
+    patient = read["entity"][0]
+    assert patient["role"]["code"] == "1" and patient["what"]["identifier"]["value"].startswith("P-")
+    assert {d["type"] for d in patient["detail"]} >= {"shown", "pseudonymised", "removed"}
+    ecs = [json.loads(x) for x in cli(gw, "audit", "export", "--format", "ecs").stdout.splitlines()]
+    assert {e["event"]["outcome"] for e in ecs} >= {"success", "failure"} and ecs[0]["user"]["id"]
+    export = tmp_path / "trail.jsonl"
+    assert cli(gw, "audit", "export", "--output", str(export)).returncode == 0
+    out = cli(gw, "audit", "verify", "--export", str(export),
+              "--public-key", str(run["keys"] / "audit-signing.pub.pem"))
+    assert out.returncode == 0 and verdict(out)["ok"]
+    # looking at the trail is itself recorded
+    again = json.loads(cli(gw, "audit", "query", "--outcome", "allowed", "--format", "json",
+                           "--limit", "100000").stdout)
+    assert any(r["method"] == "CLI" and r["route"] == "audit report" for r in again)
+
+
+def test_kill_9_under_load_loses_no_released_record(crm: str, signing: Signing, tmp_path: Path) -> None:
+    keys = make_keys(tmp_path / "keys")
+    gw = start_gateway(tmp_path / "gw", crm, signing, keys, policies=policies_copy(tmp_path / "gw"))
+    released: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        token = gw.as_user("alice", "counsellor")
+        with httpx.Client(base_url=gw.url, headers={"authorization": f"Bearer {token}"}, timeout=5) as c:
+            while not stop.is_set():
+                try:
+                    r = c.get("/clients/1/session-notes")
+                except httpx.HTTPError:
+                    return
+                if r.status_code == 200:
+                    released.append(r.headers["x-request-id"])
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    assert gw.service.proc is not None
+    os.killpg(gw.service.proc.pid, signal.SIGKILL)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(released) > 50
+    db = sqlite3.connect(tmp_path / "gw" / "audit.sqlite3")
+    stored = {json.loads(b)["request_id"] for (b,) in db.execute("SELECT body FROM audit_records")}
+    db.close()
+    missing = [r for r in released if r not in stored]
+    assert not missing, f"{len(missing)} responses left without their record"
+    out = cli(gw, "audit", "verify", "--public-key", str(keys / "audit-signing.pub.pem"))
+    assert out.returncode == 0, out.stdout
+    assert verdict(out)["records"] >= len(released)
+
+
+def _chattr(flag: str, *paths: Path) -> bool:
+    return subprocess.run(["chattr", flag, *map(str, paths)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def own_gateway(signing: Signing, tmp_path: Path) -> Iterator[tuple[Gateway, Path]]:
+    crm_svc, url = start_crm(tmp_path / "crm")
+    keys = make_keys(tmp_path / "keys")
+    gw = start_gateway(tmp_path / "gw", url, signing, keys, policies=policies_copy(tmp_path / "gw"),
+                       extra="timeout_seconds = 1.0")
+    yield gw, tmp_path / "gw" / "audit.sqlite3"
+    gw.service.stop()
+    crm_svc.stop()
+
+
+def test_unwritable_store_releases_no_data(own_gateway: tuple[Gateway, Path]) -> None:
+    gw, store = own_gateway
+    alice = gw.as_user("alice", "counsellor")
+    assert gw.get("/clients/1", alice).status_code == 200
+    files = [store, store.with_name(store.name + "-wal")]
+    if not shutil.which("chattr") or not _chattr("+i", *files):
+        pytest.skip("chattr +i is not available on this filesystem")
+    try:
+        r = gw.get("/clients/1", alice)
+        assert r.status_code == 503 and set(r.json()) == {"error", "request_id"}
+        assert "liam" not in r.text.lower() and "@" not in r.text
+        ready = httpx.get(gw.url + "/readyz").json()
+        assert ready["ready"] is False and ready["checks"]["audit"]["ok"] is False
+    finally:
+        _chattr("-i", *files)
+    assert gw.get("/clients/1", alice).status_code == 200  # recovers once the store is writable again
+    assert httpx.get(gw.url + "/readyz").json()["checks"]["audit"]["ok"] is True
+
+
+def test_full_store_releases_no_data(crm: str, signing: Signing, tmp_path: Path) -> None:
+    keys = make_keys(tmp_path / "keys")
+    gw = start_gateway(tmp_path / "gw", crm, signing, keys, policies=policies_copy(tmp_path / "gw"),
+                       extra="max_bytes = 65536")
+    try:
+        alice = gw.as_user("alice", "counsellor")
+        statuses = [gw.get("/clients/1/session-notes", alice).status_code for _ in range(200)]
+        assert statuses[0] == 200 and statuses[-1] == 503
+        first_refusal = statuses.index(503)
+        assert set(statuses[first_refusal:]) == {503}
+        assert "full" in httpx.get(gw.url + "/readyz").json()["checks"]["audit"]["last_error"]
+    finally:
+        gw.service.stop()
+    out = cli(gw, "audit", "verify", "--public-key", str(keys / "audit-signing.pub.pem"))
+    assert verdict(out)["ok"] and verdict(out)["records"] == first_refusal
+
+
+def test_signing_key_is_private_and_its_id_is_stable(run: dict[str, Any]) -> None:
+    key = run["keys"] / "audit-signing.pem"
+    assert key.stat().st_mode & 0o077 == 0
+    out = cli(run["gw"], "audit", "public-key")
+    assert out.stdout == (run["keys"] / "audit-signing.pub.pem").read_text()
+    assert hashlib.sha256(out.stdout.encode()).hexdigest()
