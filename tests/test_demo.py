@@ -66,6 +66,15 @@ def test_demo_shows_each_role_what_the_rules_allow(tmp_path: Path) -> None:
         time.sleep(1)
         notes = call("ALICE", f"http://127.0.0.1:{port}/clients/1/session-notes").json()["items"]
         assert notes and all("body" not in n and "summary" not in n for n in notes)
+        # the trail verifies, and answers "who accessed my record"
+        verify = subprocess.run([sys.executable, "-m", "proxy.cli", "audit", "verify", "--config", str(cfg)],
+                                capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert verify.returncode == 0 and json.loads(verify.stdout)["ok"], verify.stdout
+        report = subprocess.run([sys.executable, "-m", "proxy.cli", "audit", "report", "--config", str(cfg),
+                                 "--client", "2", "--format", "json"], capture_output=True, text=True, cwd=REPO,
+                                timeout=60)
+        assert report.returncode == 0, report.stderr
+        assert "u:alice" in {a["who"] for a in json.loads(report.stdout)["accesses"]}
         others = [c["id"] for c in call("ALICE", f"http://127.0.0.1:{port}/clients?per_page=25").json()["items"]]
         readable = [call("ALICE", f"http://127.0.0.1:{port}/clients/{c}/session-notes").json()["items"]
                     for c in others if c != 1]
