@@ -149,11 +149,13 @@ class RelationIndex:
         caseloads: dict[str, set[str]] = {}
         for cid, who in counsellor_of.items():
             caseloads.setdefault(who, set()).add(cid)
+        changed = (len(counsellor_of), len(supervisor_of)) != (len(self.counsellor_of), len(self.supervisor_of))
+        (log.info if changed or self.synced_at is None else log.debug)(
+            "relations synced", clients=len(counsellor_of), staff=len(supervisor_of),
+            seconds=round(time.monotonic() - started, 3))
         self.counsellor_of, self.supervisor_of, self.caseloads = counsellor_of, supervisor_of, caseloads
         self.synced_at = time.time()
         self.last_error = None
-        log.info("relations synced", clients=len(counsellor_of), staff=len(supervisor_of),
-                 seconds=round(time.monotonic() - started, 3))
 
 
 async def _walk(source: RelationSource, path: str, items_key: str, fetch: FetchJson) -> Any:

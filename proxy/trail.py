@@ -96,8 +96,15 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
 
 
 def read_records(conn: sqlite3.Connection) -> Iterator[StoredRecord]:
+    """Rows as stored; a value of the wrong type (someone edited the file) is read as bytes, never trusted."""
     for seq, body, leaf, link in conn.execute("SELECT seq, body, leaf, link FROM audit_records ORDER BY seq"):
-        yield StoredRecord(int(seq), bytes(body), bytes(leaf), bytes(link))
+        yield StoredRecord(int(seq), _bytes(body), _bytes(leaf), _bytes(link))
+
+
+def _bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return b"" if value is None else str(value).encode()
 
 
 def read_checkpoints(conn: sqlite3.Connection) -> list[Checkpoint]:

@@ -83,7 +83,7 @@ def test_editing_one_field_is_named(run: dict[str, Any]) -> None:
     store, db = tampered(run, "edit")
     body = json.loads(db.execute("SELECT body FROM audit_records WHERE seq = 17").fetchone()[0])
     body["user"] = "u:somebody-else"
-    db.execute("UPDATE audit_records SET body = ? WHERE seq = 17", (canonical(body),))
+    db.execute("UPDATE audit_records SET body = ? WHERE seq = 17", (json.dumps(body),))  # as text, as by hand
     db.commit()
     code, v = verify_copy(run, store)
     assert code == 1 and v["first_bad_record"] == 17
