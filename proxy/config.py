@@ -23,6 +23,7 @@ class ServerSection:
     port: int = 8000
     max_body_bytes: int = 1024 * 1024
     log_level: str = "info"
+    pid_file: str = ""  # written at start, so `fieldguard policy reload` can signal the gateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,10 @@ class PolicySection:
     fields_file: str = ""  # default: fields.yaml in dir
     watch: bool = True
     poll_seconds: float = 1.0
+    require_signature: bool = False  # refuse a bundle without a valid bundle.sig
+    signing_public_key: str = ""  # the officers' Ed25519 public key (PEM) that bundle.sig must verify under
+    shadow_dir: str = ""  # a candidate bundle evaluated beside the active one, differences audited, never enforced
+    officer_role: str = "security_officer"  # the role allowed the /_fieldguard/ endpoints (explain, reload)
 
 
 @dataclass(frozen=True, slots=True)

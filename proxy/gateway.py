@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import secrets
 import signal
@@ -23,7 +24,7 @@ import orjson
 import structlog
 
 from proxy.audit import AuditRecord, Disclosure, JsonLinesTrail, MultiTrail
-from proxy.checkpoints import CheckpointSigner
+from proxy.checkpoints import CheckpointSigner, load_public
 from proxy.config import Settings
 from proxy.custody import open_kek, open_keyring
 from proxy.decision import Outcome, Relation, View
@@ -32,7 +33,8 @@ from proxy.fieldcipher import FieldCipher, seal_fields
 from proxy.fieldmap import Resource
 from proxy.identity import IdentitySettings, Principal, TokenVerifier
 from proxy.keyring import KeyRing
-from proxy.policy import BundleSource, PolicyBundle, load_bundle
+from proxy.metrics import Metrics
+from proxy.policy import BundleSource, PolicyBundle, PolicyError, load_bundle
 from proxy.redact import Redactor, deciding_rules
 from proxy.relations import RelationIndex
 from proxy.reload import PolicyWatcher
@@ -50,7 +52,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _JSON = b"application/json"
-_ADMIN = {("healthz",), ("readyz",)}
+_PROBES = {("healthz",), ("readyz",), ("metrics",)}  # no data: no identity, not audited
+OFFICER_PREFIX = "_fieldguard"  # the gateway's own endpoints (explain, reload): officers only, audited
 
 
 @dataclass(slots=True)
@@ -83,12 +86,20 @@ def policy_source(settings: Settings) -> BundleSource:
 class Gateway:
     """The ASGI application. Construct with settings; uvicorn drives the lifespan."""
 
-    def __init__(self, settings: Settings, siem: JsonLinesTrail | MultiTrail | None = None) -> None:
+    def __init__(self, settings: Settings, siem: JsonLinesTrail | MultiTrail | None = None,
+                 bundle: PolicyBundle | None = None) -> None:
         self.settings = settings
         keys_dir = settings.path(settings.keys.dir)
         self.proofs = keys_dir / "proofs"
-        bundle = load_bundle(policy_source(settings), self.proofs)
-        self.policy = PolicyWatcher(bundle, self.proofs)
+        officer = load_public(settings.path(settings.policy.signing_public_key)) \
+            if settings.policy.require_signature else None
+        bundle = bundle or load_bundle(policy_source(settings), self.proofs, officer)
+        self.metrics = Metrics()
+        self.policy = PolicyWatcher(bundle, self.proofs, officer, on_swap=self._swapped, on_failure=self._refused)
+        self.shadow: PolicyWatcher | None = None
+        if settings.policy.shadow_dir:
+            candidate = BundleSource(settings.path(settings.policy.shadow_dir))
+            self.shadow = PolicyWatcher(load_bundle(candidate, self.proofs), self.proofs)
         ident = settings.identity
         self.verifier = TokenVerifier(IdentitySettings(
             issuer=ident.issuer,
@@ -159,6 +170,12 @@ class Gateway:
         await self.refresh_relations()
         if self.settings.policy.watch:
             self._tasks.append(asyncio.create_task(self.policy.watch(self.settings.policy.poll_seconds)))
+            if self.shadow is not None:
+                self._tasks.append(asyncio.create_task(self.shadow.watch(self.settings.policy.poll_seconds)))
+        if self.settings.server.pid_file:
+            self.settings.path(self.settings.server.pid_file).write_text(f"{os.getpid()}\n")
+        self.metrics.gauge("fieldguard_audit_records", lambda: float(self.trail.health()["records"]))
+        self.metrics.gauge("fieldguard_relations_clients", lambda: float(len(self.index.counsellor_of)))
         self._tasks.append(asyncio.create_task(self._refresh_loop()))
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(
@@ -172,12 +189,36 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.upstream.close()
+        if self.settings.server.pid_file:
+            with contextlib.suppress(OSError):
+                self.settings.path(self.settings.server.pid_file).unlink()
         if self.ring is not None:
             await self.ring.store.close()
         await self.trail.close()
 
     async def _reload_quietly(self) -> None:
         await self.policy.reload()
+        if self.shadow is not None:
+            await self.shadow.reload()
+
+    async def _swapped(self, old: PolicyBundle, new: PolicyBundle) -> None:
+        self.metrics.inc("fieldguard_policy_reloads_total", result="applied")
+        await self._policy_event("allowed", f"policy {old.short_hash} replaced by {new.short_hash}", new.digest)
+
+    async def _refused(self, error: PolicyError) -> None:
+        self.metrics.inc("fieldguard_policy_reloads_total", result="refused")
+        first = "; ".join(str(f) for f in error.findings[:3])
+        await self._policy_event("error", f"policy reload refused, previous policy kept: {first}"[:500],
+                                 self.bundle.digest)
+
+    async def _policy_event(self, outcome: str, reason: str, digest: str) -> None:
+        """Rollouts are audited like accesses: auditors see when the rules changed, and failed attempts."""
+        record = AuditRecord(request_id=secrets.token_hex(12), method="POLICY", route="policy reload",
+                             outcome=outcome, reason=reason, policy=digest, status=200 if outcome == "allowed" else 409)
+        try:
+            await self.trail.append(record)
+        except AuditUnavailable:
+            log.error("policy change could not be audited", outcome=outcome)
 
     async def refresh_relations(self) -> None:
         fm = self.bundle.fieldmap
@@ -218,11 +259,14 @@ class Gateway:
         record = AuditRecord(request_id=request_id, method=method, policy=bundle.digest)
         try:
             segments = normalise_path(scope.get("raw_path") or str(scope["path"]).encode())
-            if segments in _ADMIN and method == "GET":
-                reply = await self._admin(segments[0])
+            if segments in _PROBES and method == "GET":
+                reply = await self._probe(segments[0])
                 await _send(send, reply, request_id)
                 return
-            reply = await self._exchange(scope, receive, headers, method, segments, bundle, record)
+            if segments[:1] == (OFFICER_PREFIX,):
+                reply = await self._officer(scope, headers, method, segments, bundle, record)
+            else:
+                reply = await self._exchange(scope, receive, headers, method, segments, bundle, record)
         except GatewayError as exc:
             record.outcome = "denied" if exc.status < 500 else "error"
             record.reason = exc.reason
@@ -236,6 +280,9 @@ class Gateway:
             reply = Reply(500, error_body("internal error", request_id), [])
         record.status = reply.status
         record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.metrics.inc("fieldguard_requests_total", outcome=record.outcome, status=str(reply.status))
+        if record.decrypt_failures:
+            self.metrics.inc("fieldguard_decrypt_failures_total", len(record.decrypt_failures))
         try:
             await self.trail.append(record)
         except AuditUnavailable as exc:
@@ -244,6 +291,7 @@ class Gateway:
                 reply.stream.close()
             reply = Reply(503, error_body("audit trail unavailable; nothing was released", request_id), [])
             record.status, record.outcome, record.reason = 503, "error", f"withheld: {exc}"
+            self.metrics.inc("fieldguard_audit_withheld_total")
             with contextlib.suppress(Exception):
                 await self.siem.append(record)
         await _send(send, reply, request_id)
@@ -290,6 +338,82 @@ class Gateway:
             return body_reply
         finally:
             await exchange.finish()
+            if self.shadow is not None:
+                self._compare_shadow(exchange)
+
+    async def _officer(self, scope: Scope, headers: dict[str, str], method: str, segments: tuple[str, ...],
+                       bundle: PolicyBundle, record: AuditRecord) -> Reply:
+        """The security officers' endpoints: `GET /_fieldguard/explain`, `POST /_fieldguard/reload`."""
+        principal = self.verifier.authenticate(headers)
+        record.user, record.role, record.roles = principal.user, principal.role, sorted(principal.roles)
+        record.purpose, record.token_id = principal.purpose, principal.token_id
+        record.route = "/" + "/".join(segments)
+        if principal.role != self.settings.policy.officer_role:
+            raise GatewayError(403, "only the security officer role may use this endpoint", reason="not an officer")
+        if not bundle.table.purpose_allowed(principal.role, principal.purpose):
+            raise GatewayError(403, f"purpose of use {principal.purpose} not allowed for role {principal.role}",
+                               reason="purpose not allowed")
+        if segments == (OFFICER_PREFIX, "reload") and method == "POST":
+            swapped = await self.policy.reload()
+            body = {"reloaded": swapped, "policy": self.bundle.digest, "error": self.policy.status.last_error}
+            return Reply(200 if self.policy.status.last_error is None else 409, orjson.dumps(body), [])
+        if segments == (OFFICER_PREFIX, "explain") and method == "GET":
+            return self._explain(scope, bundle)
+        raise GatewayError(404, "no such FieldGuard endpoint", reason="unknown officer endpoint")
+
+    def _explain(self, scope: Scope, bundle: PolicyBundle) -> Reply:
+        """The same as `fieldguard policy explain`, with the caseload facts the gateway holds now."""
+        from proxy.policytool import explain_class, explain_resource
+
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        role, purpose = query.get("role", ""), query.get("purpose")
+        rels = Relation.ANY
+        try:
+            for name in filter(None, query.get("relation", "").split(",")):
+                rels |= Relation.parse(name)
+        except ValueError as exc:
+            raise GatewayError(400, str(exc)) from None
+        if "class" in query:
+            e = explain_class(bundle.table, role, rels, purpose, query["class"])
+            return Reply(200, orjson.dumps(e.as_dict()), [])
+        target = query.get("path")
+        if not target:
+            raise GatewayError(400, "give path= (a route) or class=")
+        matched = bundle.routes.match(query.get("method", "GET"), normalise_path(target.encode()))
+        if matched is None:
+            return Reply(200, orjson.dumps({"route": None, "reason": "no such route: it is refused (403)"}), [])
+        route, params = matched
+        user = query.get("user")
+        if user and "client_id" in params:
+            who = Principal(subject=user, roles=frozenset(), role=role, purpose=purpose or "",
+                            client_id=query.get("client_id"))
+            rels = self.index.relations(who, params["client_id"], bundle.cover, datetime.now(UTC))
+        items = explain_resource(bundle.table, bundle.fieldmap, route.resource, role, rels, purpose)
+        resource = bundle.fieldmap.resources[route.resource]
+        visible = explain_class(bundle.table, role, rels, purpose, resource.record_class).outcome != "remove"
+        return Reply(200, orjson.dumps({"route": f"{route.method} {route.template}", "relations": rels.label,
+                                        "visible": visible, "fields": [e.as_dict() for e in items]}), [])
+
+    def _compare_shadow(self, exchange: Exchange) -> None:
+        """Shadow mode: what the candidate policy would have decided differently, audited, never enforced."""
+        assert self.shadow is not None
+        candidate = self.shadow.bundle.table
+        role = exchange.who.role
+        differences: set[str] = set()
+        if candidate.purpose_allowed(role, exchange.who.purpose) != exchange.bundle.table.purpose_allowed(
+                role, exchange.who.purpose):
+            differences.add(f"purpose {exchange.who.purpose}")
+        for rels, view in exchange.redactor.views.items():
+            other = candidate.view(role, rels)
+            for cls in exchange.resource.classes:
+                mine = view.outcome(cls)
+                theirs = other.outcome(cls) if other is not None else Outcome.REMOVE
+                if mine is not theirs:
+                    differences.add(f"{cls}: {mine.value} -> {theirs.value} ({rels.label})")
+        exchange.record.shadow = sorted(differences)
+        exchange.record.shadow_policy = self.shadow.bundle.digest
+        if differences:
+            self.metrics.inc("fieldguard_shadow_differences_total", route=exchange.route.template)
 
     async def _public(
         self, route: Route, segments: tuple[str, ...], scope: Scope, headers: dict[str, str], record: AuditRecord
@@ -301,16 +425,19 @@ class Gateway:
         record.upstream_status = resp.status
         return Reply(resp.status if resp.status < 500 else 502, resp.body, [])
 
-    async def _admin(self, name: str) -> Reply:
+    async def _probe(self, name: str) -> Reply:
         if name == "healthz":
             return Reply(200, orjson.dumps({"status": "ok"}), [])
+        if name == "metrics":
+            return Reply(200, self.metrics.render().encode(), [(b"content-type", b"text/plain; version=0.0.4")])
         bundle = self.bundle
         upstream = await self.upstream.reachable()
         relations_ok = self.index.synced_at is not None
         checks = {
-            "policy": {"ok": True, "hash": bundle.digest, "loaded_at": bundle.loaded_at,
-                       "reload_failures": self.policy.status.failures,
-                       "last_reload_error": self.policy.status.last_error},
+            "policy": {"ok": self.policy.status.last_error is None, "hash": bundle.digest,
+                       "loaded_at": bundle.loaded_at, "reload_failures": self.policy.status.failures,
+                       "last_reload_error": self.policy.status.last_error,
+                       "shadow": self.shadow.bundle.digest if self.shadow else None},
             "upstream": {"ok": upstream},
             "relations": {"ok": relations_ok, "clients": len(self.index.counsellor_of),
                           "synced_at": self.index.synced_at, "last_error": self.index.last_error},

@@ -8,6 +8,7 @@ force; the swap is one reference assignment, so no request ever sees half a poli
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 from collections.abc import Iterable
@@ -18,6 +19,8 @@ from typing import Any
 
 import casbin
 from casbin.persist.adapter import Adapter, load_policy_line
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from proxy.decision import (
     ALL_RELATION_SETS,
@@ -32,10 +35,12 @@ from proxy.decision import (
 )
 from proxy.fieldmap import FieldMap, MapError, parse_fieldmap
 from proxy.lint import Finding, ParsedPolicy, RoleLink, Severity, lint_model, parse_policy
+from proxy.policytool import coverage_warnings
 from proxy.relations import CoverGrant, parse_cover
 from proxy.routes import RouteTable
 
 BUNDLE_FILES = ("model.conf", "policy.csv", "fields.yaml", "cover.yaml")
+SIGNATURE_FILE = "bundle.sig"  # optional: an officer's Ed25519 signature over the bundle's digest
 REQUIRED_FILES = ("model.conf", "policy.csv", "fields.yaml")
 
 
@@ -80,7 +85,7 @@ class BundleSource:
     fields_file: Path | None = None
 
     def paths(self) -> dict[str, Path]:
-        paths = {name: self.directory / name for name in BUNDLE_FILES}
+        paths = {name: self.directory / name for name in (*BUNDLE_FILES, SIGNATURE_FILE)}
         if self.fields_file is not None:
             paths["fields.yaml"] = self.fields_file
         return paths
@@ -100,18 +105,43 @@ def read_bundle_files(source: BundleSource) -> dict[str, bytes]:
 
 def bundle_digest(files: dict[str, bytes]) -> str:
     h = hashlib.sha256()
-    for name in sorted(files):
+    for name in sorted(n for n in files if n != SIGNATURE_FILE):
         h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
     return h.hexdigest()
 
 
-def load_bundle(source: BundleSource | Path, proofs: Path | None = None) -> PolicyBundle:
+def load_bundle(source: BundleSource | Path, proofs: Path | None = None,
+                signed_by: Ed25519PublicKey | None = None) -> PolicyBundle:
     if isinstance(source, Path):
         source = BundleSource(source)
-    return compile_bundle(source, read_bundle_files(source), proofs)
+    return compile_bundle(source, read_bundle_files(source), proofs, signed_by)
 
 
-def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path | None = None) -> PolicyBundle:
+def sign_bundle(files: dict[str, bytes], key: Ed25519PrivateKey) -> bytes:
+    """The signature file's content: the digest it covers, and the signature over it."""
+    digest = bundle_digest(files)
+    return f"{digest}\n{base64.b64encode(key.sign(digest.encode())).decode()}\n".encode()
+
+
+def check_signature(files: dict[str, bytes], public: Ed25519PublicKey) -> Finding | None:
+    raw = files.get(SIGNATURE_FILE)
+    if raw is None:
+        return Finding(SIGNATURE_FILE, None, Severity.ERROR, "the bundle is not signed and policy.require_signature "
+                       "is on", "fieldguard policy sign --key officer.pem")
+    try:
+        digest, signature = raw.decode().split()
+        public.verify(base64.b64decode(signature), digest.encode())
+    except (ValueError, InvalidSignature, UnicodeDecodeError):
+        return Finding(SIGNATURE_FILE, None, Severity.ERROR, "the bundle's signature is not valid for the trusted "
+                       "officer key")
+    if digest != bundle_digest(files):
+        return Finding(SIGNATURE_FILE, None, Severity.ERROR, "the bundle changed after it was signed",
+                       "review the change, then sign it again")
+    return None
+
+
+def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path | None = None,
+                   signed_by: Ed25519PublicKey | None = None) -> PolicyBundle:
     """Lint, compile and prove; raise `PolicyError` with every finding on failure.
 
     `proofs` is a directory remembering bundles already proved by this version of FieldGuard and
@@ -119,6 +149,8 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
     any file gives a new digest and a new proof.
     """
     findings: list[Finding] = []
+    if signed_by is not None and (bad := check_signature(files, signed_by)) is not None:
+        raise PolicyError([bad])
     try:
         fieldmap = parse_fieldmap(files["fields.yaml"].decode("utf-8"))
     except (MapError, UnicodeDecodeError) as exc:
@@ -161,7 +193,8 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
         table=table,
         rules=tuple(parsed.rules),
         cover=cover,
-        warnings=tuple(f for f in findings if f.severity is Severity.WARNING),
+        warnings=(*(f for f in findings if f.severity is Severity.WARNING),
+                  *coverage_warnings(fieldmap, table, parsed.rules)),
         loaded_at=time.time(),
         proof_checks=checks,
     )

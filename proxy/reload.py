@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from proxy.policy import (
     BundleSource,
@@ -43,12 +44,14 @@ class PolicyWatcher:
         self,
         bundle: PolicyBundle,
         proofs: Path | None,
-        on_swap: Callable[[PolicyBundle, PolicyBundle], None] | None = None,
-        on_failure: Callable[[PolicyError], None] | None = None,
+        signed_by: Ed25519PublicKey | None = None,
+        on_swap: Callable[[PolicyBundle, PolicyBundle], Awaitable[None]] | None = None,
+        on_failure: Callable[[PolicyError], Awaitable[None]] | None = None,
     ) -> None:
         self.bundle = bundle
         self.source = bundle.source
         self.proofs = proofs
+        self.signed_by = signed_by
         self.status = ReloadStatus()
         self._on_swap = on_swap
         self._on_failure = on_failure
@@ -64,7 +67,7 @@ class PolicyWatcher:
                 files = read_bundle_files(self.source)
                 if bundle_digest(files) == self.bundle.digest:
                     return False
-                fresh = await asyncio.to_thread(compile_bundle, self.source, files, self.proofs)
+                fresh = await asyncio.to_thread(compile_bundle, self.source, files, self.proofs, self.signed_by)
             except PolicyError as exc:
                 self.status.failures += 1
                 self.status.last_error = str(exc)
@@ -72,7 +75,7 @@ class PolicyWatcher:
                 log.error("policy reload refused; the previous policy stays in force",
                           policy=self.bundle.short_hash, findings=self.status.errors[:10])
                 if self._on_failure is not None:
-                    self._on_failure(exc)
+                    await self._on_failure(exc)
                 return False
             old, self.bundle = self.bundle, fresh
             self.status.reloads += 1
@@ -80,7 +83,7 @@ class PolicyWatcher:
             self.status.errors = []
             log.info("policy reloaded", old=old.short_hash, new=fresh.short_hash, checks=fresh.proof_checks)
             if self._on_swap is not None:
-                self._on_swap(old, fresh)
+                await self._on_swap(old, fresh)
             return True
 
     async def watch(self, every: float) -> None:

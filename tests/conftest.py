@@ -180,7 +180,8 @@ class Gateway:
 
     def as_user(self, sub: str, role: str, purpose: str | None = None, client_id: str | None = None) -> str:
         default = {"counsellor": "TREAT", "supervisor": "TREAT", "admin": "HOPERAT", "service_manager": "HOPERAT",
-                   "researcher": "HRESCH", "auditor": "HOPERAT", "client": "PATRQT"}
+                   "researcher": "HRESCH", "auditor": "HOPERAT", "client": "PATRQT",
+                   "security_officer": "HOPERAT"}
         return self.signing.token(sub, role, purpose or default.get(role, "TREAT"), client_id)
 
     def audit_records(self) -> list[dict[str, Any]]:

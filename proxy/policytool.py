@@ -1,0 +1,190 @@
+"""The security officer's tools over a compiled bundle: coverage warnings, diff, explain.
+
+`diff` compares two compiled tables on every (role, relation, class, action), so a review sees exactly
+what each role gains and loses. `explain` says, for each field of a route (or one class), which rule and
+relation decided it, and for a refusal why: no rule, not on the caseload (a rule needs a relation the
+caller does not hold), an explicit deny, or a purpose of use the role may not act for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from proxy.decision import RELATIONS, Action, DecisionTable, Effect, Outcome, Relation, Rule
+from proxy.fieldmap import FieldMap
+from proxy.lint import Finding, Severity
+from proxy.routes import Route
+
+SINGLE_RELATIONS: tuple[Relation, ...] = tuple(r for r in RELATIONS)
+
+
+def coverage_warnings(fieldmap: FieldMap, table: DecisionTable, rules: Iterable[Rule]) -> list[Finding]:
+    """What a bundle says that can never matter, or leaves to chance: warnings, never errors."""
+    found: list[Finding] = []
+    mentioned = {r.field_class for r in rules}
+    for name in fieldmap.classes:
+        if name not in mentioned:
+            found.append(Finding("fields.yaml", None, Severity.WARNING, f"class {name!r} is named by no rule",
+                                 "every field of it is removed for every role; remove the class or add rules"))
+    visible = {c for v in table.views.values() for c, d in v.classes.items() if d.outcome is not Outcome.REMOVE}
+    for resource in fieldmap.resources.values():
+        for spec in resource.specs:
+            classes = {spec.field_class} | ({spec.flag_class} if spec.flag_class else set())
+            if not classes & visible:
+                found.append(Finding("fields.yaml", spec.line, Severity.WARNING,
+                                     f"{resource.name}.{spec.path} ({spec.field_class}) is shown to no role",
+                                     "it is always removed: expected?"))
+        if resource.client_field is None and any(
+            d.rule is not None and d.rule.relation is not Relation.ANY
+            for v in table.views.values() for c, d in v.classes.items() if c in resource.classes
+        ):
+            found.append(Finding("fields.yaml", None, Severity.WARNING,
+                                 f"resource {resource.name} has no client field, but rules grant its classes "
+                                 "through a relation", "its records are decided under relation any only"))
+    for route in fieldmap.routes:
+        res = fieldmap.resources.get(route.resource)
+        if (res is not None and res.client_field is not None and route.shape.value == "list"
+                and route.filter_param is None and route.client_param is None):
+            found.append(Finding("fields.yaml", _line(route), Severity.WARNING,
+                                 f"list route {route.method} {route.template} has no client filter",
+                                 "rows the caller may not see are fetched and dropped; add filter: "
+                                 f"{res.client_field}"))
+    return found
+
+
+def _line(route: Route) -> int | None:
+    tail = route.source.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+# ---------------------------------------------------------------------------------------------- diff
+@dataclass(frozen=True, slots=True)
+class Change:
+    role: str
+    relation: str
+    field_class: str
+    action: str
+    gained: bool
+    rule: str  # the rule behind the new state (gain) or the old one (loss)
+
+
+def diff(old: DecisionTable, new: DecisionTable) -> list[Change]:
+    """Every (role, relation, class, action) whose allow changes, relation by relation."""
+    changes: list[Change] = []
+    classes = sorted({k[2] for k in old.grants} | {k[2] for k in new.grants})
+    for role in sorted(old.roles | new.roles):
+        for rel in SINGLE_RELATIONS:
+            held = rel | Relation.ANY
+            for cls in classes:
+                for action in Action:
+                    before = old.allows(role, held, cls, action) if role in old.roles else False
+                    after = new.allows(role, held, cls, action) if role in new.roles else False
+                    if before == after:
+                        continue
+                    source = new if after else old
+                    hit = source.grants.get((role, rel, cls, action)) or source.grants.get(
+                        (role, Relation.ANY, cls, action))
+                    changes.append(Change(role, rel.label, cls, action.value, after, str(hit[1]) if hit else ""))
+    # a gain under "any" shows in every relation; keep it once, under any
+    anywhere = {(c.role, c.field_class, c.action, c.gained) for c in changes if c.relation == "any"}
+    return [c for c in changes if c.relation == "any" or (c.role, c.field_class, c.action, c.gained) not in anywhere]
+
+
+def purpose_diff(old: DecisionTable, new: DecisionTable) -> list[tuple[str, str, bool]]:
+    out = []
+    for role in sorted(old.roles | new.roles):
+        before, after = old.purposes.get(role, frozenset()), new.purposes.get(role, frozenset())
+        out += [(role, p, True) for p in sorted(after - before)] + [(role, p, False) for p in sorted(before - after)]
+    return out
+
+
+def render_diff(changes: list[Change], purposes: list[tuple[str, str, bool]], markdown: bool) -> str:
+    if not changes and not purposes:
+        return "No change in what any role may see or do." if not markdown else "_No change in access._"
+    rows = [("gains" if c.gained else "loses", c.role, c.relation, c.field_class, c.action, c.rule) for c in changes]
+    rows += [("gains" if g else "loses", role, "-", f"purpose {p}", "act for", "") for role, p, g in purposes]
+    head = ("change", "role", "relation", "class", "action", "rule")
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(("**gains**" if r[0] == "gains" else "loses", *r[1:5], f"`{r[5]}`" if r[5]
+                                     else "")) + " |" for r in rows]
+        gains = sum(1 for r in rows if r[0] == "gains")
+        return f"**Access review:** {gains} gained, {len(rows) - gains} lost.\n\n" + "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in [head, *rows])
+
+
+# ---------------------------------------------------------------------------------------------- explain
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    path: str
+    field_class: str
+    outcome: str
+    rule: str | None
+    relation: str | None
+    reason: str
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"path": self.path, "class": self.field_class, "outcome": self.outcome, "rule": self.rule,
+                "relation": self.relation, "reason": self.reason}
+
+
+def explain_class(table: DecisionTable, role: str, relations: Relation, purpose: str | None, field_class: str,
+                  path: str = "") -> Explanation:
+    """One class for one role, relation set and purpose, with the reason in words."""
+    if role not in table.roles:
+        return Explanation(path, field_class, "remove", None, None, f"role {role!r} is not known to the policy")
+    if purpose is not None and not table.purpose_allowed(role, purpose):
+        allowed = ", ".join(sorted(table.purposes.get(role, frozenset()))) or "none"
+        return Explanation(path, field_class, "remove", None, None,
+                           f"purpose of use {purpose} is not allowed for role {role} (allowed: {allowed})")
+    view = table.view(role, relations)
+    decided = view.classes.get(field_class) if view is not None else None
+    if decided is None:
+        return Explanation(path, field_class, "remove", None, None, f"class {field_class!r} is not declared")
+    if decided.outcome is not Outcome.REMOVE:
+        rule = decided.rule
+        return Explanation(path, field_class, decided.outcome.value, str(rule) if rule else None,
+                           rule.relation.label if rule else None,
+                           f"allowed by {rule.source} through relation {rule.relation.label}" if rule else "allowed")
+    if decided.denied_by is not None:
+        d = decided.denied_by
+        return Explanation(path, field_class, "remove", str(d), d.relation.label, f"explicit deny at {d.source}")
+    needed = []
+    for (r, rel, cls, action), (effect, rule) in table.grants.items():
+        if r == role and cls == field_class and effect is Effect.ALLOW and action in (
+                Action.READ, Action.PSEUDO, Action.MASK) and rel not in relations:
+            needed.append(rule)
+    if needed:
+        first = min(needed, key=lambda r: r.source)
+        rels = sorted({r.relation.label for r in needed})
+        holds = relations.label
+        what = "not on the caseload" if "caseload" in rels else f"no {' or '.join(rels)} relation"
+        return Explanation(path, field_class, "remove", None, None,
+                           f"{what}: {first.source} grants {role} {field_class} only through {' or '.join(rels)}; "
+                           f"the caller holds {holds}")
+    return Explanation(path, field_class, "remove", None, None, f"no rule gives {role} {field_class}")
+
+
+def explain_resource(table: DecisionTable, fieldmap: FieldMap, resource_name: str, role: str, relations: Relation,
+                     purpose: str | None) -> list[Explanation]:
+    resource = fieldmap.resources[resource_name]
+    out = []
+    for spec in resource.specs:
+        out.append(explain_class(table, role, relations, purpose, spec.field_class, spec.path))
+        if spec.flag_class:
+            alt = explain_class(table, role, relations, purpose, spec.flag_class, spec.path)
+            out.append(Explanation(spec.path + f" (when {spec.flag} is set)", alt.field_class, alt.outcome, alt.rule,
+                                   alt.relation, alt.reason))
+    return out
+
+
+def render_explanations(items: list[Explanation], visible: bool, resource: str, record_class: str) -> str:
+    head = (f"{resource} records are {'visible' if visible else 'NOT visible'} "
+            f"(record class {record_class})")
+    width = max((len(e.path) for e in items), default=4)
+    lines = [head, ""]
+    for e in items:
+        lines.append(f"  {e.path.ljust(width)}  {e.field_class:<16} {e.outcome:<9} {e.reason}")
+    return "\n".join(lines)
