@@ -124,6 +124,27 @@ async def _total(client: httpx.AsyncClient, fm: FieldMap, walk: Walk) -> int:
     return int(body.get(fmt.total, 0)) if isinstance(body, dict) and fmt.total else 0
 
 
+def _crm(settings: Settings) -> httpx.AsyncClient:
+    """The CRM itself, directly: migrations run beside the gateway, not through it."""
+    return httpx.AsyncClient(base_url=settings.upstream.url, timeout=settings.upstream.timeout_seconds,
+                             headers=dict(settings.upstream.headers))
+
+
+async def _plan(client: httpx.AsyncClient, fm: FieldMap, totals: Callable[[int], None] | None) -> list[Walk]:
+    plan = walks(fm)
+    if totals is not None:
+        totals(sum([await _total(client, fm, w) for w in plan]))
+    return plan
+
+
+async def _patch(client: httpx.AsyncClient, limiter: RateLimit, walk: Walk, row: dict[str, Any],
+                 body: dict[str, Any]) -> bool:
+    await limiter.wait()
+    r = await client.patch(walk.patch.render(walk.patch.template, _ids(walk.patch, row)), content=orjson.dumps(body),
+                           headers={"content-type": "application/json"})
+    return r.status_code < 400
+
+
 class RateLimit:
     def __init__(self, per_second: float) -> None:
         self.interval = 1.0 / per_second if per_second > 0 else 0.0
@@ -182,12 +203,8 @@ async def encrypt_existing(settings: Settings, fm: FieldMap, ring: KeyRing, *, d
                             settings.upstream.url)
     limiter = RateLimit(rate)
     classes = dict(fm.classes)
-    async with httpx.AsyncClient(base_url=settings.upstream.url, timeout=settings.upstream.timeout_seconds,
-                                 headers=dict(settings.upstream.headers)) as client:
-        plan = walks(fm)
-        if totals is not None:
-            totals(sum([await _total(client, fm, w) for w in plan]))
-        for walk in plan:
+    async with _crm(settings) as client:
+        for walk in await _plan(client, fm, totals):
             name = walk.resource.name
             assert walk.resource.root.children is not None
             async for page, rows in _pages(client, fm, walk, 0 if dry_run else checkpoint.done(name)):
@@ -217,12 +234,7 @@ async def encrypt_existing(settings: Settings, fm: FieldMap, ring: KeyRing, *, d
                         if not dry_run:
                             for scope in {p[0] for p in pending}:
                                 keys[scope] = await ring.for_writing(cid, scope)
-                            body = _resolve_markers(changed, keys, name)
-                            await limiter.wait()
-                            r = await client.patch(walk.patch.render(walk.patch.template, _ids(walk.patch, row)),
-                                                   content=orjson.dumps(body),
-                                                   headers={"content-type": "application/json"})
-                            if r.status_code >= 400:
+                            if not await _patch(client, limiter, walk, row, _resolve_markers(changed, keys, name)):
                                 report.failures += 1
                     if progress is not None:
                         progress(1)
@@ -273,12 +285,8 @@ async def decrypt_export(settings: Settings, fm: FieldMap, ring: KeyRing, *, dry
     sink = (os.fdopen(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8")
             if output is not None and not dry_run else None)
     try:
-        async with httpx.AsyncClient(base_url=settings.upstream.url, timeout=settings.upstream.timeout_seconds,
-                                     headers=dict(settings.upstream.headers)) as client:
-            plan = walks(fm)
-            if totals is not None:
-                totals(sum([await _total(client, fm, w) for w in plan]))
-            for walk in plan:
+        async with _crm(settings) as client:
+            for walk in await _plan(client, fm, totals):
                 name = walk.resource.name
                 assert walk.resource.root.children is not None
                 async for _, rows in _pages(client, fm, walk, 0):
@@ -294,13 +302,8 @@ async def decrypt_export(settings: Settings, fm: FieldMap, ring: KeyRing, *, dry
                             report.by_resource[name] = report.by_resource.get(name, 0) + opened[0]
                         if sink is not None:
                             sink.write(orjson.dumps({"resource": name, "record": {**row, **changed}}).decode() + "\n")
-                        elif changed and not dry_run:
-                            await limiter.wait()
-                            r = await client.patch(walk.patch.render(walk.patch.template, _ids(walk.patch, row)),
-                                                   content=orjson.dumps(changed),
-                                                   headers={"content-type": "application/json"})
-                            if r.status_code >= 400:
-                                report.failures += 1
+                        elif changed and not dry_run and not await _patch(client, limiter, walk, row, changed):
+                            report.failures += 1
                         if progress is not None:
                             progress(1)
     finally:
