@@ -410,5 +410,23 @@ def _route(
         raise MapError(line, f"{where}: {exc}") from None
 
 
+def values_at(doc: Any, path: str) -> list[Any]:
+    """Every value at a map path ("a.b[].c") in a document; [] where the path is absent."""
+    found = [doc]
+    for part in path.split("."):
+        is_array = part.endswith("[]")
+        key = part[:-2] if is_array else part
+        nxt: list[Any] = []
+        for node in found:
+            if isinstance(node, dict) and key in node:
+                value = node[key]
+                if is_array:
+                    nxt.extend(value if isinstance(value, list) else [])
+                else:
+                    nxt.append(value)
+        found = nxt
+    return found
+
+
 def is_write(route: Route) -> bool:
     return route.verb in (Verb.CREATE, Verb.UPDATE, Verb.REPLACE)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from proxy.decision import Action, DecisionTable, Relation
+from proxy.fieldmap import values_at
 from proxy.policy import BundleSource, PolicyBundle
 from proxy.policytool import explain_class
 
@@ -192,20 +193,6 @@ def _replay(recording: dict[str, Any]) -> Any:
     return handler
 
 
-def _values(doc: Any, path: str) -> list[Any]:
-    found = [doc]
-    for part in path.split("."):
-        is_array = part.endswith("[]")
-        key = part[:-2] if is_array else part
-        nxt: list[Any] = []
-        for node in found:
-            if isinstance(node, dict) and key in node:
-                value = node[key]
-                nxt.extend(value if is_array and isinstance(value, list) else [] if is_array else [value])
-        found = nxt
-    return found
-
-
 def _check_response(r: Any, expect: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     if "status" in expect and r.status_code != int(expect["status"]):
@@ -230,13 +217,13 @@ def _check_response(r: Any, expect: dict[str, Any]) -> list[str]:
         problems.append(f"rows: expected {expect['rows']}, got {len(rows)}")
     for row in rows:
         for p in expect.get("visible", []):
-            if not _values(row, p):
+            if not values_at(row, p):
                 problems.append(f"{p}: expected visible, was removed")
         for p in expect.get("removed", []):
-            if _values(row, p):
+            if values_at(row, p):
                 problems.append(f"{p}: expected removed, was shown")
         for p in expect.get("pseudonymised", []):
-            vals = _values(row, p)
+            vals = values_at(row, p)
             if not vals or not all(isinstance(v, str) and v.startswith("P-") for v in vals):
                 problems.append(f"{p}: expected a pseudonym, got {'nothing' if not vals else 'the value'}")
     return sorted(set(problems))

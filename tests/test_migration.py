@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 
 from proxy.envelope import is_sealed
-from proxy.fieldmap import load_fieldmap
+from proxy.fieldmap import load_fieldmap, values_at
 from proxy.migrate import walks
 from tests.conftest import KEK_ENV, REPO, Gateway, Signing, direct, make_keys, policies_copy, start_crm, start_gateway
-from tests.test_need_to_know import values_at
 
 FIELDMAP = load_fieldmap(REPO / "policies" / "fields.yaml")
 VIEWS = [("alice", "counsellor", "/session-notes?per_page=500"), ("alice", "counsellor", "/process-notes?per_page=500"),

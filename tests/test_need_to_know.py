@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from proxy.decision import Outcome, Relation
-from proxy.fieldmap import FieldSpec, Resource, load_fieldmap
+from proxy.fieldmap import FieldSpec, Resource, load_fieldmap, values_at
 from proxy.masks import MASKS
 from proxy.policy import load_bundle
 from tests.conftest import REPO, Gateway, direct
@@ -70,24 +70,6 @@ def test_compiled_table_matches_the_written_rules() -> None:
         assert view is not None, role
         got = {c: view.outcome(c).value for c in CLASSES}
         assert got == expected, f"{role}/{relation}"
-
-
-def values_at(doc: Any, path: str) -> list[Any]:
-    """Every value at a map path ("a.b[].c") in a document; [] where the path is absent."""
-    found = [doc]
-    for part in path.split("."):
-        is_array = part.endswith("[]")
-        key = part[:-2] if is_array else part
-        nxt: list[Any] = []
-        for node in found:
-            if isinstance(node, dict) and key in node:
-                value = node[key]
-                if is_array:
-                    nxt.extend(value if isinstance(value, list) else [])
-                else:
-                    nxt.append(value)
-        found = nxt
-    return found
 
 
 def check(raw: dict[str, Any], shown: dict[str, Any], resource: Resource, expected: dict[str, str], where: str
