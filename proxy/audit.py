@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -91,10 +91,13 @@ class AuditRecord:
         self.decrypt_failures = sorted(d.failures)
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """A shallow view for serialising (dataclasses.asdict deep-copies: 50 µs a record here)."""
+        data = {name: getattr(self, name) for name in _FIELDS}
         data["time"] = datetime.fromtimestamp(self.started, UTC).isoformat(timespec="milliseconds")
-        del data["started"]
         return data
+
+
+_FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name != "started")
 
 
 def _dumps(value: Any, **_: Any) -> str:

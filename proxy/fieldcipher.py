@@ -26,6 +26,7 @@ class FieldCipher:
     def __init__(self, ring: KeyRing, classes: Mapping[str, FieldClass]) -> None:
         self.ring = ring
         self.classes = classes
+        self._opened: dict[bytes, OpenKey | None] = {}  # one request's keys: the ring is asked once per key
 
     def is_ciphertext(self, value: Any) -> bool:
         return is_sealed(value)
@@ -43,10 +44,16 @@ class FieldCipher:
             envelope = parse(value)
         except EnvelopeError as exc:
             raise CipherFailure(str(exc)) from None
-        try:
-            opened = self.ring.opened(envelope.key_id)
-        except KekError:
-            raise CipherFailure("key-encryption key unavailable") from None
+        key_id = envelope.key_id
+        if key_id in self._opened:
+            opened = self._opened[key_id]
+        else:
+            try:
+                opened = self._opened[key_id] = self.ring.opened(key_id)
+            except KekError:
+                raise CipherFailure("key-encryption key unavailable") from None
+            if opened is not None:
+                d.key_ids.add(opened.key.hex_id)
         if opened is None:
             raise CipherFailure("unknown or destroyed key")
         key = opened.key
@@ -56,11 +63,9 @@ class FieldCipher:
         if cls is None or cls.key_scope != key.scope:
             raise CipherFailure("key of another scope")
         try:
-            plain = open_sealed(opened.aead, envelope, resource, path)
+            return open_sealed(opened.aead, envelope, resource, path)
         except EnvelopeError as exc:
             raise CipherFailure(str(exc)) from None
-        d.key_ids.add(key.hex_id)
-        return plain
 
     def scopes(self, written: set[str]) -> set[str]:
         return {s for c in written if (s := self.classes[c].key_scope) is not None}
