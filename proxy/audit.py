@@ -138,6 +138,11 @@ class JsonLinesTrail:
         self._log.msg("access", **record.as_dict())
         self._out.flush()
 
+    def append_bodies(self, bodies: list[bytes]) -> None:
+        """Records already rendered as canonical JSON (the durable trail's bodies): one write for a batch."""
+        self._out.write("".join('{"event":"access",' + b[1:].decode() + "\n" for b in bodies))
+        self._out.flush()
+
     def checkpoint(self, fields: dict[str, object]) -> None:
         """A copy of each signed checkpoint for the SIEM: an anchor kept outside this host."""
         self._log.msg("audit checkpoint", **fields)
@@ -162,6 +167,10 @@ class MultiTrail:
     async def append(self, record: AuditRecord) -> None:
         for trail in self._trails:
             await trail.append(record)
+
+    def append_bodies(self, bodies: list[bytes]) -> None:
+        for trail in self._trails:
+            trail.append_bodies(bodies)
 
     async def close(self) -> None:
         for trail in self._trails:

@@ -190,6 +190,8 @@ def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys:
                   "(fieldguard encrypt-existing).", flush=True)
         print(banner(port, crm_port, private_key, data_dir), flush=True)
         trail = MultiTrail([JsonLinesTrail(str(data_dir / "audit.jsonl")), JsonLinesTrail("-")])
+        # uvicorn re-raises SIGTERM once it has shut down; as SystemExit it reaches the `finally` below
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         return run(settings, trail)
     finally:
         try:
@@ -197,6 +199,10 @@ def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys:
             crm.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             crm.kill()
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 async def encrypt_seeded(settings: Settings) -> int:

@@ -39,7 +39,7 @@ from proxy.redact import Redactor, deciding_rules
 from proxy.relations import RelationIndex
 from proxy.reload import PolicyWatcher
 from proxy.routes import Route, Shape, Verb, encode_path, normalise_path
-from proxy.trail import AuditUnavailable, DurableTrail
+from proxy.trail import AuditUnavailable, DurableTrail, UndurableTrail
 from proxy.upstream import OpenStream, Upstream, UpstreamResponse, UpstreamSettings
 from proxy.writes import WriteRefused, check_write
 
@@ -68,10 +68,12 @@ def error_body(message: str, request_id: str) -> bytes:
     return orjson.dumps({"error": message, "request_id": request_id})
 
 
-def open_trail(settings: Settings, siem: JsonLinesTrail | MultiTrail | None = None) -> DurableTrail:
+def open_trail(settings: Settings, siem: JsonLinesTrail | MultiTrail | None = None) -> DurableTrail | UndurableTrail:
     """The deployment's durable audit trail, with its SIEM copy."""
     audit = settings.audit
     siem = siem or JsonLinesTrail(str(settings.path(audit.log)) if audit.log != "-" else "-")
+    if not audit.durable:
+        return UndurableTrail(siem)
     return DurableTrail(
         settings.path(audit.store), CheckpointSigner(settings.path(settings.keys.dir) / audit.signing_key),
         origin=audit.origin, timeout_seconds=audit.timeout_seconds, checkpoint_every=audit.checkpoint_every,

@@ -317,3 +317,23 @@ def test_signing_key_is_private_and_its_id_is_stable(run: dict[str, Any]) -> Non
     out = cli(run["gw"], "audit", "public-key")
     assert out.stdout == (run["keys"] / "audit-signing.pub.pem").read_text()
     assert hashlib.sha256(out.stdout.encode()).hexdigest()
+
+
+def test_audit_off_keeps_the_siem_lines_and_says_so(crm: str, signing: Signing, tmp_path: Path) -> None:
+    """`[audit] durable = false` (the benchmark's baseline): no store, SIEM lines still written, loudly."""
+    keys = make_keys(tmp_path / "keys")
+    gw = start_gateway(tmp_path / "gw", crm, signing, keys, policies=policies_copy(tmp_path / "gw"),
+                       extra="durable = false")
+    try:
+        alice = gw.as_user("alice", "counsellor")
+        assert gw.get("/clients/1", alice).status_code == 200
+        assert gw.get("/clients/2", alice).status_code == 403
+        audit = httpx.get(gw.url + "/readyz").json()["checks"]["audit"]
+        assert audit["durable"] is False and audit["records"] == 2
+        records = gw.audit_records()
+        assert [(r["route"], r["status"], r["seq"]) for r in records] == [
+            ("/clients/{client_id:int}", 200, None), ("/clients/{client_id:int}", 403, None)]
+    finally:
+        gw.service.stop()
+    assert not (tmp_path / "gw" / "audit.sqlite3").exists()
+    assert "audit is not durable" in (tmp_path / "gw" / "gateway.log").read_text()

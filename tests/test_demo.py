@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import REPO, Service, free_port
 
@@ -47,7 +48,8 @@ def test_demo_shows_each_role_what_the_rules_allow(tmp_path: Path) -> None:
             assert re.fullmatch(r"\d{4}", row["date_of_birth"])
         # every access appears in the audit output
         time.sleep(0.3)
-        lines = [json.loads(line) for line in demo.output().splitlines() if line.startswith('{"request_id"')]
+        lines = [rec for line in demo.output().splitlines() if line.startswith("{")
+                 and (rec := json.loads(line)).get("event") == "access"]
         assert len(lines) >= len(curls)
         audit_file = (tmp_path / "demo" / "audit.jsonl").read_text().splitlines()
         assert len(audit_file) >= len(curls)
@@ -81,3 +83,5 @@ def test_demo_shows_each_role_what_the_rules_allow(tmp_path: Path) -> None:
         assert any(n.get("body") for notes_of_one in readable for n in notes_of_one)  # other clients unaffected
     finally:
         demo.stop()
+    with pytest.raises(httpx.ConnectError):  # stopping the demo stops its CRM too
+        httpx.get(f"http://127.0.0.1:{crm_port}/health", timeout=2)
