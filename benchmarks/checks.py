@@ -44,7 +44,7 @@ async def _open_all(w: World, docs: list[tuple[str, dict[str, Any]]]) -> dict[st
         out: dict[str, Any] = {}
         for res, path, value in sealed:
             env = parse(value)
-            opened = ring.opened(env.key_id)
+            opened = ring.opened(env[1])
             if opened is None:
                 raise AssertionError(f"no key for a {res}.{path} ciphertext")
             out[value] = open_sealed(opened.aead, env, res, path)

@@ -38,9 +38,10 @@ class Kit:
 
     def redactor(self, role: str = "counsellor", relations: Relation = CASELOAD,
                  pseudonyms: dict[str, str] | None = None) -> Redactor:
-        """What one request builds: a redactor for one caller, every client at `relations`."""
+        """What one request builds: a redactor and a field cipher for one caller, every client at
+        `relations`; the redaction plans are the bundle's, compiled once, as in the gateway."""
         return Redactor(self.bundle.table, role, lambda _cid: relations, (pseudonyms or {}).get, Disclosure(),
-                        cipher=self.cipher)
+                        cipher=FieldCipher(self.ring, self.bundle.fieldmap.classes), plans=self.bundle.plans)
 
     async def close(self) -> None:
         await self.ring.store.close()

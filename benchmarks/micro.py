@@ -109,7 +109,7 @@ async def measure(kit: Kit, root: Path) -> tuple[dict[str, float], dict[str, Any
     await kit.cipher.prefetch(body_list + body_client)
     sealed = note["body"]
     env = parse(sealed)
-    opened = kit.ring.opened(env.key_id)
+    opened = kit.ring.opened(env[1])
     assert opened is not None
     table = kit.bundle.table
     pseudonyms = await kit.ring.pseudonyms([str(c) for c in alice])

@@ -22,11 +22,23 @@ import structlog
 from proxy.decision import Outcome, Relation
 
 
+class Note:
+    """One (outcome, field class, path) a response disclosed. Compared by identity: the redaction plans
+    make each once, so noting it per row is a set insertion with no hashing of strings or enums."""
+
+    __slots__ = ("field_class", "outcome", "path")
+
+    def __init__(self, outcome: Outcome, field_class: str, path: str) -> None:
+        self.outcome = outcome
+        self.field_class = field_class
+        self.path = path
+
+
 @dataclass(slots=True)
 class Disclosure:
-    """What one response revealed, gathered while it is rewritten: outcome -> class -> paths."""
+    """What one response revealed, gathered while it is rewritten."""
 
-    fields: dict[Outcome, dict[str, set[str]]] = field(default_factory=lambda: {o: {} for o in Outcome})
+    notes: set[Note] = field(default_factory=set)
     unclassified: set[str] = field(default_factory=set)
     clients: dict[str, Relation] = field(default_factory=dict)
     rules: set[str] = field(default_factory=set)
@@ -35,11 +47,18 @@ class Disclosure:
     failures: set[str] = field(default_factory=set)  # "session_note.body: key belongs to another client"
 
     def note(self, outcome: Outcome, field_class: str, path: str) -> None:
-        paths = self.fields[outcome].get(field_class)
-        if paths is None:
-            self.fields[outcome][field_class] = {path}
-        else:
-            paths.add(path)
+        self.notes.add(Note(outcome, field_class, path))
+
+    def by_outcome(self) -> dict[Outcome, dict[str, list[str]]]:
+        """outcome -> class -> sorted paths, every outcome present."""
+        gathered: dict[Outcome, dict[str, set[str]]] = {o: {} for o in _OUTCOMES}
+        for n in self.notes:
+            gathered[n.outcome].setdefault(n.field_class, set()).add(n.path)
+        return {o: {c: sorted(p) for c, p in sorted(by_class.items())} for o, by_class in gathered.items()}
+
+
+_OUTCOMES = tuple(Outcome)
+_LABELS = {r: r.label for r in (Relation(bits) for bits in range(1 << len(Relation)))}
 
 
 @dataclass(slots=True)
@@ -78,13 +97,14 @@ class AuditRecord:
     duration_ms: float = 0.0
 
     def add_disclosure(self, d: Disclosure, pseudonyms: dict[str, str]) -> None:
-        self.shown = _sorted(d.fields[Outcome.CLEAR])
-        self.pseudonymised = _sorted(d.fields[Outcome.PSEUDONYM])
-        self.masked = _sorted(d.fields[Outcome.MASK])
-        self.removed = _sorted(d.fields[Outcome.REMOVE])
+        fields = d.by_outcome()
+        self.shown = fields[Outcome.CLEAR]
+        self.pseudonymised = fields[Outcome.PSEUDONYM]
+        self.masked = fields[Outcome.MASK]
+        self.removed = fields[Outcome.REMOVE]
         self.unclassified = sorted(d.unclassified)
         self.clients = sorted({pseudonyms.get(c, "unresolved") for c in d.clients})
-        self.relations = sorted({r.label for r in d.clients.values()})
+        self.relations = sorted({_LABELS[r] for r in set(d.clients.values())})
         self.rules = sorted(d.rules)
         self.rows_dropped = d.dropped_rows
         self.key_ids = sorted(d.key_ids)
@@ -102,10 +122,6 @@ _FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name != "started")
 
 def _dumps(value: Any, **_: Any) -> str:
     return orjson.dumps(value).decode()
-
-
-def _sorted(by_class: dict[str, set[str]]) -> dict[str, list[str]]:
-    return {cls: sorted(paths) for cls, paths in sorted(by_class.items())}
 
 
 class AuditTrail(Protocol):

@@ -10,12 +10,12 @@ plaintext is the field's JSON, so numbers, objects and lists come back as they w
 
 from __future__ import annotations
 
-import base64
 import binascii
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
+import pybase64
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -26,19 +26,16 @@ KEY_ID_BYTES = 16
 NONCE_BYTES = 12
 HEADER_BYTES = 2 + KEY_ID_BYTES
 _MIN_BYTES = HEADER_BYTES + NONCE_BYTES + 16
+HEAD_CHARS = 24  # base64 characters of the 18-byte header
 
 
 class EnvelopeError(Exception):
     """A ciphertext that cannot be opened: the reason is safe to audit (it never holds the value)."""
 
 
-class Envelope(NamedTuple):
-    """A parsed ciphertext (a tuple: made once per field opened, so it must be cheap)."""
-
-    header: bytes  # version | algorithm | key id
-    key_id: bytes
-    nonce: bytes
-    sealed: bytes  # ciphertext and tag
+Envelope = tuple[bytes, bytes, bytes, bytes]
+"""A parsed ciphertext: (header, key id, nonce, ciphertext and tag). A plain tuple: one is made per field
+opened, and a NamedTuple costs half as much again as the base64 decode."""
 
 
 def is_sealed(value: Any) -> bool:
@@ -46,7 +43,6 @@ def is_sealed(value: Any) -> bool:
 
 
 _WHERE: dict[tuple[str, str], bytes] = {}
-_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 
 
 def associated_data(header: bytes, resource: str, path: str) -> bytes:
@@ -62,14 +58,16 @@ def seal(aead: AESGCM, key_id: bytes, value: Any, resource: str, path: str) -> s
     header = bytes((VERSION, ALG_AES256_GCM)) + key_id
     nonce = os.urandom(NONCE_BYTES)
     sealed = aead.encrypt(nonce, orjson.dumps(value), associated_data(header, resource, path))
-    return PREFIX + base64.urlsafe_b64encode(header + nonce + sealed).rstrip(b"=").decode()
+    return PREFIX + pybase64.urlsafe_b64encode(header + nonce + sealed).rstrip(b"=").decode()
 
 
 def parse(text: str) -> Envelope:
     """Split a ciphertext into its parts; refuse unknown versions and algorithms."""
-    body = text[len(PREFIX):]
-    try:  # base64url by hand: base64.urlsafe_b64decode costs more than the AES-GCM decryption itself
-        raw = binascii.a2b_base64(body.encode().translate(_TO_STANDARD) + b"=" * (-len(body) % 4), strict_mode=True)
+    try:  # SIMD base64 (pybase64): the stdlib decoder costs more than the AES-GCM decryption itself
+        body = text[len(PREFIX):]
+        if len(body) % 4:
+            body += "=" * (-len(body) % 4)
+        raw = pybase64.b64decode(body, altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise EnvelopeError("malformed ciphertext") from None
     if len(raw) < _MIN_BYTES:
@@ -78,23 +76,28 @@ def parse(text: str) -> Envelope:
         raise EnvelopeError("unknown envelope version")
     if raw[1] != ALG_AES256_GCM:
         raise EnvelopeError("unknown algorithm")
-    header = raw[:HEADER_BYTES]
-    return Envelope(header, raw[2:HEADER_BYTES], raw[HEADER_BYTES:HEADER_BYTES + NONCE_BYTES],
-                    raw[HEADER_BYTES + NONCE_BYTES:])
+    return raw[:HEADER_BYTES], raw[2:HEADER_BYTES], raw[HEADER_BYTES:HEADER_BYTES + NONCE_BYTES], \
+        raw[HEADER_BYTES + NONCE_BYTES:]
 
 
 def open_sealed(aead: AESGCM, envelope: Envelope, resource: str, path: str) -> Any:
+    header, _, nonce, sealed = envelope
     try:
-        plain = aead.decrypt(envelope.nonce, envelope.sealed, associated_data(envelope.header, resource, path))
+        plain = aead.decrypt(nonce, sealed, associated_data(header, resource, path))
     except InvalidTag:
         raise EnvelopeError("authentication failed (tampered, or moved to another field)") from None
     return orjson.loads(plain)
 
 
 def key_id_of(text: str) -> bytes | None:
-    """The key id alone (the first 24 base64 characters), for fetching keys before a response is read."""
+    """The key id alone, for fetching keys before a response is read."""
+    return key_id_in_head(text[len(PREFIX):len(PREFIX) + HEAD_CHARS].encode())
+
+
+def key_id_in_head(head: bytes) -> bytes | None:
+    """The key id from the first 24 base64url characters after the prefix (None if they are not that)."""
     try:
-        head = base64.urlsafe_b64decode(text[len(PREFIX):len(PREFIX) + 24])
+        raw = pybase64.b64decode(head, altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         return None
-    return head[2:HEADER_BYTES] if len(head) == HEADER_BYTES else None
+    return raw[2:HEADER_BYTES] if len(raw) == HEADER_BYTES else None

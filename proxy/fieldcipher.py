@@ -12,31 +12,33 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from proxy.audit import Disclosure
-from proxy.envelope import EnvelopeError, is_sealed, key_id_of, open_sealed, parse, seal
+from proxy.envelope import EnvelopeError, key_id_in_head, open_sealed, parse, seal
 from proxy.fieldmap import FieldClass, Node, Resource
 from proxy.kek import KekError
 from proxy.keyring import KeyRing, OpenKey
 from proxy.redact import CipherFailure
 
-_SEALED_IN_BODY = re.compile(rb'"fg1\.([A-Za-z0-9_-]{24})')
+_SEALED_IN_BODY = re.compile(rb'"fg1\.([A-Za-z0-9_-]{24})')  # the header: version, algorithm, key id
 
 
 class FieldCipher:
+    """One request's opener: each (key, client, scope) is checked once, then every field it opens costs
+    a base64 decode and an AES-GCM decryption."""
+
     def __init__(self, ring: KeyRing, classes: Mapping[str, FieldClass]) -> None:
         self.ring = ring
         self.classes = classes
-        self._opened: dict[bytes, OpenKey | None] = {}  # one request's keys: the ring is asked once per key
-
-    def is_ciphertext(self, value: Any) -> bool:
-        return is_sealed(value)
+        self._granted: dict[tuple[bytes, str | None, str], AESGCM | str] = {}  # the AEAD, or why not
 
     async def prefetch(self, body: bytes) -> None:
         """Fetch the keystore rows a response will need, in one query, before it is rewritten."""
         if b'"fg1.' not in body:
             return
-        ids = {key_id_of("fg1." + m.decode()) for m in _SEALED_IN_BODY.findall(body)}
-        await self.ring.prefetch(k for k in ids if k is not None)
+        heads = set(_SEALED_IN_BODY.findall(body))  # a list repeats a client's key in every row
+        await self.ring.prefetch(k for h in heads if (k := key_id_in_head(h)) is not None)
 
     def open(self, value: str, client_id: str | None, resource: str, path: str, field_class: str,
              d: Disclosure) -> Any:
@@ -44,28 +46,34 @@ class FieldCipher:
             envelope = parse(value)
         except EnvelopeError as exc:
             raise CipherFailure(str(exc)) from None
-        key_id = envelope.key_id
-        if key_id in self._opened:
-            opened = self._opened[key_id]
-        else:
-            try:
-                opened = self._opened[key_id] = self.ring.opened(key_id)
-            except KekError:
-                raise CipherFailure("key-encryption key unavailable") from None
-            if opened is not None:
-                d.key_ids.add(opened.key.hex_id)
-        if opened is None:
-            raise CipherFailure("unknown or destroyed key")
-        key = opened.key
-        if key.client_id is None or key.client_id != client_id:
-            raise CipherFailure("key belongs to another client")
         cls = self.classes.get(field_class)
-        if cls is None or cls.key_scope != key.scope:
-            raise CipherFailure("key of another scope")
+        scope = cls.key_scope if cls is not None and cls.key_scope is not None else ""
+        key_id = envelope[1]
+        grant = self._granted.get((key_id, client_id, scope))
+        if grant is None:
+            grant = self._granted[(key_id, client_id, scope)] = self._grant(key_id, client_id, scope, d)
+        if isinstance(grant, str):
+            raise CipherFailure(grant)
         try:
-            return open_sealed(opened.aead, envelope, resource, path)
+            return open_sealed(grant, envelope, resource, path)
         except EnvelopeError as exc:
             raise CipherFailure(str(exc)) from None
+
+    def _grant(self, key_id: bytes, client_id: str | None, scope: str, d: Disclosure) -> AESGCM | str:
+        """The key's AEAD if it may open this client's fields of this scope; else the reason, for the audit."""
+        try:
+            opened = self.ring.opened(key_id)
+        except KekError:
+            return "key-encryption key unavailable"
+        if opened is None:
+            return "unknown or destroyed key"
+        d.key_ids.add(opened.key.hex_id)
+        key = opened.key
+        if key.client_id is None or key.client_id != client_id:
+            return "key belongs to another client"
+        if not scope or key.scope != scope:
+            return "key of another scope"
+        return opened.aead
 
     def scopes(self, written: set[str]) -> set[str]:
         return {s for c in written if (s := self.classes[c].key_scope) is not None}

@@ -496,7 +496,7 @@ class Exchange:
         self.cipher = FieldCipher(gateway.ring, bundle.fieldmap.classes) if gateway.ring is not None else None
         self.redactor = Redactor(
             bundle.table, principal.role, self.relations_of, self.pseudonyms.get, self.disclosure,
-            cipher=self.cipher, observe=self._observe,
+            cipher=self.cipher, observe=self._observe, plans=bundle.plans,
         )
 
     # -------------------------------------------------------------- facts
@@ -506,12 +506,13 @@ class Exchange:
             self.g._refresh_soon()
         return index.relations(self.who, client_id, self.bundle.cover, self.now)
 
-    def _observe(self, resource: Resource, record: dict[str, Any]) -> None:
+    def _observe(self, resource: Resource, record: dict[str, Any]) -> bool:
         source = self.bundle.fieldmap.relations
         if resource.name == source.resource and source.counsellor in record:
             cid = record.get(source.client_id)
             if cid is not None:
-                self.g.index.observe(str(cid), record.get(source.counsellor))
+                return self.g.index.observe(str(cid), record.get(source.counsellor))
+        return False
 
     def view(self, client_id: str | None) -> View:
         return self.redactor.view_for(client_id)

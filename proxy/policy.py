@@ -12,7 +12,7 @@ import base64
 import hashlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from proxy.decision import (
 from proxy.fieldmap import FieldMap, MapError, parse_fieldmap
 from proxy.lint import Finding, ParsedPolicy, RoleLink, Severity, lint_model, parse_policy
 from proxy.policytool import coverage_warnings
+from proxy.redact import PlanCache
 from proxy.relations import CoverGrant, parse_cover
 from proxy.routes import RouteTable
 
@@ -66,6 +67,7 @@ class PolicyBundle:
     warnings: tuple[Finding, ...]
     loaded_at: float
     proof_checks: int
+    plans: PlanCache = field(default_factory=dict, compare=False)  # redaction plans, compiled on first use
 
     @property
     def directory(self) -> Path:

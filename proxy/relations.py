@@ -84,18 +84,19 @@ class RelationIndex:
     synced_at: float | None = None
     last_error: str | None = None
 
-    def observe(self, client_id: str, counsellor: Any) -> None:
-        """Refresh one client's assignment from a record the CRM just returned."""
+    def observe(self, client_id: str, counsellor: Any) -> bool:
+        """Refresh one client's assignment from a record the CRM just returned; True if it changed."""
         new = counsellor if isinstance(counsellor, str) and counsellor else None
         old = self.counsellor_of.get(client_id)
         if old == new:
-            return
+            return False
         if old is not None:
             self.caseloads.get(old, set()).discard(client_id)
             del self.counsellor_of[client_id]
         if new is not None:
             self.counsellor_of[client_id] = new
             self.caseloads.setdefault(new, set()).add(client_id)
+        return True
 
     def forget(self, client_id: str) -> None:
         self.observe(client_id, None)
