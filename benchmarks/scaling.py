@@ -40,7 +40,7 @@ from proxy.keyring import KeyRing, wrap_aad
 from proxy.keystore import DataKey, KeyStatus, SqliteKeystore
 from proxy.lint import parse_policy
 from proxy.policy import compile_table, prove
-from proxy.redact import PlanCache, Redactor
+from proxy.redact import Plans, Redactor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("rows", "fields", "keystore", "policy")
@@ -98,9 +98,9 @@ async def fields_scaling(kit: Kit) -> list[dict[str, Any]]:
         key = await kit.ring.for_writing("1", "record")
         record = {"id": 1, "client_id": 1, **{f"f{i}": f"value of field {i}, a short sentence" for i in range(n)}}
         sealed = seal_fields(resource, dict(record), fm.classes, {"record": key})
-        plans: PlanCache = {}
+        plans = Plans()
 
-        def walk(sealed: dict[str, Any] = sealed, table: Any = table, plans: PlanCache = plans,
+        def walk(sealed: dict[str, Any] = sealed, table: Any = table, plans: Plans = plans,
                  resource: Any = resource, classes: Any = fm.classes) -> object:
             return Redactor(table, "counsellor", lambda _c: CASELOAD, NO_PSEUDONYMS.get, Disclosure(),
                             cipher=FieldCipher(kit.ring, classes), plans=plans).record(resource, sealed)

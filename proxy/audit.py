@@ -34,6 +34,19 @@ class Note:
         self.path = path
 
 
+_NOTES: dict[tuple[Outcome, str, str], Note] = {}
+
+
+def note_of(outcome: Outcome, field_class: str, path: str) -> Note:
+    """The one `Note` for these names (paths come from the field map, so there are few of them)."""
+    found = _NOTES.get((outcome, field_class, path))
+    if found is None:
+        if len(_NOTES) > 100_000:
+            _NOTES.clear()
+        found = _NOTES[(outcome, field_class, path)] = Note(outcome, field_class, path)
+    return found
+
+
 @dataclass(slots=True)
 class Disclosure:
     """What one response revealed, gathered while it is rewritten."""
@@ -41,23 +54,35 @@ class Disclosure:
     notes: set[Note] = field(default_factory=set)
     unclassified: set[str] = field(default_factory=set)
     clients: dict[str, Relation] = field(default_factory=dict)
-    rules: set[str] = field(default_factory=set)
     dropped_rows: int = 0
     key_ids: set[str] = field(default_factory=set)
     failures: set[str] = field(default_factory=set)  # "session_note.body: key belongs to another client"
 
     def note(self, outcome: Outcome, field_class: str, path: str) -> None:
-        self.notes.add(Note(outcome, field_class, path))
+        self.notes.add(note_of(outcome, field_class, path))
 
-    def by_outcome(self) -> dict[Outcome, dict[str, list[str]]]:
-        """outcome -> class -> sorted paths, every outcome present."""
-        gathered: dict[Outcome, dict[str, set[str]]] = {o: {} for o in _OUTCOMES}
-        for n in self.notes:
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What a set of notes comes to in an audit record: class -> sorted paths per outcome, and the rules
+    that decided. Summaries are cached and shared between records, so nothing may change one."""
+
+    shown: dict[str, list[str]]
+    pseudonymised: dict[str, list[str]]
+    masked: dict[str, list[str]]
+    removed: dict[str, list[str]]
+    rules: list[str]
+
+    @classmethod
+    def of(cls, notes: Iterable[Note], rules: Iterable[str]) -> Summary:
+        gathered: dict[Outcome, dict[str, set[str]]] = {o: {} for o in Outcome}
+        for n in notes:
             gathered[n.outcome].setdefault(n.field_class, set()).add(n.path)
-        return {o: {c: sorted(p) for c, p in sorted(by_class.items())} for o, by_class in gathered.items()}
+        done = {o: {c: sorted(p) for c, p in sorted(by_class.items())} for o, by_class in gathered.items()}
+        return cls(done[Outcome.CLEAR], done[Outcome.PSEUDONYM], done[Outcome.MASK], done[Outcome.REMOVE],
+                   sorted(rules))
 
 
-_OUTCOMES = tuple(Outcome)
 _LABELS = {r: r.label for r in (Relation(bits) for bits in range(1 << len(Relation)))}
 
 
@@ -96,16 +121,15 @@ class AuditRecord:
     upstream_status: int | None = None
     duration_ms: float = 0.0
 
-    def add_disclosure(self, d: Disclosure, pseudonyms: dict[str, str]) -> None:
-        fields = d.by_outcome()
-        self.shown = fields[Outcome.CLEAR]
-        self.pseudonymised = fields[Outcome.PSEUDONYM]
-        self.masked = fields[Outcome.MASK]
-        self.removed = fields[Outcome.REMOVE]
+    def add_disclosure(self, d: Disclosure, summary: Summary, pseudonyms: dict[str, str]) -> None:
+        self.shown = summary.shown
+        self.pseudonymised = summary.pseudonymised
+        self.masked = summary.masked
+        self.removed = summary.removed
+        self.rules = summary.rules
         self.unclassified = sorted(d.unclassified)
         self.clients = sorted({pseudonyms.get(c, "unresolved") for c in d.clients})
         self.relations = sorted({_LABELS[r] for r in set(d.clients.values())})
-        self.rules = sorted(d.rules)
         self.rows_dropped = d.dropped_rows
         self.key_ids = sorted(d.key_ids)
         self.decrypt_failures = sorted(d.failures)

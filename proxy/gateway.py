@@ -35,7 +35,7 @@ from proxy.identity import IdentitySettings, Principal, TokenVerifier
 from proxy.keyring import KeyRing
 from proxy.metrics import Metrics
 from proxy.policy import BundleSource, PolicyBundle, PolicyError, load_bundle
-from proxy.redact import Redactor, deciding_rules
+from proxy.redact import Redactor
 from proxy.relations import RelationIndex
 from proxy.reload import PolicyWatcher
 from proxy.routes import Route, Shape, Verb, encode_path, normalise_path
@@ -532,8 +532,7 @@ class Exchange:
 
     async def finish(self) -> None:
         await self.resolve(set(self.disclosure.clients))
-        self.disclosure.rules |= deciding_rules(self.redactor.views, self.disclosure)
-        self.record.add_disclosure(self.disclosure, self.pseudonyms)
+        self.record.add_disclosure(self.disclosure, self.redactor.summary(), self.pseudonyms)
 
     # -------------------------------------------------------------- forwarding
     def _query(self, extra: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:

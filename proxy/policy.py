@@ -36,7 +36,7 @@ from proxy.decision import (
 from proxy.fieldmap import FieldMap, MapError, parse_fieldmap
 from proxy.lint import Finding, ParsedPolicy, RoleLink, Severity, lint_model, parse_policy
 from proxy.policytool import coverage_warnings
-from proxy.redact import PlanCache
+from proxy.redact import Plans
 from proxy.relations import CoverGrant, parse_cover
 from proxy.routes import RouteTable
 
@@ -67,7 +67,7 @@ class PolicyBundle:
     warnings: tuple[Finding, ...]
     loaded_at: float
     proof_checks: int
-    plans: PlanCache = field(default_factory=dict, compare=False)  # redaction plans, compiled on first use
+    plans: Plans = field(default_factory=Plans, compare=False)  # compiled redaction, made on first use
 
     @property
     def directory(self) -> Path:

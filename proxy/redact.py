@@ -13,10 +13,10 @@ over a row does no policy work at all: one dictionary lookup and one set inserti
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from proxy.audit import Disclosure, Note
+from proxy.audit import Disclosure, Note, Summary, note_of
 from proxy.decision import DecisionTable, Outcome, Relation, View
 from proxy.fieldmap import FieldSpec, Node, Resource
 from proxy.masks import MASKS, Mask
@@ -50,8 +50,8 @@ class Step:
         self.kind = kind
         self.path = path  # a leaf's map path (the AAD of its ciphertext); an object's prefix for its children
         self.field_class = field_class
-        self.note = Note(outcome, field_class, path)  # what the leaf discloses when it does what its kind says
-        self.removed = Note(Outcome.REMOVE, field_class, path)  # ... and when it falls back to removing
+        self.note = note_of(outcome, field_class, path)  # what the leaf discloses when it does what its kind says
+        self.removed = note_of(Outcome.REMOVE, field_class, path)  # ... and when it falls back to removing
         self.mask = mask
         self.flag: str | None = None  # a record field that, unless exactly false, swaps this step for `alt`
         self.alt: Step = self
@@ -105,7 +105,31 @@ def _children(children: dict[str, Node], view: View, prefix: str) -> dict[str, S
     return {key: _step(node, view, prefix + key) for key, node in children.items()}
 
 
-PlanCache = dict[tuple[str, str, Relation], Plan]
+class Plans:
+    """One bundle's compiled redaction: a plan per (resource, role, relations) and the audit summary of
+    each set of notes a response produced, both made on first use. A new bundle starts a new `Plans`."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[str, str, Relation], Plan] = {}
+        self._summaries: dict[tuple[str, frozenset[Relation], frozenset[Note]], Summary] = {}
+
+    def plan(self, resource: Resource, view: View) -> Plan:
+        key = (resource.name, view.role, view.relations)
+        plan = self._plans.get(key)
+        if plan is None or plan.view is not view:
+            plan = self._plans[key] = Plan(resource, view)
+        return plan
+
+    def summary(self, role: str, views: dict[Relation, View], d: Disclosure) -> Summary:
+        key = (role, frozenset(views), frozenset(d.notes))
+        found = self._summaries.get(key)
+        if found is None:
+            if len(self._summaries) >= 4096:
+                self._summaries.clear()
+            found = self._summaries[key] = Summary.of(d.notes, deciding_rules(views, d.notes))
+        return found
+
+
 RelationsOf = Callable[[str], Relation]
 Observe = Callable[[Resource, dict[str, Any]], bool]  # True: the record changed a relation fact
 
@@ -122,7 +146,7 @@ class Redactor:
         disclosure: Disclosure,
         cipher: FieldCipher | None = None,
         observe: Observe | None = None,
-        plans: PlanCache | None = None,
+        plans: Plans | None = None,
     ) -> None:
         self.table = table
         self.role = role
@@ -131,7 +155,7 @@ class Redactor:
         self.d = disclosure
         self.cipher = cipher
         self.observe = observe
-        self.plans: PlanCache = {} if plans is None else plans  # shared by every request of one bundle
+        self.plans = Plans() if plans is None else plans  # the bundle's: shared by all its requests
         self.views: dict[Relation, View] = {}
         self._relations: dict[str, Relation] = {}
         self._record: dict[str, Any] = {}
@@ -161,22 +185,19 @@ class Redactor:
             view = self.views[rels] = found
         return view
 
-    def plan(self, resource: Resource, view: View) -> Plan:
-        key = (resource.name, view.role, view.relations)
-        plan = self.plans.get(key)
-        if plan is None or plan.view is not view:
-            plan = self.plans[key] = Plan(resource, view)
-        return plan
-
     def visible(self, view: View, resource: Resource) -> bool:
-        return self.plan(resource, view).visible
+        return self.plans.plan(resource, view).visible
+
+    def summary(self) -> Summary:
+        """What this response disclosed and which rules decided it, for the audit record."""
+        return self.plans.summary(self.role, self.views, self.d)
 
     def record(self, resource: Resource, record: dict[str, Any]) -> dict[str, Any] | None:
         """The record as this caller may see it, or None when they may see nothing of it."""
         if self.observe is not None and self.observe(resource, record):
             self._relations.clear()  # the CRM just moved a client: decide on the new facts
         client_id = self.client_of(resource, record)
-        plan = self.plan(resource, self.view_for(client_id))
+        plan = self.plans.plan(resource, self.view_for(client_id))
         if not plan.visible:
             return None
         self._record, self._client, self._resource = record, client_id, resource.name
@@ -264,10 +285,10 @@ class Redactor:
         return self._value(step, value)
 
 
-def deciding_rules(views: dict[Relation, View], d: Disclosure) -> set[str]:
+def deciding_rules(views: dict[Relation, View], notes: Iterable[Note]) -> set[str]:
     """The policy rows behind what was disclosed or refused, for the audit record."""
     rules: set[str] = set()
-    decided_classes = {(n.outcome, n.field_class) for n in d.notes}
+    decided_classes = {(n.outcome, n.field_class) for n in notes}
     for view in views.values():
         for outcome, cls in decided_classes:
             decided = view.classes.get(cls)

@@ -19,9 +19,10 @@ import hashlib
 import shutil
 import socket
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,16 +133,17 @@ class DurableTrail:
         self.checkpoint_seconds = checkpoint_seconds
         self.max_bytes = max_bytes
         self.siem = siem
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldguard-audit")
-        self._conn: sqlite3.Connection | None = None
-        self._queue: list[_Pending] = []
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._conn: sqlite3.Connection | None = None  # owned by the writer thread once it runs
+        self._pending: deque[_Pending] = deque()  # appended on the event loop, drained by the writer thread
+        self._wake = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
         self._seq = 0
         self._head = GENESIS
         self._checkpointed = 0
         self._checkpoint_at = time.monotonic()
-        self._signed: list[Checkpoint] = []
+        self._signed: list[Checkpoint] = []  # signed by the writer thread, copied to the SIEM on the loop
         self.last_error: str | None = None
         self.last_commit: float | None = None
         self.commits = 0
@@ -149,14 +151,14 @@ class DurableTrail:
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._thread, self._open_sync)
+            await asyncio.to_thread(self._open_sync)
         except (sqlite3.Error, OSError) as exc:
             self.last_error = f"cannot open the audit store: {type(exc).__name__}"
             log.error("audit store unavailable; data requests get 503", error=type(exc).__name__)
-        self._task = asyncio.create_task(self._writer())
+        self._writer = threading.Thread(target=self._write_forever, name="fieldguard-audit", daemon=True)
+        self._writer.start()
 
     def _open_sync(self) -> None:
         conn = connect(self.path)
@@ -174,17 +176,22 @@ class DurableTrail:
             self._checkpoint_sync()  # anchor what an earlier run left unsigned
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        loop = asyncio.get_running_loop()
-        if self._conn is not None:
-            await loop.run_in_executor(self._thread, self._close_sync)
-        self._thread.shutdown(wait=True)
+        """Commit what is pending, sign a last checkpoint, stop the writer."""
+        if self._writer is not None:
+            self._closing = True
+            self._wake.set()
+            await asyncio.to_thread(self._writer.join, 30)
+            self._writer = None
+        elif self._conn is not None:
+            self._close_sync()
+        for cp in self._signed:
+            self.siem.checkpoint(cp.as_dict())
+        self._signed.clear()
         await self.siem.close()
 
     def _close_sync(self) -> None:
-        assert self._conn is not None
+        if self._conn is None:
+            return
         try:
             if self._seq > self._checkpointed:
                 self._checkpoint_sync()
@@ -196,11 +203,11 @@ class DurableTrail:
     # ------------------------------------------------------------------ appending
     async def append(self, record: AuditRecord) -> None:
         """Return once the record is committed; raise AuditUnavailable otherwise (then: 503, no data)."""
-        if self._wake is None:
+        if self._writer is None or self._closing:
             raise AuditUnavailable("audit store not open")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._queue.append(_Pending(record, done))
+        self._pending.append(_Pending(record, done))
         self._wake.set()
         deadline = loop.call_later(self.timeout, self._expire, done)  # a timer, not a task: cheap per request
         try:
@@ -213,37 +220,51 @@ class DurableTrail:
             self.last_error = "audit commit timed out"
             done.set_exception(AuditUnavailable("audit commit timed out"))
 
-    async def _writer(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
+    def _write_forever(self) -> None:
+        """The writer thread: whatever queued while the last commit was on disk goes in the next one.
+        One hop back to the event loop per batch releases all of its responses."""
+        assert self._loop is not None
         while True:
-            await self._wake.wait()
+            self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                batch, self._queue = self._queue, []
+            while self._pending:
+                batch = [self._pending.popleft() for _ in range(len(self._pending))]
+                error: str | None = None
+                bodies: list[bytes] = []
                 try:
                     if self._conn is None:
-                        await loop.run_in_executor(self._thread, self._open_sync)
-                    bodies = await loop.run_in_executor(self._thread, self._commit_sync, [p.record for p in batch])
+                        self._open_sync()
+                    bodies = self._commit_sync([p.record for p in batch])
                 except (sqlite3.Error, OSError) as exc:
-                    self.last_error = f"audit write failed: {type(exc).__name__}: {exc}"[:200]
-                    log.error("audit write failed; responses withheld", error=type(exc).__name__,
-                              records=len(batch))
-                    for p in batch:
-                        if not p.done.done():
-                            p.done.set_exception(AuditUnavailable(self.last_error))
-                    continue
-                self.last_error = None
-                for p in batch:
-                    if not p.done.done():
-                        p.done.set_result(None)
-                try:  # the SIEM copy, in one write per batch, from the bodies just committed
-                    self.siem.append_bodies(bodies)
-                    for cp in self._signed:
-                        self.siem.checkpoint(cp.as_dict())
-                except Exception as exc:  # the SIEM copy must never hold back the durable trail
-                    log.error("SIEM audit line failed", error=type(exc).__name__)
-                self._signed.clear()
+                    error = f"audit write failed: {type(exc).__name__}: {exc}"[:200]
+                signed, self._signed = self._signed, []
+                try:
+                    self._loop.call_soon_threadsafe(self._settle, batch, bodies, signed, error)
+                except RuntimeError:  # the loop is gone: nobody is waiting any more
+                    return
+            if self._closing and not self._pending:
+                self._close_sync()
+                return
+
+    def _settle(self, batch: list[_Pending], bodies: list[bytes], signed: list[Checkpoint], error: str | None) -> None:
+        """On the event loop: release the batch's responses (or fail them), then copy it to the SIEM."""
+        if error is not None:
+            self.last_error = error
+            log.error("audit write failed; responses withheld", error=error.split(":")[0], records=len(batch))
+            for p in batch:
+                if not p.done.done():
+                    p.done.set_exception(AuditUnavailable(error))
+            return
+        self.last_error = None
+        for p in batch:
+            if not p.done.done():
+                p.done.set_result(None)
+        try:  # the SIEM copy, in one write per batch, from the bodies just committed
+            self.siem.append_bodies(bodies)
+            for cp in signed:
+                self.siem.checkpoint(cp.as_dict())
+        except Exception as exc:  # the SIEM copy must never hold back the durable trail
+            log.error("SIEM audit line failed", error=type(exc).__name__)
 
     def _commit_sync(self, records: list[AuditRecord]) -> list[bytes]:
         """One transaction, one fsync. The head is read inside the write lock, so `fieldguard` commands
@@ -297,7 +318,7 @@ class DurableTrail:
 
     # ------------------------------------------------------------------ health
     def health(self) -> dict[str, Any]:
-        pending = len(self._queue)
+        pending = len(self._pending)
         free = None
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(self.path.parent).free
