@@ -41,7 +41,7 @@ class Kit:
         """What one request builds: a redactor and a field cipher for one caller, every client at
         `relations`; the redaction plans are the bundle's, compiled once, as in the gateway."""
         return Redactor(self.bundle.table, role, lambda _cid: relations, (pseudonyms or {}).get, Disclosure(),
-                        cipher=FieldCipher(self.ring, self.bundle.fieldmap.classes), plans=self.bundle.plans)
+                        self.bundle.plans, cipher=FieldCipher(self.ring, self.bundle.fieldmap.classes))
 
     async def close(self) -> None:
         await self.ring.store.close()

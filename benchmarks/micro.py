@@ -26,7 +26,7 @@ from benchmarks.kit import CASELOAD, Kit, best_of, best_of_async, list_body, ope
 from proxy.audit import AuditRecord, Disclosure, JsonLinesTrail
 from proxy.checkpoints import CheckpointSigner
 from proxy.decision import Relation
-from proxy.envelope import is_sealed, open_sealed, parse
+from proxy.envelope import associated_where, is_sealed, open_sealed, parse
 from proxy.identity import IdentitySettings, TokenVerifier, mint_token
 from proxy.trail import DurableTrail, canonical, leaf_hash, link_hash
 
@@ -52,7 +52,7 @@ def audit_record(kit: Kit, rows: list[dict[str, Any]]) -> AuditRecord:
     rec = AuditRecord(request_id="0123456789abcdef01234567", method="GET", user="u:alice", role="counsellor",
                       roles=["counsellor"], purpose="TREAT", token_id="abcdef0123456789", route="/session-notes",
                       status=200, policy=kit.bundle.digest, upstream_status=200, duration_ms=1.234)
-    rec.add_disclosure(r.d, {c: f"P-{int(c):016X}" for c in r.d.clients})
+    rec.add_disclosure(r.d, r.summary(), {c: f"P-{int(c):016X}" for c in r.d.clients})
     return rec
 
 
@@ -127,8 +127,8 @@ async def measure(kit: Kit, root: Path) -> tuple[dict[str, float], dict[str, Any
         "decrypt one field (parse + open_sealed, cached AESGCM)":
             best_of(lambda: open_sealed(opened.aead, parse(sealed), "session_note", "body")),
         "decrypt one field (FieldCipher.open: key checks + open)":
-            best_of(lambda: kit.cipher.open(sealed, str(note["client_id"]), "session_note", "body",
-                                            "clinical_notes", Disclosure())),
+            best_of(lambda: kit.cipher.open(sealed, str(note["client_id"]), "record",
+                                            associated_where("session_note", "body"), Disclosure())),
         "pseudonym, KeyRing.pseudonyms after the first (async, cached)":
             await best_of_async(lambda: kit.ring.pseudonyms(["1"])),
         "pseudonym, per field (dict lookup)": best_of(lambda: pseudonyms.get("1")),

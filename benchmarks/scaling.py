@@ -98,12 +98,12 @@ async def fields_scaling(kit: Kit) -> list[dict[str, Any]]:
         key = await kit.ring.for_writing("1", "record")
         record = {"id": 1, "client_id": 1, **{f"f{i}": f"value of field {i}, a short sentence" for i in range(n)}}
         sealed = seal_fields(resource, dict(record), fm.classes, {"record": key})
-        plans = Plans()
+        plans = Plans(fm.classes)
 
         def walk(sealed: dict[str, Any] = sealed, table: Any = table, plans: Plans = plans,
                  resource: Any = resource, classes: Any = fm.classes) -> object:
-            return Redactor(table, "counsellor", lambda _c: CASELOAD, NO_PSEUDONYMS.get, Disclosure(),
-                            cipher=FieldCipher(kit.ring, classes), plans=plans).record(resource, sealed)
+            return Redactor(table, "counsellor", lambda _c: CASELOAD, NO_PSEUDONYMS.get, Disclosure(), plans,
+                            cipher=FieldCipher(kit.ring, classes)).record(resource, sealed)
 
         assert walk() == record
         us = best_of(walk)

@@ -42,16 +42,13 @@ def is_sealed(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(PREFIX)
 
 
-_WHERE: dict[tuple[str, str], bytes] = {}
+def associated_where(resource: str, path: str) -> bytes:
+    """The part of the associated data that names where a ciphertext belongs (it follows the header)."""
+    return b"\x00%b\x00%b" % (resource.encode(), path.encode())
 
 
 def associated_data(header: bytes, resource: str, path: str) -> bytes:
-    where = _WHERE.get((resource, path))
-    if where is None:
-        where = b"\x00%b\x00%b" % (resource.encode(), path.encode())
-        if len(_WHERE) < 10_000:
-            _WHERE[(resource, path)] = where
-    return header + where
+    return header + associated_where(resource, path)
 
 
 def seal(aead: AESGCM, key_id: bytes, value: Any, resource: str, path: str) -> str:
@@ -81,9 +78,14 @@ def parse(text: str) -> Envelope:
 
 
 def open_sealed(aead: AESGCM, envelope: Envelope, resource: str, path: str) -> Any:
+    return open_where(aead, envelope, associated_where(resource, path))
+
+
+def open_where(aead: AESGCM, envelope: Envelope, where: bytes) -> Any:
+    """Decrypt and decode, `where` being `associated_where(resource, path)` (callers precompute it)."""
     header, _, nonce, sealed = envelope
     try:
-        plain = aead.decrypt(nonce, sealed, associated_data(header, resource, path))
+        plain = aead.decrypt(nonce, sealed, header + where)
     except InvalidTag:
         raise EnvelopeError("authentication failed (tampered, or moved to another field)") from None
     return orjson.loads(plain)

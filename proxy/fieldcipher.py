@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.audit import Disclosure
-from proxy.envelope import EnvelopeError, key_id_in_head, open_sealed, parse, seal
+from proxy.envelope import EnvelopeError, key_id_in_head, open_where, parse, seal
 from proxy.fieldmap import FieldClass, Node, Resource
 from proxy.kek import KekError
 from proxy.keyring import KeyRing, OpenKey
@@ -40,14 +40,12 @@ class FieldCipher:
         heads = set(_SEALED_IN_BODY.findall(body))  # a list repeats a client's key in every row
         await self.ring.prefetch(k for h in heads if (k := key_id_in_head(h)) is not None)
 
-    def open(self, value: str, client_id: str | None, resource: str, path: str, field_class: str,
-             d: Disclosure) -> Any:
+    def open(self, value: str, client_id: str | None, scope: str, where: bytes, d: Disclosure) -> Any:
+        """The field's value; `scope` is its class's key scope, `where` its `envelope.associated_where`."""
         try:
             envelope = parse(value)
         except EnvelopeError as exc:
             raise CipherFailure(str(exc)) from None
-        cls = self.classes.get(field_class)
-        scope = cls.key_scope if cls is not None and cls.key_scope is not None else ""
         key_id = envelope[1]
         grant = self._granted.get((key_id, client_id, scope))
         if grant is None:
@@ -55,7 +53,7 @@ class FieldCipher:
         if isinstance(grant, str):
             raise CipherFailure(grant)
         try:
-            return open_sealed(grant, envelope, resource, path)
+            return open_where(grant, envelope, where)
         except EnvelopeError as exc:
             raise CipherFailure(str(exc)) from None
 

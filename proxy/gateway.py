@@ -495,8 +495,8 @@ class Exchange:
         self.pseudonyms: dict[str, str] = {}
         self.cipher = FieldCipher(gateway.ring, bundle.fieldmap.classes) if gateway.ring is not None else None
         self.redactor = Redactor(
-            bundle.table, principal.role, self.relations_of, self.pseudonyms.get, self.disclosure,
-            cipher=self.cipher, observe=self._observe, plans=bundle.plans,
+            bundle.table, principal.role, self.relations_of, self.pseudonyms.get, self.disclosure, bundle.plans,
+            cipher=self.cipher, observe=self._observe,
         )
 
     # -------------------------------------------------------------- facts
@@ -538,6 +538,8 @@ class Exchange:
     def _query(self, extra: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
         """The caller's query, each parameter allowed by the route and by what it reveals."""
         raw = self.scope.get("query_string", b"").decode("latin-1")
+        if not raw and not extra:
+            return []
         pairs = parse_qsl(raw, keep_blank_values=True)
         allowed = dict(self.route.query)
         if self.route.shape is Shape.LIST:

@@ -24,7 +24,7 @@ import orjson
 
 from proxy.audit import Disclosure
 from proxy.config import Settings
-from proxy.envelope import is_sealed, seal
+from proxy.envelope import associated_where, is_sealed, seal
 from proxy.fieldcipher import FieldCipher
 from proxy.fieldmap import FieldClass, FieldMap, Node, Resource
 from proxy.keyring import KeyRing, OpenKey
@@ -317,7 +317,9 @@ def _unseal(cipher: FieldCipher, client_id: str | None, resource: str, report: M
     if not is_sealed(value):
         return value
     try:
-        plain = cipher.open(value, client_id, resource, path, cls, Disclosure())
+        known = cipher.classes.get(cls)
+        scope = (known.key_scope or "") if known is not None else ""
+        plain = cipher.open(value, client_id, scope, associated_where(resource, path), Disclosure())
     except CipherFailure:
         report.failures += 1
         return value

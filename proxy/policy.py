@@ -67,7 +67,7 @@ class PolicyBundle:
     warnings: tuple[Finding, ...]
     loaded_at: float
     proof_checks: int
-    plans: Plans = field(default_factory=Plans, compare=False)  # compiled redaction, made on first use
+    plans: Plans = field(compare=False)  # compiled redaction, made on first use
 
     @property
     def directory(self) -> Path:
@@ -188,6 +188,7 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
             stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             stamp.write_text(str(checks))
     return PolicyBundle(
+        plans=Plans(fieldmap.classes),
         source=source,
         digest=digest,
         fieldmap=fieldmap,

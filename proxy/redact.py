@@ -13,12 +13,13 @@ over a row does no policy work at all: one dictionary lookup and one set inserti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from proxy.audit import Disclosure, Note, Summary, note_of
 from proxy.decision import DecisionTable, Outcome, Relation, View
-from proxy.fieldmap import FieldSpec, Node, Resource
+from proxy.envelope import associated_where
+from proxy.fieldmap import FieldClass, FieldSpec, Node, Resource
 from proxy.masks import MASKS, Mask
 
 _DROP = object()
@@ -32,8 +33,7 @@ _KIND = {Outcome.CLEAR: CLEAR, Outcome.PSEUDONYM: PSEUDONYM, Outcome.MASK: MASK,
 class FieldCipher(Protocol):
     """Opens field ciphertexts for callers whose outcome is `clear` (see proxy.fieldcipher)."""
 
-    def open(self, value: str, client_id: str | None, resource: str, path: str, field_class: str,
-             d: Disclosure) -> Any: ...
+    def open(self, value: str, client_id: str | None, scope: str, where: bytes, d: Disclosure) -> Any: ...
 
 
 class CipherFailure(Exception):
@@ -43,16 +43,19 @@ class CipherFailure(Exception):
 class Step:
     """One node of a plan: what to do with the value found at one path, for one view."""
 
-    __slots__ = ("alt", "children", "field_class", "flag", "items", "kind", "mask", "note", "path", "removed")
+    __slots__ = ("alt", "children", "field_class", "flag", "items", "kind", "mask", "note", "path", "removed", "scope",
+                 "where")
 
     def __init__(self, kind: int, path: str, field_class: str = "", outcome: Outcome = Outcome.REMOVE,
-                 mask: Mask | None = None) -> None:
+                 mask: Mask | None = None, scope: str = "", where: bytes = b"") -> None:
         self.kind = kind
         self.path = path  # a leaf's map path (the AAD of its ciphertext); an object's prefix for its children
         self.field_class = field_class
         self.note = note_of(outcome, field_class, path)  # what the leaf discloses when it does what its kind says
         self.removed = note_of(Outcome.REMOVE, field_class, path)  # ... and when it falls back to removing
         self.mask = mask
+        self.scope = scope  # the key scope of an encrypted class ("" if the class is not encrypted)
+        self.where = where  # resource and path, as a ciphertext's associated data names them
         self.flag: str | None = None  # a record field that, unless exactly false, swaps this step for `alt`
         self.alt: Step = self
         self.children: dict[str, Step] | None = None
@@ -64,52 +67,60 @@ class Plan:
 
     __slots__ = ("resource", "root", "view", "visible")
 
-    def __init__(self, resource: Resource, view: View) -> None:
+    def __init__(self, resource: Resource, view: View, classes: Mapping[str, FieldClass]) -> None:
         self.resource = resource
         self.view = view
         self.visible = view.shows(resource.record_class)
         assert resource.root.children is not None
-        self.root = _children(resource.root.children, view, "")
+        self.root = _Compiler(resource.name, view, classes).children(resource.root.children, "")
 
 
-def _leaf(spec: FieldSpec, field_class: str, view: View) -> Step:
-    outcome = view.outcome(field_class)
-    if outcome is Outcome.PSEUDONYM and not spec.pseudonym:
-        outcome = Outcome.REMOVE
-    if outcome is Outcome.MASK and spec.mask is None:
-        outcome = Outcome.REMOVE
-    return Step(_KIND[outcome], spec.path, field_class, outcome,
-                MASKS[spec.mask] if outcome is Outcome.MASK and spec.mask is not None else None)
+class _Compiler:
+    def __init__(self, resource: str, view: View, classes: Mapping[str, FieldClass]) -> None:
+        self.resource = resource
+        self.view = view
+        self.classes = classes
 
+    def leaf(self, spec: FieldSpec, field_class: str) -> Step:
+        outcome = self.view.outcome(field_class)
+        if outcome is Outcome.PSEUDONYM and not spec.pseudonym:
+            outcome = Outcome.REMOVE
+        if outcome is Outcome.MASK and spec.mask is None:
+            outcome = Outcome.REMOVE
+        known = self.classes.get(field_class)
+        return Step(_KIND[outcome], spec.path, field_class, outcome,
+                    MASKS[spec.mask] if outcome is Outcome.MASK and spec.mask is not None else None,
+                    scope=(known.key_scope or "") if known is not None else "",
+                    where=associated_where(self.resource, spec.path))
 
-def _step(node: Node, view: View, path: str) -> Step:
-    spec = node.spec
-    if spec is not None:
-        step = _leaf(spec, spec.field_class, view)
-        if spec.flag is not None:
-            step.flag = spec.flag
-            step.alt = _leaf(spec, spec.flag_class or spec.field_class, view)
-        return step
-    if node.children is not None:
-        step = Step(OBJECT, path + ".")
-        step.children = _children(node.children, view, path + ".")
-        return step
-    if node.items is not None:
-        step = Step(ARRAY, path)
-        step.items = _step(node.items, view, path + "[]")
-        return step
-    return Step(NOTHING, path)
+    def step(self, node: Node, path: str) -> Step:
+        spec = node.spec
+        if spec is not None:
+            step = self.leaf(spec, spec.field_class)
+            if spec.flag is not None:
+                step.flag = spec.flag
+                step.alt = self.leaf(spec, spec.flag_class or spec.field_class)
+            return step
+        if node.children is not None:
+            step = Step(OBJECT, path + ".")
+            step.children = self.children(node.children, path + ".")
+            return step
+        if node.items is not None:
+            step = Step(ARRAY, path)
+            step.items = self.step(node.items, path + "[]")
+            return step
+        return Step(NOTHING, path)
 
-
-def _children(children: dict[str, Node], view: View, prefix: str) -> dict[str, Step]:
-    return {key: _step(node, view, prefix + key) for key, node in children.items()}
+    def children(self, children: dict[str, Node], prefix: str) -> dict[str, Step]:
+        return {key: self.step(node, prefix + key) for key, node in children.items()}
 
 
 class Plans:
     """One bundle's compiled redaction: a plan per (resource, role, relations) and the audit summary of
     each set of notes a response produced, both made on first use. A new bundle starts a new `Plans`."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: Mapping[str, FieldClass]) -> None:
+        self.classes = classes
         self._plans: dict[tuple[str, str, Relation], Plan] = {}
         self._summaries: dict[tuple[str, frozenset[Relation], frozenset[Note]], Summary] = {}
 
@@ -117,7 +128,7 @@ class Plans:
         key = (resource.name, view.role, view.relations)
         plan = self._plans.get(key)
         if plan is None or plan.view is not view:
-            plan = self._plans[key] = Plan(resource, view)
+            plan = self._plans[key] = Plan(resource, view, self.classes)
         return plan
 
     def summary(self, role: str, views: dict[Relation, View], d: Disclosure) -> Summary:
@@ -144,9 +155,9 @@ class Redactor:
         relations_of: RelationsOf,
         pseudonym: Callable[[str], str | None],
         disclosure: Disclosure,
+        plans: Plans,
         cipher: FieldCipher | None = None,
         observe: Observe | None = None,
-        plans: Plans | None = None,
     ) -> None:
         self.table = table
         self.role = role
@@ -155,7 +166,7 @@ class Redactor:
         self.d = disclosure
         self.cipher = cipher
         self.observe = observe
-        self.plans = Plans() if plans is None else plans  # the bundle's: shared by all its requests
+        self.plans = plans  # the bundle's: shared by all its requests
         self.views: dict[Relation, View] = {}
         self._relations: dict[str, Relation] = {}
         self._record: dict[str, Any] = {}
@@ -238,7 +249,7 @@ class Redactor:
         if kind == CLEAR:  # here only with a ciphertext
             if self.cipher is not None:
                 try:
-                    value = self.cipher.open(value, self._client, self._resource, step.path, step.field_class, d)
+                    value = self.cipher.open(value, self._client, step.scope, step.where, d)
                 except CipherFailure as exc:
                     d.failures.add(f"{self._resource}.{step.path}: {exc}")
                     d.notes.add(step.removed)

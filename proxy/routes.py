@@ -108,6 +108,9 @@ def compile_route(
     )
 
 
+_PLAIN_PATH = re.compile(rb"[A-Za-z0-9_~/-]*")
+
+
 def normalise_path(raw_path: bytes) -> tuple[str, ...]:
     """Decode a raw request path into segments, refusing every ambiguous form.
 
@@ -117,6 +120,8 @@ def normalise_path(raw_path: bytes) -> tuple[str, ...]:
     """
     if not raw_path.startswith(b"/"):
         raise GatewayError(400, "path must be absolute")
+    if _PLAIN_PATH.fullmatch(raw_path):  # nothing to decode, no dot segments: the common case
+        return tuple(s for s in raw_path.decode("ascii").split("/") if s)
     segments: list[str] = []
     for raw in raw_path.split(b"/"):
         if raw in (b"", b"."):
