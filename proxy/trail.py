@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import queue
 import shutil
 import socket
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +83,16 @@ class StoredRecord:
     link: bytes
 
 
+def _drain(q: queue.SimpleQueue[_Pending | None]) -> list[_Pending | None]:
+    """Whatever else is queued now, without waiting."""
+    out: list[_Pending | None] = []
+    try:
+        while True:
+            out.append(q.get_nowait())
+    except queue.Empty:
+        return out
+
+
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
@@ -134,8 +144,7 @@ class DurableTrail:
         self.max_bytes = max_bytes
         self.siem = siem
         self._conn: sqlite3.Connection | None = None  # owned by the writer thread once it runs
-        self._pending: deque[_Pending] = deque()  # appended on the event loop, drained by the writer thread
-        self._wake = threading.Event()
+        self._pending: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()  # loop -> writer; None: stop
         self._writer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -179,7 +188,7 @@ class DurableTrail:
         """Commit what is pending, sign a last checkpoint, stop the writer."""
         if self._writer is not None:
             self._closing = True
-            self._wake.set()
+            self._pending.put(None)
             await asyncio.to_thread(self._writer.join, 30)
             self._writer = None
         elif self._conn is not None:
@@ -207,8 +216,7 @@ class DurableTrail:
             raise AuditUnavailable("audit store not open")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._pending.append(_Pending(record, done))
-        self._wake.set()
+        self._pending.put(_Pending(record, done))
         deadline = loop.call_later(self.timeout, self._expire, done)  # a timer, not a task: cheap per request
         try:
             await done
@@ -224,11 +232,16 @@ class DurableTrail:
         """The writer thread: whatever queued while the last commit was on disk goes in the next one.
         One hop back to the event loop per batch releases all of its responses."""
         assert self._loop is not None
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch = [self._pending.popleft() for _ in range(len(self._pending))]
+        stopping = False
+        while not stopping:
+            first = self._pending.get()  # blocks in C until a record (or the stop sign) arrives
+            batch: list[_Pending] = []
+            for item in (first, *_drain(self._pending)):
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
+            if batch:
                 error: str | None = None
                 bodies: list[bytes] = []
                 try:
@@ -242,9 +255,7 @@ class DurableTrail:
                     self._loop.call_soon_threadsafe(self._settle, batch, bodies, signed, error)
                 except RuntimeError:  # the loop is gone: nobody is waiting any more
                     return
-            if self._closing and not self._pending:
-                self._close_sync()
-                return
+        self._close_sync()
 
     def _settle(self, batch: list[_Pending], bodies: list[bytes], signed: list[Checkpoint], error: str | None) -> None:
         """On the event loop: release the batch's responses (or fail them), then copy it to the SIEM."""
@@ -318,7 +329,7 @@ class DurableTrail:
 
     # ------------------------------------------------------------------ health
     def health(self) -> dict[str, Any]:
-        pending = len(self._pending)
+        pending = self._pending.qsize()
         free = None
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(self.path.parent).free
