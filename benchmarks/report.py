@@ -26,6 +26,8 @@ def medians(runs: Runs) -> Cells:
                     continue
                 cell = {k: statistics.median(r[k] for r in ok)
                         for k in ("rps", "p50_ms", "p99_ms", "cpu_us", "server_util", "crm_cpu_us")}
+                batches = [r["audit_batch"] for r in ok if r.get("audit_batch")]
+                cell["audit_batch"] = statistics.median(batches) if batches else None
                 cell["runs"] = len(ok)
                 cell["rps_spread"] = (max(r["rps"] for r in ok) - min(r["rps"] for r in ok)) / cell["rps"]
                 out.setdefault(load, {}).setdefault(c, {})[target] = cell
@@ -36,7 +38,7 @@ def _get(cells: Cells, load: str, c: int, target: str, key: str) -> float | None
     cell = cells.get(load, {}).get(str(c), {}).get(target)
     if cell is None or cell.get("invalid"):
         return None
-    value: float = cell[key]
+    value: float | None = cell.get(key)
     return value
 
 
@@ -63,6 +65,7 @@ def derived(cells: Cells, ref: str | None) -> dict[str, Any]:
         for c in by_c:
             fg = _get(cells, load, int(c), FG, "rps")
             row: dict[str, Any] = {"fg_rps": fg, "fg_core0_util": _get(cells, load, int(c), FG, "server_util"),
+                                   "fg_audit_batch": _get(cells, load, int(c), FG, "audit_batch"),
                                    "pass_core0_util": _get(cells, load, int(c), ref, "server_util") if ref else None}
             for name, other in (("vs_pass", ref), ("vs_nginx", "nginx"), ("vs_direct", "direct")):
                 base = _get(cells, load, int(c), other, "rps") if other else None
@@ -143,8 +146,9 @@ def table(cells: Cells, order: list[str], concurrencies: list[int], paths: dict[
 def ratios_table(d: dict[str, Any], ref: str | None) -> str:
     lines = [f"\nFieldGuard (fg) against the pass-through reference (c) = {ref} and nginx (b):",
              f"{'load':<8} {'c':>3} {'fg req/s':>9} {'x (c)':>6} {'x (b)':>6} {'+p50 ms':>8} {'audit cost':>12} "
-             f"{'fsync cost':>13} {'core 0 busy: fg / (c)':>22}",
-             f"{'':<8} {'':>3} {'':>9} {'':>6} {'':>6} {'':>8} {'(vs off)':>12} {'(disk/tmpfs)':>13}"]
+             f"{'fsync cost':>13} {'records':>8} {'core 0 busy: fg / (c)':>22}",
+             f"{'':<8} {'':>3} {'':>9} {'':>6} {'':>6} {'':>8} {'(vs off)':>12} {'(disk/tmpfs)':>13} "
+             f"{'/commit':>8}"]
     for load, by_c in d.items():
         for c, row in by_c.items():
             def r(key: str, pct: bool = False, row: dict[str, Any] = row) -> str:
@@ -152,7 +156,8 @@ def ratios_table(d: dict[str, Any], ref: str | None) -> str:
                 return "-" if v is None else (f"{v * 100:+.0f}%" if pct else f"{v:.2f}")
             lines.append(f"{load:<8} {c:>3} {fmt_int(row['fg_rps']):>9} {r('vs_pass'):>6} {r('vs_nginx'):>6} "
                          f"{r('added_p50_ms_vs_pass'):>8} {r('audit_cost_vs_off', True):>12} "
-                         f"{r('audit_cost_vs_tmpfs', True):>13} {_pct(row['fg_core0_util']):>11} / "
+                         f"{r('audit_cost_vs_tmpfs', True):>13} {r('fg_audit_batch'):>8} "
+                         f"{_pct(row['fg_core0_util']):>11} / "
                          f"{_pct(row['pass_core0_util']):<8}")
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -76,15 +77,31 @@ def fit_duration(args: argparse.Namespace, cells: list[tuple[str, int, list[str]
     return 4 if runs * (4 + OVERHEAD_S) + warm <= RUN_BUDGET_S else 3
 
 
+def audit_counts(t: targets.Target) -> tuple[int, int]:
+    """FieldGuard's durable audit so far, from /readyz: (records, commits); (0, 0) for other targets."""
+    if t.kind != "fieldguard":
+        return 0, 0
+    try:
+        with urllib.request.urlopen(t.url + "/readyz", timeout=5) as r:  # noqa: S310 (loopback)
+            audit = json.loads(r.read())["checks"]["audit"]
+    except (OSError, ValueError, KeyError):
+        return 0, 0
+    return int(audit.get("records", 0)), int(audit.get("commits", 0))
+
+
 def one_run(t: targets.Target, w: World, script: Path, req: wrk.Request, c: int, seconds: int) -> dict[str, Any]:
-    """One wrk run with the server's and the CRM's CPU, and how busy the rest of the machine was."""
+    """One wrk run with the server's and the CRM's CPU, how busy the rest of the machine was, and for
+    FieldGuard how many audit records each commit carried."""
     assert t.proc is not None
+    audit0 = audit_counts(t)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     server0, crm0, busy0, t0 = cpu_seconds(t.proc.pid), cpu_seconds(w.crm.pid), busy_seconds(), time.monotonic()
     res = wrk.run(script, t.url, req, c, seconds)
     wall = time.monotonic() - t0
     server1, crm1, busy1 = cpu_seconds(t.proc.pid), cpu_seconds(w.crm.pid), busy_seconds()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    audit1 = audit_counts(t)
+    commits = audit1[1] - audit0[1]
     wrk_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     n = max(res["requests"], 1)
     server, crm = server1 - server0, crm1 - crm0
@@ -96,6 +113,7 @@ def one_run(t: targets.Target, w: World, script: Path, req: wrk.Request, c: int,
         "cpu_us": server / n * 1e6, "crm_cpu_us": crm_part / n * 1e6, "server_util": server / wall,
         "errors": wrk.errors(res), "error_detail": res["errors"], "bytes_per_req": res["bytes"] / n,
         "other_cores": max(0.0, (busy1 - busy0) - server - crm_part - wrk_cpu) / wall,
+        "audit_batch": (audit1[0] - audit0[0]) / commits if commits > 0 else None,
     }
 
 

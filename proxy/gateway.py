@@ -77,7 +77,8 @@ def open_trail(settings: Settings, siem: JsonLinesTrail | MultiTrail | None = No
     return DurableTrail(
         settings.path(audit.store), CheckpointSigner(settings.path(settings.keys.dir) / audit.signing_key),
         origin=audit.origin, timeout_seconds=audit.timeout_seconds, checkpoint_every=audit.checkpoint_every,
-        checkpoint_seconds=audit.checkpoint_seconds, max_bytes=audit.max_bytes, siem=siem)
+        checkpoint_seconds=audit.checkpoint_seconds, max_bytes=audit.max_bytes,
+        commit_delay_seconds=max(0.0, min(audit.commit_delay_ms / 1000, audit.timeout_seconds / 4)), siem=siem)
 
 
 def policy_source(settings: Settings) -> BundleSource:
@@ -131,7 +132,9 @@ class Gateway:
         encrypted = any(c.key_scope for c in bundle.fieldmap.classes.values())
         self.kek = open_kek(settings) if encrypted else None
         self.ring: KeyRing | None = None
+        self.in_flight = 0  # requests being served: the audit writer holds a commit for those still coming
         self.trail = open_trail(settings, siem)
+        self.trail.in_flight = lambda: self.in_flight
         self.siem = self.trail.siem
         self._tasks: list[asyncio.Task[None]] = []
         self._last_refresh = 0.0
@@ -144,7 +147,11 @@ class Gateway:
     # ------------------------------------------------------------------ ASGI
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self._http(scope, receive, send)
+            self.in_flight += 1
+            try:
+                await self._http(scope, receive, send)
+            finally:
+                self.in_flight -= 1
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 

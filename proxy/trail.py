@@ -5,8 +5,11 @@ SHA-256(0x00 || body) and its link is SHA-256(previous link || leaf), so editing
 reordering any record breaks every link after it. Every `checkpoint_every` records or
 `checkpoint_seconds` the head is signed (Ed25519, see proxy.checkpoints).
 
-Group commit: requests hand their records to one writer task, which commits whatever has queued while
+Group commit: requests hand their records to one writer thread, which commits whatever has queued while
 the previous commit was on disk, in one transaction with one fsync, then releases all their responses.
+While other requests are still on their way (the gateway's `in_flight` count is ahead of the records
+handed over), the writer holds the commit up to `commit_delay_seconds` for them, as PostgreSQL's
+`commit_delay` does: under load one fsync then carries many records; a lone request never waits.
 A response leaves only after its record is committed; if that cannot happen within `timeout_seconds`
 the caller gets 503 and no data.
 """
@@ -22,7 +25,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from proxy.checkpoints import Checkpoint, CheckpointSigner
 log = structlog.get_logger("fieldguard.audit")
 
 GENESIS = bytes(32)
+MAX_BATCH = 512  # records per transaction at most: bounds a commit's time and memory
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_records (
     seq INTEGER PRIMARY KEY,
@@ -134,7 +138,7 @@ class DurableTrail:
 
     def __init__(self, path: Path, signer: CheckpointSigner, *, origin: str = "", timeout_seconds: float = 2.0,
                  checkpoint_every: int = 1000, checkpoint_seconds: float = 60.0, max_bytes: int = 0,
-                 siem: JsonLinesTrail | MultiTrail) -> None:
+                 commit_delay_seconds: float = 0.0, siem: JsonLinesTrail | MultiTrail) -> None:
         self.path = path
         self.signer = signer
         self.origin = origin or socket.gethostname()
@@ -143,6 +147,9 @@ class DurableTrail:
         self.checkpoint_seconds = checkpoint_seconds
         self.max_bytes = max_bytes
         self.siem = siem
+        self.commit_delay = commit_delay_seconds
+        self.in_flight: Callable[[], int] = lambda: 0  # requests that will append a record; set by the gateway
+        self._handed = 0  # records appended and not yet settled (read by the writer thread)
         self._conn: sqlite3.Connection | None = None  # owned by the writer thread once it runs
         self._pending: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()  # loop -> writer; None: stop
         self._writer: threading.Thread | None = None
@@ -216,11 +223,13 @@ class DurableTrail:
             raise AuditUnavailable("audit store not open")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
+        self._handed += 1
         self._pending.put(_Pending(record, done))
         deadline = loop.call_later(self.timeout, self._expire, done)  # a timer, not a task: cheap per request
         try:
             await done
         finally:
+            self._handed -= 1
             deadline.cancel()
 
     def _expire(self, done: asyncio.Future[None]) -> None:
@@ -236,7 +245,7 @@ class DurableTrail:
         while not stopping:
             first = self._pending.get()  # blocks in C until a record (or the stop sign) arrives
             batch: list[_Pending] = []
-            for item in (first, *_drain(self._pending)):
+            for item in self._gather([first, *_drain(self._pending)]):
                 if item is None:
                     stopping = True
                 else:
@@ -256,6 +265,25 @@ class DurableTrail:
                 except RuntimeError:  # the loop is gone: nobody is waiting any more
                     return
         self._close_sync()
+
+    def _gather(self, items: list[_Pending | None]) -> list[_Pending | None]:
+        """Hold the commit while requests in flight have not yet handed over their records, up to the
+        commit delay: the group in group commit. Never when the stop sign is in, or nobody else is coming."""
+        if not self.commit_delay or items[-1] is None:
+            return items
+        until = time.monotonic() + self.commit_delay
+        while len(items) < MAX_BATCH and self.in_flight() > self._handed:
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                items.append(self._pending.get(timeout=left))
+            except queue.Empty:
+                break
+            items.extend(_drain(self._pending))
+            if items[-1] is None:
+                break
+        return items
 
     def _settle(self, batch: list[_Pending], bodies: list[bytes], signed: list[Checkpoint], error: str | None) -> None:
         """On the event loop: release the batch's responses (or fail them), then copy it to the SIEM."""
@@ -334,8 +362,8 @@ class DurableTrail:
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(self.path.parent).free
         return {"ok": self.last_error is None and self._conn is not None, "records": self._seq,
-                "checkpointed": self._checkpointed, "pending": pending, "last_error": self.last_error,
-                "last_commit": self.last_commit, "free_bytes": free}
+                "commits": self.commits, "checkpointed": self._checkpointed, "pending": pending,
+                "last_error": self.last_error, "last_commit": self.last_commit, "free_bytes": free}
 
 
 class UndurableTrail:
@@ -345,6 +373,7 @@ class UndurableTrail:
     def __init__(self, siem: JsonLinesTrail | MultiTrail) -> None:
         self.siem = siem
         self.records = 0
+        self.in_flight: Callable[[], int] = lambda: 0  # nothing to group: no commits
 
     async def open(self) -> None:
         log.warning("audit is not durable ([audit] durable = false): no record an auditor can verify")
