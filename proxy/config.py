@@ -98,7 +98,7 @@ class AuditSection:
     origin: str = ""  # the trail's name in checkpoints (default: the host name)
     max_bytes: int = 0  # cap on the store's size (0: none); when full, data requests get 503
     min_free_bytes: int = 100 * 1024 * 1024  # /readyz reports not ready below this much free disk
-    commit_delay_ms: float = 2.0  # under load, hold a commit this long for requests still on their way
+    commit_delay_ms: float = 5.0  # under load, hold a commit this long for requests still on their way
     durable: bool = True  # false: SIEM lines only, nothing verifiable (benchmarks, development); warned at start
 
 
