@@ -113,6 +113,7 @@ def one_run(t: targets.Target, w: World, script: Path, req: wrk.Request, c: int,
         "cpu_us": server / n * 1e6, "crm_cpu_us": crm_part / n * 1e6, "server_util": server / wall,
         "errors": wrk.errors(res), "error_detail": res["errors"], "bytes_per_req": res["bytes"] / n,
         "other_cores": max(0.0, (busy1 - busy0) - server - crm_part - wrk_cpu) / wall,
+        "audit_records": audit1[0] - audit0[0], "audit_commits": commits,
         "audit_batch": (audit1[0] - audit0[0]) / commits if commits > 0 else None,
     }
 
