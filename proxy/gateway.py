@@ -53,6 +53,7 @@ Send = Callable[[Message], Awaitable[None]]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _JSON = b"application/json"
 _PROBES = {("healthz",), ("readyz",), ("metrics",)}  # no data: no identity, not audited
+_PROBE_PATHS = frozenset("/" + p[0] for p in _PROBES)
 OFFICER_PREFIX = "_fieldguard"  # the gateway's own endpoints (explain, reload): officers only, audited
 
 
@@ -147,6 +148,9 @@ class Gateway:
     # ------------------------------------------------------------------ ASGI
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if scope["path"] in _PROBE_PATHS:  # no audit record: the audit writer must not wait for it
+                await self._http(scope, receive, send)
+                return
             self.in_flight += 1
             try:
                 await self._http(scope, receive, send)
