@@ -105,6 +105,11 @@ def read_bundle_files(source: BundleSource) -> dict[str, bytes]:
     return found
 
 
+PROVED_FILES = ("model.conf", "policy.csv", "fields.yaml")
+"""What the proof depends on. Cover grants change whenever someone goes on leave; they are checked
+when loaded and never change the decision table, so editing them does not cost a new proof."""
+
+
 def bundle_digest(files: dict[str, bytes]) -> str:
     h = hashlib.sha256()
     for name in sorted(n for n in files if n != SIGNATURE_FILE):
@@ -148,7 +153,7 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
 
     `proofs` is a directory remembering bundles already proved by this version of FieldGuard and
     pycasbin, so restarting on an unchanged bundle skips the seconds-long proof; a changed byte in
-    any file gives a new digest and a new proof.
+    the model, the policy or the field map gives a new proof.
     """
     findings: list[Finding] = []
     if signed_by is not None and (bad := check_signature(files, signed_by)) is not None:
@@ -179,7 +184,7 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
         raise PolicyError(errors)
     table = compile_table(parsed, fieldmap.classes)
     digest = bundle_digest(files)
-    stamp = _proof_stamp(proofs, digest)
+    stamp = _proof_stamp(proofs, bundle_digest({n: files[n] for n in PROVED_FILES if n in files}))
     if stamp is not None and stamp.exists():
         checks = int(stamp.read_text() or 0)
     else:

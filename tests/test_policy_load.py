@@ -124,3 +124,19 @@ def test_shipped_bundle_is_clean() -> None:
     bundle = load_bundle(REPO / "policies")
     assert bundle.warnings == ()
     assert bundle.proof_checks > 5000
+
+
+def test_a_cover_grant_edit_reuses_the_proof_and_a_policy_edit_does_not(bundle_dir: Path, tmp_path: Path) -> None:
+    """Cover grants change whenever someone is away: they must not cost a new proof; a rule must."""
+    proofs = tmp_path / "proofs"
+    first = load_bundle(bundle_dir, proofs)
+    assert len(list(proofs.iterdir())) == 1
+    (bundle_dir / "cover.yaml").write_text(
+        "grants:\n  - user: dana\n    covers: bob\n    from: 2026-01-01T00:00:00Z\n"
+        "    until: 2026-01-02T00:00:00Z\n    reason: leave\n")
+    covered = load_bundle(bundle_dir, proofs)
+    assert covered.digest != first.digest and len(covered.cover) == 1
+    assert len(list(proofs.iterdir())) == 1 and covered.proof_checks == first.proof_checks
+    append(bundle_dir / "policy.csv", "p, admin, any, clinical_notes, read, allow")
+    changed = load_bundle(bundle_dir, proofs)
+    assert len(list(proofs.iterdir())) == 2 and changed.digest != covered.digest
