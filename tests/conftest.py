@@ -128,6 +128,16 @@ def signing(tmp_path_factory: pytest.TempPathFactory) -> Signing:
     return s
 
 
+_PROOFS: list[Path] = []  # the session's proofs directory, once made
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_proofs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Policy proofs remembered across the session's keys/ directories: a bundle is proved once."""
+    _PROOFS.append(tmp_path_factory.mktemp("proofs"))
+    return _PROOFS[0]
+
+
 def make_keys(directory: Path) -> Path:
     """A keys/ directory with a file KEK sealed under the test passphrase (made here, never committed)."""
     from proxy.kek import FileKek, ScryptParams
@@ -135,6 +145,8 @@ def make_keys(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     FileKek.create(directory / "kek.json", KEK_PASSPHRASE.encode(), ScryptParams(n=2**14))
+    if _PROOFS:
+        (directory / "proofs").symlink_to(_PROOFS[0], target_is_directory=True)
     return directory
 
 
