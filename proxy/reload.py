@@ -1,8 +1,9 @@
 """Safe rollout of policy changes: watch, check, compile, prove, then swap atomically.
 
-A changed file (or SIGHUP, or `fieldguard policy reload`) triggers a full load in a worker thread;
-only a bundle that passes every check replaces the one in force. A failure keeps the old bundle,
-is logged with its findings and is reported by /readyz until a good bundle loads.
+A changed file, once it has stopped changing (or SIGHUP, or `fieldguard policy reload`), triggers a
+full load in a worker thread; only a bundle that passes every check replaces the one in force. A
+failure keeps the old bundle, is logged with its findings and is reported by /readyz until a good
+bundle loads.
 """
 
 from __future__ import annotations
@@ -87,10 +88,15 @@ class PolicyWatcher:
             return True
 
     async def watch(self, every: float) -> None:
+        """Reload once the files have changed and then stayed unchanged for one poll: an editor caught
+        between truncating and writing a file must not have its half-written policy loaded."""
+        seen = self._stamp
         while True:
             await asyncio.sleep(every)
-            if _stat(self.source) != self._stamp:
+            now = _stat(self.source)
+            if now != self._stamp and now == seen:
                 await self.reload()
+            seen = now
 
 
 def _stat(source: BundleSource) -> tuple[tuple[str, int, int], ...]:

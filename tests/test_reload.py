@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -128,3 +129,6 @@ def test_no_request_sees_half_a_policy(gw: Gateway) -> None:
         rec = by_id[request_id]
         assert ("clinical_notes" in rec["shown"]) == shown
     assert len(hashes) == 2  # grant and deny, each applied twice
+    # and nothing else was ever in force: not a file caught between its truncation and its write
+    reloads = [json.loads(line) for line in gw.service.output().splitlines() if '"policy reloaded"' in line]
+    assert len(reloads) == 4 and {r["new"] for r in reloads} == {h[:16] for h in hashes}
