@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,9 @@ def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys:
         if sealed:
             print(f"Encrypted {sealed} sensitive fields the example CRM held in plaintext "
                   "(fieldguard encrypt-existing).", flush=True)
-        print(banner(port, crm_port, private_key, data_dir), flush=True)
+        # the tokens and curl lines once the gateway answers, so that pasting them right away works
+        threading.Thread(target=_when_ready, args=(f"http://127.0.0.1:{port}/healthz",
+                                                   banner(port, crm_port, private_key, data_dir)), daemon=True).start()
         trail = MultiTrail([JsonLinesTrail(str(data_dir / "audit.jsonl")), JsonLinesTrail("-")])
         # uvicorn re-raises SIGTERM once it has shut down; as SystemExit it reaches the `finally` below
         signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -199,6 +202,18 @@ def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys:
             crm.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             crm.kill()
+
+
+def _when_ready(url: str, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    print(text, flush=True)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -22,7 +22,9 @@ def test_demo_shows_each_role_what_the_rules_allow(tmp_path: Path) -> None:
                    f"http://127.0.0.1:{port}/readyz", cwd=REPO)
     demo.start(timeout=90)
     try:
-        out = demo.output()
+        deadline = time.monotonic() + 30  # the tokens and curl lines come once the gateway answers
+        while "Stop with Ctrl-C." not in (out := demo.output()) and time.monotonic() < deadline:
+            time.sleep(0.1)
         tokens = dict(re.findall(r"^export (\w+)=(\S+)$", out, re.M))
         curls = re.findall(r"^  curl -s -H \"Authorization: Bearer \$(\w+)\" '([^']+)'; echo$", out, re.M)
         assert set(tokens) >= {"ALICE", "CAROL", "ERIN", "RHEA"} and len(curls) >= 10
