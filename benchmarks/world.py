@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from benchmarks.procs import PY, REPO, Proc, Registry, free_port
 from proxy.config import Settings, build_settings
+from proxy.demo import encrypt_seeded
 from proxy.identity import mint_token
 
 ISSUER = "https://idp.bench"
@@ -85,21 +86,6 @@ def settings_for(world_root: Path, keys: Path, policies: Path, crm_url: str) -> 
     return build_settings(raw, os.environ, world_root)
 
 
-async def _encrypt(settings: Settings, policies: Path, keys: Path) -> int:
-    """What `proxy.demo.encrypt_seeded` does: seal the seeded CRM's sensitive fields through its API."""
-    from proxy.custody import open_kek, open_keyring
-    from proxy.migrate import encrypt_existing
-    from proxy.policy import load_bundle
-
-    fm = load_bundle(policies, keys / "proofs").fieldmap  # proves once; gateways reuse the proof stamp
-    ring = await open_keyring(settings, open_kek(settings))
-    try:
-        report = await encrypt_existing(settings, fm, ring, dry_run=False, rate=0, max_records=None)
-    finally:
-        await ring.store.close()
-    return report.fields
-
-
 def start_crm(reg: Registry, root: Path, db: Path, core: int, name: str, limit: float,
               seed: bool = True) -> tuple[Proc, str]:
     """The example CRM on `core`; (process, base URL)."""
@@ -122,7 +108,7 @@ def build(reg: Registry, root: Path, limit: float) -> World:
     db = root / "crm" / "crm.sqlite3"
     db.parent.mkdir()
     crm, crm_url = start_crm(reg, root, db, core=1, name="crm", limit=limit)
-    sealed = asyncio.run(_encrypt(settings_for(root, keys, policies, crm_url), policies, keys))
+    sealed = asyncio.run(encrypt_seeded(settings_for(root, keys, policies, crm_url), policies))
     token = mint_token(private_pem, subject=USER, roles=["counsellor"], issuer=ISSUER, audience=AUDIENCE,
                        purposes=["TREAT"], ttl_seconds=6 * 3600)
     clients = [c["id"] for c in get_json(f"{crm_url}/clients?counsellor={USER}&per_page=500")["items"]]

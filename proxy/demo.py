@@ -220,13 +220,14 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-async def encrypt_seeded(settings: Settings) -> int:
-    """What `fieldguard encrypt-existing` does, run on the freshly seeded CRM (idempotent on a restart)."""
+async def encrypt_seeded(settings: Settings, policies: Path = REPO / "policies") -> int:
+    """What `fieldguard encrypt-existing` does, run on the freshly seeded CRM (idempotent on a restart).
+    The policy is proved here once; the gateway started next reuses the proof."""
     from proxy.custody import open_kek, open_keyring
     from proxy.migrate import encrypt_existing
     from proxy.policy import load_bundle
 
-    fm = load_bundle(REPO / "policies", settings.path(settings.keys.dir) / "proofs").fieldmap
+    fm = load_bundle(policies, settings.path(settings.keys.dir) / "proofs").fieldmap
     ring = await open_keyring(settings, open_kek(settings))
     try:
         report = await encrypt_existing(settings, fm, ring, dry_run=False, rate=0, max_records=None)
