@@ -121,6 +121,9 @@ def parse_policy(text: str, classes: Iterable[str], file: str = "policy.csv") ->
                 error(number, "a role cannot inherit itself")
             else:
                 out.links.append(RoleLink(role, parent, source))
+    if not out.rules and not out.findings:
+        out.findings.append(Finding(file, None, Severity.ERROR, "no rules: every request would be refused",
+                                    "an empty or truncated file is refused, so the policy in force stays"))
     _check_roles(out, file)
     return out
 

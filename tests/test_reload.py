@@ -132,3 +132,17 @@ def test_no_request_sees_half_a_policy(gw: Gateway) -> None:
     # and nothing else was ever in force: not a file caught between its truncation and its write
     reloads = [json.loads(line) for line in gw.service.output().splitlines() if '"policy reloaded"' in line]
     assert len(reloads) == 4 and {r["new"] for r in reloads} == {h[:16] for h in hashes}
+
+
+def test_an_emptied_policy_is_refused_and_the_one_in_force_stays(gw: Gateway) -> None:
+    """A truncated or emptied policy.csv (an editor that crashed, a bad deploy) never takes over."""
+    alice = gw.as_user("alice", "counsellor")
+    assert gw.get("/clients/1/session-notes", alice).json()["items"][0]["body"]
+    before = readyz(gw)["checks"]["policy"]["hash"]  # type: ignore[index]
+    policy_file(gw).write_text("# everything was here\n")
+    deadline = time.monotonic() + 30
+    while not readyz(gw)["checks"]["policy"]["last_reload_error"] and time.monotonic() < deadline:  # type: ignore[index]
+        time.sleep(0.1)
+    policy = readyz(gw)["checks"]["policy"]  # type: ignore[index]
+    assert policy["hash"] == before and "no rules" in policy["last_reload_error"]
+    assert gw.get("/clients/1/session-notes", alice).json()["items"][0]["body"]
