@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 from benchmarks import report, targets, wrk
 from benchmarks.checks import check_all
 from benchmarks.procs import REPO, Registry, busy_seconds, cpu_seconds, interrupt_on_signals, wait_quiet
-from benchmarks.world import World, build
+from benchmarks.world import World, build, get_json
 
 LOADS = ("record", "listing", "write")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -82,8 +81,7 @@ def audit_counts(t: targets.Target) -> tuple[int, int]:
     if t.kind != "fieldguard":
         return 0, 0
     try:
-        with urllib.request.urlopen(t.url + "/readyz", timeout=5) as r:  # noqa: S310 (loopback)
-            audit = json.loads(r.read())["checks"]["audit"]
+        audit = get_json(t.url + "/readyz", timeout=5)["checks"]["audit"]
     except (OSError, ValueError, KeyError):
         return 0, 0
     return int(audit.get("records", 0)), int(audit.get("commits", 0))

@@ -52,8 +52,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _JSON = b"application/json"
-_PROBES = {("healthz",), ("readyz",), ("metrics",)}  # no data: no identity, not audited
-_PROBE_PATHS = frozenset("/" + p[0] for p in _PROBES)
+_PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # no data: no identity, not audited
 OFFICER_PREFIX = "_fieldguard"  # the gateway's own endpoints (explain, reload): officers only, audited
 
 
@@ -69,8 +68,10 @@ def error_body(message: str, request_id: str) -> bytes:
     return orjson.dumps({"error": message, "request_id": request_id})
 
 
-def open_trail(settings: Settings, siem: JsonLinesTrail | MultiTrail | None = None) -> DurableTrail | UndurableTrail:
-    """The deployment's durable audit trail, with its SIEM copy."""
+def open_trail(settings: Settings, siem: JsonLinesTrail | MultiTrail | None = None,
+               coming: Callable[[], int] = lambda: 0) -> DurableTrail | UndurableTrail:
+    """The deployment's durable audit trail, with its SIEM copy. `coming` counts the requests whose
+    records are still to be handed over: group commit waits for them."""
     audit = settings.audit
     siem = siem or JsonLinesTrail(str(settings.path(audit.log)) if audit.log != "-" else "-")
     if not audit.durable:
@@ -79,7 +80,8 @@ def open_trail(settings: Settings, siem: JsonLinesTrail | MultiTrail | None = No
         settings.path(audit.store), CheckpointSigner(settings.path(settings.keys.dir) / audit.signing_key),
         origin=audit.origin, timeout_seconds=audit.timeout_seconds, checkpoint_every=audit.checkpoint_every,
         checkpoint_seconds=audit.checkpoint_seconds, max_bytes=audit.max_bytes,
-        commit_delay_seconds=max(0.0, min(audit.commit_delay_ms / 1000, audit.timeout_seconds / 4)), siem=siem)
+        commit_delay_seconds=max(0.0, min(audit.commit_delay_ms / 1000, audit.timeout_seconds / 4)),
+        coming=coming, siem=siem)
 
 
 def policy_source(settings: Settings) -> BundleSource:
@@ -133,9 +135,8 @@ class Gateway:
         encrypted = any(c.key_scope for c in bundle.fieldmap.classes.values())
         self.kek = open_kek(settings) if encrypted else None
         self.ring: KeyRing | None = None
-        self.in_flight = 0  # requests being served: the audit writer holds a commit for those still coming
-        self.trail = open_trail(settings, siem)
-        self.trail.in_flight = lambda: self.in_flight
+        self.coming = 0  # requests being served whose audit record is not yet handed to the trail
+        self.trail = open_trail(settings, siem, coming=lambda: self.coming)
         self.siem = self.trail.siem
         self._tasks: list[asyncio.Task[None]] = []
         self._last_refresh = 0.0
@@ -148,14 +149,7 @@ class Gateway:
     # ------------------------------------------------------------------ ASGI
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if scope["path"] in _PROBE_PATHS:  # no audit record: the audit writer must not wait for it
-                await self._http(scope, receive, send)
-                return
-            self.in_flight += 1
-            try:
-                await self._http(scope, receive, send)
-            finally:
-                self.in_flight -= 1
+            await self._http(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
@@ -268,29 +262,16 @@ class Gateway:
         given = headers.get("x-request-id", "")
         request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(12)
         method = str(scope["method"]).upper()
-        bundle = self.bundle
+        if scope["path"] in _PROBES and method == "GET":
+            await _send(send, await self._probe(scope["path"][1:]), request_id)
+            return
+        bundle = self.bundle  # one policy decides the request and is named in its record
         record = AuditRecord(request_id=request_id, method=method, policy=bundle.digest)
+        self.coming += 1
         try:
-            segments = normalise_path(scope.get("raw_path") or str(scope["path"]).encode())
-            if segments in _PROBES and method == "GET":
-                reply = await self._probe(segments[0])
-                await _send(send, reply, request_id)
-                return
-            if segments[:1] == (OFFICER_PREFIX,):
-                reply = await self._officer(scope, headers, method, segments, bundle, record)
-            else:
-                reply = await self._exchange(scope, receive, headers, method, segments, bundle, record)
-        except GatewayError as exc:
-            record.outcome = "denied" if exc.status < 500 else "error"
-            record.reason = exc.reason
-            if isinstance(exc, WriteRefused):
-                record.refused = exc.fields
-            reply = Reply(exc.status, error_body(exc.message, request_id), [])
-        except Exception as exc:  # never a stack trace or a value to the caller
-            log.error("internal error", error=type(exc).__name__, request_id=request_id,
-                      where=_where(exc))
-            record.outcome, record.reason = "error", f"internal error: {type(exc).__name__}"
-            reply = Reply(500, error_body("internal error", request_id), [])
+            reply = await self._answer(scope, receive, headers, method, bundle, record)
+        finally:
+            self.coming -= 1  # the record is handed over next, with no await in between
         record.status = reply.status
         record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
         self.metrics.inc("fieldguard_requests_total", outcome=record.outcome, status=str(reply.status))
@@ -308,6 +289,26 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self.siem.append(record)
         await _send(send, reply, request_id)
+
+    async def _answer(self, scope: Scope, receive: Receive, headers: dict[str, str], method: str,
+                      bundle: PolicyBundle, record: AuditRecord) -> Reply:
+        """The reply to one audited request; every refusal and fault is a short JSON error."""
+        try:
+            segments = normalise_path(scope.get("raw_path") or str(scope["path"]).encode())
+            if segments[:1] == (OFFICER_PREFIX,):
+                return await self._officer(scope, headers, method, segments, bundle, record)
+            return await self._exchange(scope, receive, headers, method, segments, bundle, record)
+        except GatewayError as exc:
+            record.outcome = "denied" if exc.status < 500 else "error"
+            record.reason = exc.reason
+            if isinstance(exc, WriteRefused):
+                record.refused = exc.fields
+            return Reply(exc.status, error_body(exc.message, record.request_id), [])
+        except Exception as exc:  # never a stack trace or a value to the caller
+            log.error("internal error", error=type(exc).__name__, request_id=record.request_id,
+                      where=_where(exc))
+            record.outcome, record.reason = "error", f"internal error: {type(exc).__name__}"
+            return Reply(500, error_body("internal error", record.request_id), [])
 
     async def _exchange(
         self,

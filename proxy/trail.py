@@ -7,8 +7,8 @@ reordering any record breaks every link after it. Every `checkpoint_every` recor
 
 Group commit: requests hand their records to one writer thread, which commits whatever has queued while
 the previous commit was on disk, in one transaction with one fsync, then releases all their responses.
-While other requests are still on their way (the gateway's `in_flight` count is ahead of the records
-handed over), the writer holds the commit up to `commit_delay_seconds` for them, as PostgreSQL's
+While other requests are still on their way (`coming`: the gateway's count of requests whose records
+are not yet handed over), the writer holds the commit up to `commit_delay_seconds` for them, as PostgreSQL's
 `commit_delay` does: under load one fsync then carries many records; a lone request never waits.
 A response leaves only after its record is committed; if that cannot happen within `timeout_seconds`
 the caller gets 503 and no data.
@@ -138,7 +138,8 @@ class DurableTrail:
 
     def __init__(self, path: Path, signer: CheckpointSigner, *, origin: str = "", timeout_seconds: float = 2.0,
                  checkpoint_every: int = 1000, checkpoint_seconds: float = 60.0, max_bytes: int = 0,
-                 commit_delay_seconds: float = 0.0, siem: JsonLinesTrail | MultiTrail) -> None:
+                 commit_delay_seconds: float = 0.0, coming: Callable[[], int] = lambda: 0,
+                 siem: JsonLinesTrail | MultiTrail) -> None:
         self.path = path
         self.signer = signer
         self.origin = origin or socket.gethostname()
@@ -148,8 +149,7 @@ class DurableTrail:
         self.max_bytes = max_bytes
         self.siem = siem
         self.commit_delay = commit_delay_seconds
-        self.in_flight: Callable[[], int] = lambda: 0  # requests that will append a record; set by the gateway
-        self._handed = 0  # records appended and not yet settled (read by the writer thread)
+        self.coming = coming  # read by the writer thread
         self._conn: sqlite3.Connection | None = None  # owned by the writer thread once it runs
         self._pending: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()  # loop -> writer; None: stop
         self._writer: threading.Thread | None = None
@@ -223,13 +223,11 @@ class DurableTrail:
             raise AuditUnavailable("audit store not open")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._handed += 1
         self._pending.put(_Pending(record, done))
         deadline = loop.call_later(self.timeout, self._expire, done)  # a timer, not a task: cheap per request
         try:
             await done
         finally:
-            self._handed -= 1
             deadline.cancel()
 
     def _expire(self, done: asyncio.Future[None]) -> None:
@@ -267,12 +265,12 @@ class DurableTrail:
         self._close_sync()
 
     def _gather(self, items: list[_Pending | None]) -> list[_Pending | None]:
-        """Hold the commit while requests in flight have not yet handed over their records, up to the
-        commit delay: the group in group commit. Never when the stop sign is in, or nobody else is coming."""
+        """Hold the commit while requests are still coming with their records, up to the commit delay:
+        the group in group commit. Never when the stop sign is in, or nobody else is coming."""
         if not self.commit_delay or items[-1] is None:
             return items
         until = time.monotonic() + self.commit_delay
-        while len(items) < MAX_BATCH and self.in_flight() > self._handed:
+        while len(items) < MAX_BATCH and self.coming() > 0:
             left = until - time.monotonic()
             if left <= 0:
                 break
@@ -373,7 +371,6 @@ class UndurableTrail:
     def __init__(self, siem: JsonLinesTrail | MultiTrail) -> None:
         self.siem = siem
         self.records = 0
-        self.in_flight: Callable[[], int] = lambda: 0  # nothing to group: no commits
         self._lines: list[bytes] = []
 
     async def open(self) -> None:
