@@ -2,7 +2,7 @@
 
 Pass-through targets (direct, nginx, pass-*) must return the CRM's bytes unchanged. FieldGuard must
 return, for alice on her own caseload, exactly the CRM's document with every ciphertext opened: the
-harness opens them itself from the keystore (proxy.keyring / proxy.envelope) and compares.
+harness opens them itself from the keystore (proxy.keys.ring / proxy.keys.envelope) and compares.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.targets import Target
 from benchmarks.world import NOTE_PATCH, PER_PAGE, World, settings_for
-from proxy.envelope import is_sealed, key_id_of, open_sealed, parse
+from proxy.keys.envelope import is_sealed, key_id_of, open_sealed, parse
 
 RESOURCE_OF = {"clients": "client", "session-notes": "session_note"}
 
@@ -34,10 +34,10 @@ def fetch(url: str, method: str = "GET", body: bytes | None = None, token: str =
 
 async def _open_all(w: World, docs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """Each ciphertext's plaintext, opened with the keystore's keys (top-level fields: that is this map)."""
-    from proxy.custody import open_kek, open_keyring
+    from proxy.keys.custody import open_kek, open_keyring
 
     settings = settings_for(w.root, w.keys, w.policies, w.crm_url)
-    ring = await open_keyring(settings, open_kek(settings))
+    ring = await open_keyring(settings.keys, open_kek(settings.keys))
     try:
         sealed = [(res, k, v) for res, doc in docs for k, v in doc.items() if is_sealed(v)]
         await ring.prefetch(kid for _, _, v in sealed if (kid := key_id_of(v)) is not None)

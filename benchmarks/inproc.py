@@ -26,8 +26,8 @@ import uvloop
 from benchmarks.procs import Registry
 from benchmarks.targets import fieldguard_conf
 from benchmarks.world import World, build
+from proxy.app import Gateway
 from proxy.config import build_settings
-from proxy.gateway import Gateway
 
 
 async def drive(gw: Gateway, w: World, load: str, n: int, concurrency: int,

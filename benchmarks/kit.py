@@ -13,12 +13,12 @@ import orjson
 
 from benchmarks.procs import wait_quiet
 from benchmarks.world import PASSPHRASE, PASSPHRASE_ENV, make_keys
-from proxy.audit import Disclosure
-from proxy.decision import Relation
-from proxy.fieldcipher import FieldCipher, seal_fields
-from proxy.keyring import KeyRing
-from proxy.policy import PolicyBundle, load_bundle
-from proxy.redact import Redactor
+from proxy.keys.cipher import FieldCipher
+from proxy.keys.ring import KeyRing
+from proxy.policy.bundle import PolicyBundle, load_bundle
+from proxy.policy.decision import Relation
+from proxy.redact import Disclosure, Plans, Redactor
+from proxy.writes import seal_fields
 
 REPO = Path(__file__).resolve().parent.parent
 RESOURCES = {"clients": "client", "session-notes": "session_note", "process-notes": "process_note",
@@ -41,7 +41,7 @@ class Kit:
         """What one request builds: a redactor and a field cipher for one caller, every client at
         `relations`; the redaction plans are the bundle's, compiled once, as in the gateway."""
         return Redactor(self.bundle.table, role, lambda _cid: relations, (pseudonyms or {}).get, Disclosure(),
-                        self.bundle.plans, cipher=FieldCipher(self.ring, self.bundle.fieldmap.classes))
+                        Plans.of(self.bundle), cipher=FieldCipher(self.ring))
 
     async def close(self) -> None:
         await self.ring.store.close()
@@ -52,8 +52,8 @@ async def open_kit(root: Path, resources: tuple[str, ...] = ("clients", "session
     import os
 
     from examples.crm.seed import generate
-    from proxy.kek import FileKek
-    from proxy.keystore import SqliteKeystore
+    from proxy.keys.kek import FileKek
+    from proxy.keys.store import SqliteKeystore
 
     os.environ.setdefault(PASSPHRASE_ENV, PASSPHRASE)
     keys = make_keys(root / "keys")
@@ -72,7 +72,7 @@ async def open_kit(root: Path, resources: tuple[str, ...] = ("clients", "session
             keys_for = {scope: await ring.for_writing(cid, scope) for scope in scopes}
             rows.append(seal_fields(resource, dict(row), fm.classes, keys_for))
         data[name] = rows
-    return Kit(root, bundle, ring, FieldCipher(ring, fm.classes), data)
+    return Kit(root, bundle, ring, FieldCipher(ring), data)
 
 
 def list_body(rows: list[dict[str, Any]]) -> bytes:

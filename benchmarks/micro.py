@@ -23,12 +23,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from benchmarks.kit import CASELOAD, Kit, best_of, best_of_async, list_body, open_kit
-from proxy.audit import AuditRecord, Disclosure, JsonLinesTrail
-from proxy.checkpoints import CheckpointSigner
-from proxy.decision import Relation
-from proxy.envelope import associated_where, is_sealed, open_sealed, parse
-from proxy.identity import IdentitySettings, TokenVerifier, mint_token
-from proxy.trail import DurableTrail, canonical, leaf_hash, link_hash
+from proxy.audit.checkpoints import CheckpointSigner
+from proxy.audit.record import AuditRecord
+from proxy.audit.siem import JsonLinesTrail
+from proxy.audit.trail import DurableTrail, canonical, leaf_hash, link_hash
+from proxy.config import IdentitySection
+from proxy.identity import TokenVerifier
+from proxy.keys.envelope import associated_where, is_sealed, open_sealed, parse
+from proxy.policy.decision import Relation
+from proxy.tokens import mint_token
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,7 +55,7 @@ def audit_record(kit: Kit, rows: list[dict[str, Any]]) -> AuditRecord:
     rec = AuditRecord(request_id="0123456789abcdef01234567", method="GET", user="u:alice", role="counsellor",
                       roles=["counsellor"], purpose="TREAT", token_id="abcdef0123456789", route="/session-notes",
                       status=200, policy=kit.bundle.digest, upstream_status=200, duration_ms=1.234)
-    rec.add_disclosure(r.d, r.summary(), {c: f"P-{int(c):016X}" for c in r.d.clients})
+    r.d.into(rec, r.summary(), {c: f"P-{int(c):016X}" for c in r.d.clients})
     return rec
 
 
@@ -63,7 +66,7 @@ def identity(root: Path) -> tuple[TokenVerifier, bytes]:
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    return TokenVerifier(IdentitySettings("https://idp", "aud", public_key_file=pub)), pem
+    return TokenVerifier(IdentitySection("https://idp", "aud", public_key_file=str(pub))), pem
 
 
 def token_costs(root: Path) -> dict[str, float]:
@@ -128,7 +131,7 @@ async def measure(kit: Kit, root: Path) -> tuple[dict[str, float], dict[str, Any
             best_of(lambda: open_sealed(opened.aead, parse(sealed), "session_note", "body")),
         "decrypt one field (FieldCipher.open: key checks + open)":
             best_of(lambda: kit.cipher.open(sealed, str(note["client_id"]), "record",
-                                            associated_where("session_note", "body"), Disclosure())),
+                                            associated_where("session_note", "body"), set())),
         "pseudonym, KeyRing.pseudonyms after the first (async, cached)":
             await best_of_async(lambda: kit.ring.pseudonyms(["1"])),
         "pseudonym, per field (dict lookup)": best_of(lambda: pseudonyms.get("1")),

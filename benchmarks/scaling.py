@@ -31,16 +31,16 @@ import aiosqlite
 import orjson
 
 from benchmarks.kit import CASELOAD, REPO, Kit, best_of, best_of_async, list_body, open_kit
-from proxy.audit import Disclosure
-from proxy.decision import ALL_RELATION_SETS, DecisionTable, Relation
-from proxy.fieldcipher import FieldCipher, seal_fields
-from proxy.fieldmap import FieldMap, parse_fieldmap
-from proxy.kek import FileKek
-from proxy.keyring import KeyRing, wrap_aad
-from proxy.keystore import DataKey, KeyStatus, SqliteKeystore
-from proxy.lint import parse_policy
-from proxy.policy import compile_table, prove
-from proxy.redact import Plans, Redactor
+from proxy.keys.cipher import FieldCipher
+from proxy.keys.kek import FileKek
+from proxy.keys.ring import KeyRing, wrap_aad
+from proxy.keys.store import DataKey, KeyStatus, SqliteKeystore
+from proxy.policy.compiler import compile_table, prove
+from proxy.policy.decision import ALL_RELATION_SETS, DecisionTable, Relation
+from proxy.policy.fieldmap import FieldMap, parse_fieldmap
+from proxy.policy.lint import parse_policy
+from proxy.redact import Disclosure, Plans, Redactor
+from proxy.writes import seal_fields
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("rows", "fields", "keystore", "policy")
@@ -103,7 +103,7 @@ async def fields_scaling(kit: Kit) -> list[dict[str, Any]]:
         def walk(sealed: dict[str, Any] = sealed, table: Any = table, plans: Plans = plans,
                  resource: Any = resource, classes: Any = fm.classes) -> object:
             return Redactor(table, "counsellor", lambda _c: CASELOAD, NO_PSEUDONYMS.get, Disclosure(), plans,
-                            cipher=FieldCipher(kit.ring, classes)).record(resource, sealed)
+                            cipher=FieldCipher(kit.ring)).record(resource, sealed)
 
         assert walk() == record
         us = best_of(walk)

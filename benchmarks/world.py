@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from benchmarks.procs import PY, REPO, Proc, Registry, free_port
 from proxy.config import Settings, build_settings
 from proxy.demo import encrypt_seeded
-from proxy.identity import mint_token
+from proxy.tokens import mint_token
 
 ISSUER = "https://idp.bench"
 AUDIENCE = "fieldguard-bench"
@@ -62,7 +62,7 @@ def get_json(url: str, timeout: float = 10.0) -> Any:
 
 def make_keys(directory: Path) -> Path:
     """keys/ (0700) with a file KEK sealed under the run's passphrase (cheap scrypt: not a production KEK)."""
-    from proxy.kek import FileKek, ScryptParams
+    from proxy.keys.kek import FileKek, ScryptParams
 
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
@@ -100,7 +100,7 @@ def start_crm(reg: Registry, root: Path, db: Path, core: int, name: str, limit: 
 
 def build(reg: Registry, root: Path, limit: float) -> World:
     """Start the CRM on core 1, encrypt it, and work out the three load paths."""
-    os.environ[PASSPHRASE_ENV] = PASSPHRASE  # read by proxy.custody in this process and the gateways
+    os.environ[PASSPHRASE_ENV] = PASSPHRASE  # read by proxy.keys.custody in this process and the gateways
     keys = make_keys(root / "keys")
     private_pem, public_key = signing_key(root)
     policies = root / "policies"

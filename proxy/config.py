@@ -1,8 +1,8 @@
 """Settings: one TOML file, every key documented in examples/fieldguard.toml, each overridable by
 an environment variable `FIELDGUARD_<SECTION>_<KEY>` (e.g. FIELDGUARD_UPSTREAM_URL).
 
-Relative paths are resolved against the directory of the TOML file, so a deployment directory can be
-moved as a whole.
+Relative paths are resolved once, at load, against the directory of the TOML file, so a deployment
+directory can be moved as a whole and every component is handed its own section with paths it can use.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "FIELDGUARD_"
+_PATH = {"path": True}  # field metadata: a file or directory, resolved against the config's directory
+
+
+def _path(default: str = "") -> Any:
+    return field(default=default, metadata=_PATH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +28,7 @@ class ServerSection:
     port: int = 8000
     max_body_bytes: int = 1024 * 1024
     log_level: str = "info"
-    pid_file: str = ""  # written at start, so `fieldguard policy reload` can signal the gateway
+    pid_file: str = _path()  # written at start, so `fieldguard policy reload` can signal the gateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +46,13 @@ class UpstreamSection:
 
 @dataclass(frozen=True, slots=True)
 class PolicySection:
-    dir: str = "policies"
-    fields_file: str = ""  # default: fields.yaml in dir
+    dir: str = _path("policies")
+    fields_file: str = _path()  # default: fields.yaml in dir
     watch: bool = True
     poll_seconds: float = 1.0
     require_signature: bool = False  # refuse a bundle without a valid bundle.sig
-    signing_public_key: str = ""  # the officers' Ed25519 public key (PEM) that bundle.sig must verify under
-    shadow_dir: str = ""  # a candidate bundle evaluated beside the active one, differences audited, never enforced
+    signing_public_key: str = _path()  # the officers' Ed25519 public key (PEM) that bundle.sig must verify under
+    shadow_dir: str = _path()  # a candidate bundle evaluated beside the active one, differences audited, never enforced
     officer_role: str = "security_officer"  # the role allowed the /_fieldguard/ endpoints (explain, reload)
 
 
@@ -55,25 +60,26 @@ class PolicySection:
 class IdentitySection:
     issuer: str = "https://fieldguard.local"
     audience: str = "fieldguard"
-    public_key_file: str = ""
-    jwks_file: str = ""
-    demo_hs256_secret_file: str = ""
+    public_key_file: str = _path()
+    jwks_file: str = _path()
+    demo_hs256_secret_file: str = _path()
     demo: bool = False
-    demo_signing_key_file: str = ""  # private key `fieldguard token` signs with (never read by the gateway)
+    demo_signing_key_file: str = _path()  # private key `fieldguard token` signs with (never read by the gateway)
     roles_claim: str = "roles"
     purpose_claim: str = "purpose_of_use"
     client_claim: str = "client_id"
     leeway_seconds: int = 30
+    token_cache_size: int = 10_000  # verified tokens remembered (by hash) until they expire
 
 
 @dataclass(frozen=True, slots=True)
 class KeysSection:
-    dir: str = "keys"
+    dir: str = _path("keys")
     keystore: str = "keystore.sqlite3"  # in dir
     kek: str = "file"  # file | pkcs11
     kek_file: str = "kek.json"  # in dir (file backend)
     passphrase_env: str = "FIELDGUARD_KEK_PASSPHRASE"
-    passphrase_file: str = ""  # read when the environment variable is not set
+    passphrase_file: str = _path()  # read when the environment variable is not set
     pkcs11_module: str = "/usr/lib/softhsm/libsofthsm2.so"
     pkcs11_token: str = "fieldguard"
     pkcs11_pin_env: str = "FIELDGUARD_PKCS11_PIN"
@@ -81,16 +87,21 @@ class KeysSection:
     cache_seconds: float = 300.0
     revocation_poll_seconds: float = 0.5
 
+    def in_dir(self, name: str) -> Path:
+        """A file kept in the keys directory (the keystore, the KEK file, the audit signing key)."""
+        return Path(self.dir) / name
+
 
 @dataclass(frozen=True, slots=True)
 class RelationsSection:
     refresh_seconds: float = 30.0
+    max_age_seconds: float = 120.0  # older facts than this: decisions that need them are refused (503)
 
 
 @dataclass(frozen=True, slots=True)
 class AuditSection:
-    log: str = "-"  # JSON lines for a SIEM: a file path, or "-" for stdout
-    store: str = "audit.sqlite3"  # the durable, hash-linked trail (SQLite)
+    log: str = _path("-")  # JSON lines for a SIEM: a file path, or "-" for stdout
+    store: str = _path("audit.sqlite3")  # the durable, hash-linked trail (SQLite)
     timeout_seconds: float = 2.0  # a record not committed by then: the caller gets 503 and no data
     checkpoint_every: int = 1000  # sign the trail's head every N records ...
     checkpoint_seconds: float = 60.0  # ... or every T seconds, whichever comes first
@@ -114,7 +125,7 @@ class Settings:
     base_dir: Path = field(default_factory=Path.cwd)
 
     def path(self, value: str) -> Path:
-        """A configured path, relative to the config file's directory."""
+        """A path given relative to the config file's directory (configured paths are resolved already)."""
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.base_dir / p)
 
@@ -155,6 +166,8 @@ def build_settings(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Pat
                 values[key] = _coerce(env[env_name], getattr(current, key), env_name)
         for key, value in values.items():
             expected = getattr(current, key)
+            if known[key].metadata.get("path") and isinstance(value, str) and value not in ("", "-"):
+                values[key] = str(_resolve(value, base_dir))
             if isinstance(expected, bool) != isinstance(value, bool) or (
                 not isinstance(expected, bool) and isinstance(expected, (int, float)) and
                 not isinstance(value, (int, float))
@@ -162,8 +175,16 @@ def build_settings(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Pat
                 raise ConfigError(f"[{name}] {key} should be {type(expected).__name__}")
             if isinstance(expected, float) and isinstance(value, int):
                 values[key] = float(value)
+        for key, spec in known.items():  # defaults are relative to the config's directory too
+            if key not in values and spec.metadata.get("path") and getattr(current, key) not in ("", "-"):
+                values[key] = str(_resolve(getattr(current, key), base_dir))
         updates[name] = replace(current, **values)
     return replace(settings, **updates)
+
+
+def _resolve(value: str, base_dir: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base_dir / p
 
 
 def _coerce(text: str, default: Any, name: str) -> Any:

@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.audit import JsonLinesTrail, MultiTrail
 from proxy.config import Settings, build_settings
-from proxy.identity import mint_token
-from proxy.kek import FileKek
+from proxy.keys import FileKek
 from proxy.secretfile import check_private, write_private
+from proxy.tokens import mint_token
 
 REPO = Path(__file__).resolve().parent.parent
 ISSUER = "https://fieldguard.demo"
@@ -223,12 +223,12 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 async def encrypt_seeded(settings: Settings, policies: Path = REPO / "policies") -> int:
     """What `fieldguard encrypt-existing` does, run on the freshly seeded CRM (idempotent on a restart).
     The policy is proved here once; the gateway started next reuses the proof."""
-    from proxy.custody import open_kek, open_keyring
-    from proxy.migrate import encrypt_existing
+    from proxy.keys import open_kek, open_keyring
+    from proxy.keys.migration import encrypt_existing
     from proxy.policy import load_bundle
 
-    fm = load_bundle(policies, settings.path(settings.keys.dir) / "proofs").fieldmap
-    ring = await open_keyring(settings, open_kek(settings))
+    fm = load_bundle(policies, settings.keys.in_dir("proofs")).fieldmap
+    ring = await open_keyring(settings.keys, open_kek(settings.keys))
     try:
         report = await encrypt_existing(settings, fm, ring, dry_run=False, rate=0, max_records=None)
     finally:

@@ -22,8 +22,9 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.decision import PURPOSES
+from proxy.config import IdentitySection
 from proxy.errors import GatewayError
+from proxy.policy import PURPOSES
 
 log = structlog.get_logger("fieldguard.identity")
 
@@ -63,25 +64,10 @@ class Claims:
     expires: float
 
 
-@dataclass(frozen=True, slots=True)
-class IdentitySettings:
-    issuer: str
-    audience: str
-    public_key_file: Path | None = None
-    jwks_file: Path | None = None
-    demo_hs256_secret_file: Path | None = None
-    demo: bool = False
-    roles_claim: str = "roles"
-    purpose_claim: str = "purpose_of_use"
-    client_claim: str = "client_id"
-    leeway_seconds: int = 30
-    cache_size: int = 10_000
-
-
 class TokenVerifier:
     """Turns an Authorization header and the role/purpose headers into a `Principal`."""
 
-    def __init__(self, settings: IdentitySettings) -> None:
+    def __init__(self, settings: IdentitySection) -> None:
         self.settings = settings
         self._keys, self._algorithms = _load_keys(settings)
         self._cache: OrderedDict[bytes, Claims] = OrderedDict()
@@ -105,7 +91,7 @@ class TokenVerifier:
             del self._cache[digest]
         claims = self._decode(token)
         self._cache[digest] = claims
-        if len(self._cache) > self.settings.cache_size:
+        if len(self._cache) > self.settings.token_cache_size:
             self._cache.popitem(last=False)
         return claims
 
@@ -211,28 +197,27 @@ class TokenVerifier:
         )
 
 
-def _load_keys(s: IdentitySettings) -> tuple[dict[str, Any], frozenset[str]]:
+def _load_keys(s: IdentitySection) -> tuple[dict[str, Any], frozenset[str]]:
     """Keys by kid ('' for a single unnamed key) and the algorithms they may verify.
 
     One key type per deployment: an RSA or EC public key never verifies HS256 and a demo secret
     never verifies RS256, which closes the HS/RS confusion attack.
     """
-    sources = [x for x in (s.public_key_file, s.jwks_file, s.demo_hs256_secret_file) if x is not None]
+    sources = [x for x in (s.public_key_file, s.jwks_file, s.demo_hs256_secret_file) if x]
     if len(sources) != 1:
         raise ValueError("configure exactly one of identity.public_key_file, jwks_file, demo_hs256_secret_file")
-    if s.demo_hs256_secret_file is not None:
+    if s.demo_hs256_secret_file:
         if not s.demo:
             raise ValueError("HS256 shared secrets are accepted only with identity.demo = true")
-        secret = s.demo_hs256_secret_file.read_bytes().strip()
+        secret = Path(s.demo_hs256_secret_file).read_bytes().strip()
         if len(secret) < 32:
             raise ValueError("the demo HS256 secret must be at least 32 bytes")
         log.warning("HS256 demo secret in use: never run this configuration in production")
         return {"": secret}, frozenset({"HS256"})
-    if s.public_key_file is not None:
-        key = serialization.load_pem_public_key(s.public_key_file.read_bytes())
+    if s.public_key_file:
+        key = serialization.load_pem_public_key(Path(s.public_key_file).read_bytes())
         return {"": key}, _algorithms_for(key)
-    assert s.jwks_file is not None
-    jwks = json.loads(s.jwks_file.read_text())
+    jwks = json.loads(Path(s.jwks_file).read_text())
     keys: dict[str, Any] = {}
     algorithms: set[str] = set()
     for jwk in jwks.get("keys", []):
@@ -252,33 +237,3 @@ def _algorithms_for(key: Any) -> frozenset[str]:
     if isinstance(key, ec.EllipticCurvePublicKey):
         return frozenset({{"secp256r1": "ES256", "secp384r1": "ES384"}.get(key.curve.name, "ES256")})
     raise ValueError("public keys must be RSA or EC")
-
-
-def mint_token(
-    private_key_pem: bytes,
-    *,
-    subject: str,
-    roles: list[str],
-    issuer: str,
-    audience: str,
-    purposes: list[str] | None = None,
-    client_id: str | None = None,
-    ttl_seconds: int = 3600,
-    kid: str | None = None,
-) -> str:
-    """A signed demo token (ES256 or RS256 by key type). Tests and `fieldguard token` use it."""
-    key = serialization.load_pem_private_key(private_key_pem, password=None)
-    alg = "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"
-    now = int(time.time())
-    payload: dict[str, Any] = {
-        "iss": issuer, "aud": audience, "sub": subject, "iat": now, "exp": now + ttl_seconds,
-        "jti": hashlib.sha256(f"{subject}{now}{time.perf_counter_ns()}".encode()).hexdigest()[:16],
-        "roles": roles,
-    }
-    if purposes:
-        payload["purpose_of_use"] = purposes
-    if client_id is not None:
-        payload["client_id"] = client_id
-    headers = {"kid": kid} if kid else None
-    return jwt.encode(payload, key, algorithm=alg, headers=headers)  # type: ignore[arg-type]
-

@@ -14,13 +14,102 @@ over a row does no policy work at all: one dictionary lookup and one set inserti
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
-from proxy.audit import Disclosure, Note, Summary, note_of
-from proxy.decision import DecisionTable, Outcome, Relation, View
-from proxy.envelope import associated_where
-from proxy.fieldmap import FieldClass, FieldSpec, Node, Resource
+from proxy.audit import AuditRecord
+from proxy.keys import CipherFailure, FieldCipher, associated_where
 from proxy.masks import MASKS, Mask
+from proxy.policy import (
+    DecisionTable,
+    FieldClass,
+    FieldSpec,
+    Node,
+    Outcome,
+    PolicyBundle,
+    Relation,
+    Resource,
+    View,
+)
+
+
+class Note:
+    """One (outcome, field class, path) a response disclosed. Compared by identity: the redaction plans
+    make each once, so noting it per row is a set insertion with no hashing of strings or enums."""
+
+    __slots__ = ("field_class", "outcome", "path")
+
+    def __init__(self, outcome: Outcome, field_class: str, path: str) -> None:
+        self.outcome = outcome
+        self.field_class = field_class
+        self.path = path
+
+
+_NOTES: dict[tuple[Outcome, str, str], Note] = {}
+
+
+def note_of(outcome: Outcome, field_class: str, path: str) -> Note:
+    """The one `Note` for these names (paths come from the field map, so there are few of them)."""
+    found = _NOTES.get((outcome, field_class, path))
+    if found is None:
+        if len(_NOTES) > 100_000:
+            _NOTES.clear()
+        found = _NOTES[(outcome, field_class, path)] = Note(outcome, field_class, path)
+    return found
+
+
+@dataclass(slots=True)
+class Disclosure:
+    """What one response revealed, gathered while it is rewritten."""
+
+    notes: set[Note] = field(default_factory=set)
+    unclassified: set[str] = field(default_factory=set)
+    clients: dict[str, Relation] = field(default_factory=dict)
+    dropped_rows: int = 0
+    key_ids: set[str] = field(default_factory=set)
+    failures: set[str] = field(default_factory=set)  # "session_note.body: key belongs to another client"
+
+    def note(self, outcome: Outcome, field_class: str, path: str) -> None:
+        self.notes.add(note_of(outcome, field_class, path))
+
+    def into(self, record: AuditRecord, summary: Summary, pseudonyms: Mapping[str, str]) -> None:
+        """What the response disclosed, by name, into its audit record (clients by pseudonym)."""
+        record.shown = summary.shown
+        record.pseudonymised = summary.pseudonymised
+        record.masked = summary.masked
+        record.removed = summary.removed
+        record.rules = summary.rules
+        record.unclassified = sorted(self.unclassified)
+        record.clients = sorted({pseudonyms.get(c, "unresolved") for c in self.clients})
+        record.relations = sorted({_LABELS[r] for r in set(self.clients.values())})
+        record.rows_dropped = self.dropped_rows
+        record.key_ids = sorted(self.key_ids)
+        record.decrypt_failures = sorted(self.failures)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What a set of notes comes to in an audit record: class -> sorted paths per outcome, and the rules
+    that decided. Summaries are cached and shared between records, so nothing may change one."""
+
+    shown: dict[str, list[str]]
+    pseudonymised: dict[str, list[str]]
+    masked: dict[str, list[str]]
+    removed: dict[str, list[str]]
+    rules: list[str]
+
+    @classmethod
+    def of(cls, notes: Iterable[Note], rules: Iterable[str]) -> Summary:
+        gathered: dict[Outcome, dict[str, set[str]]] = {o: {} for o in Outcome}
+        for n in notes:
+            gathered[n.outcome].setdefault(n.field_class, set()).add(n.path)
+        done = {o: {c: sorted(p) for c, p in sorted(by_class.items())} for o, by_class in gathered.items()}
+        return cls(done[Outcome.CLEAR], done[Outcome.PSEUDONYM], done[Outcome.MASK], done[Outcome.REMOVE],
+                   sorted(rules))
+
+
+_LABELS = {r: r.label for r in (Relation(bits) for bits in range(1 << len(Relation)))}
+
 
 _DROP = object()
 _SEALED = "fg1."
@@ -28,16 +117,6 @@ _SEALED = "fg1."
 # What a step does. Leaves carry the outcome their class has in the plan's view; the others recurse.
 CLEAR, PSEUDONYM, MASK, REMOVE, OBJECT, ARRAY, NOTHING = range(7)
 _KIND = {Outcome.CLEAR: CLEAR, Outcome.PSEUDONYM: PSEUDONYM, Outcome.MASK: MASK, Outcome.REMOVE: REMOVE}
-
-
-class FieldCipher(Protocol):
-    """Opens field ciphertexts for callers whose outcome is `clear` (see proxy.fieldcipher)."""
-
-    def open(self, value: str, client_id: str | None, scope: str, where: bytes, d: Disclosure) -> Any: ...
-
-
-class CipherFailure(Exception):
-    """A ciphertext that cannot be opened for this record (bad tag, foreign key, destroyed key...)."""
 
 
 class Step:
@@ -123,6 +202,14 @@ class Plans:
         self.classes = classes
         self._plans: dict[tuple[str, str, Relation], Plan] = {}
         self._summaries: dict[tuple[str, frozenset[Relation], frozenset[Note]], Summary] = {}
+
+    @classmethod
+    def of(cls, bundle: PolicyBundle) -> Plans:
+        """The bundle's plans, kept with it: made on its first request, gone with it."""
+        found = bundle.memo.get(cls)
+        if found is None:
+            found = bundle.memo[cls] = cls(bundle.fieldmap.classes)
+        return found
 
     def plan(self, resource: Resource, view: View) -> Plan:
         key = (resource.name, view.role, view.relations)
@@ -249,7 +336,7 @@ class Redactor:
         if kind == CLEAR:  # here only with a ciphertext
             if self.cipher is not None:
                 try:
-                    value = self.cipher.open(value, self._client, step.scope, step.where, d)
+                    value = self.cipher.open(value, self._client, step.scope, step.where, d.key_ids)
                 except CipherFailure as exc:
                     d.failures.add(f"{self._resource}.{step.path}: {exc}")
                     d.notes.add(step.removed)

@@ -31,13 +31,3 @@ def write_private(path: Path, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, path)
 
-
-def read_or_create(path: Path, size: int = 32) -> bytes:
-    """A random secret of `size` bytes, made on first use and kept private."""
-    if not path.exists():
-        write_private(path, secrets.token_bytes(size))
-    check_private(path)
-    data = path.read_bytes()
-    if len(data) != size:
-        raise InsecureKeyFile(f"{path} should hold {size} bytes, holds {len(data)}")
-    return data

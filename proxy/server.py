@@ -8,22 +8,18 @@ import sys
 import uvicorn
 
 from proxy import logs
-from proxy.audit import JsonLinesTrail, MultiTrail
+from proxy.app import Gateway
+from proxy.audit import Siem
 from proxy.config import Settings
-from proxy.gateway import Gateway
-from proxy.kek import KekError
+from proxy.keys import KekError
 from proxy.policy import PolicyError
 
 
-def build(settings: Settings, siem: JsonLinesTrail | MultiTrail | None = None) -> Gateway:
-    return Gateway(settings, siem)
-
-
-def run(settings: Settings, siem: JsonLinesTrail | MultiTrail | None = None) -> int:
+def run(settings: Settings, siem: Siem | None = None) -> int:
     """Serve until stopped; 1 when the configuration or the policy cannot be used."""
     logs.configure(settings.server.log_level)
     try:
-        app = build(settings, siem)
+        app = Gateway(settings, siem)
     except PolicyError as exc:
         print("policy refused; the gateway will not start:", file=sys.stderr)
         for finding in exc.findings:

@@ -15,23 +15,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from proxy.config import UpstreamSection
 from proxy.errors import GatewayError
-
-# Never forwarded in either direction (RFC 9110 7.6.1 plus what the gateway owns).
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-    "trailer", "transfer-encoding", "upgrade", "host", "content-length", "content-encoding",
-})
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamSettings:
-    url: str
-    timeout_seconds: float = 10.0
-    connect_timeout_seconds: float = 2.0
-    max_response_bytes: int = 32 * 1024 * 1024
-    pool_size: int = 100
-    headers: Mapping[str, str] | None = None  # e.g. the gateway's own credential for the CRM
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +51,7 @@ class OpenStream:
 
 
 class Upstream:
-    def __init__(self, settings: UpstreamSettings) -> None:
+    def __init__(self, settings: UpstreamSection) -> None:
         self.settings = settings
         parts = urlsplit(settings.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:

@@ -3,19 +3,17 @@
 A field the map does not know is refused (422), a field whose class the caller's role may not write
 for this client is refused (403); either way the CRM never sees the request. `PUT` replaces the whole
 record, so it needs write on every class of the resource. Fields of encrypted classes are sealed
-with the client's data key on the way (see proxy.crypto).
+with the client's data keys on the way (`seal_fields`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
-from proxy.decision import View
 from proxy.errors import GatewayError
-from proxy.fieldmap import FieldSpec, Node, Resource
-
-Seal = Callable[[FieldSpec, str, Any], Any]  # (spec, class, value) -> stored value
+from proxy.keys import OpenKey, seal
+from proxy.policy import FieldClass, Node, Resource, View
 
 
 class WriteRefused(GatewayError):
@@ -25,14 +23,14 @@ class WriteRefused(GatewayError):
 
 
 def check_write(
-    resource: Resource, body: dict[str, Any], view: View, *, replace: bool, seal: Seal | None = None
+    resource: Resource, body: dict[str, Any], view: View, *, replace: bool
 ) -> tuple[dict[str, Any], set[str]]:
     """Return the body to forward and the classes it writes, or raise naming the first bad fields."""
     unknown: list[str] = []
     refused: list[str] = []
     written: set[str] = set()
     assert resource.root.children is not None
-    out = _object(resource.root.children, body, body, view, "", unknown, refused, written, seal)
+    out = _object(resource.root.children, body, body, view, "", unknown, refused, written)
     if unknown:
         raise WriteRefused(422, f"unknown field: {', '.join(sorted(unknown)[:5])}", sorted(unknown))
     if refused:
@@ -54,7 +52,6 @@ def _object(
     unknown: list[str],
     refused: list[str],
     written: set[str],
-    seal: Seal | None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, item in value.items():
@@ -63,7 +60,7 @@ def _object(
         if child is None:
             unknown.append(path)
             continue
-        out[key] = _node(child, item, record, view, path, unknown, refused, written, seal)
+        out[key] = _node(child, item, record, view, path, unknown, refused, written)
     return out
 
 
@@ -76,7 +73,6 @@ def _node(
     unknown: list[str],
     refused: list[str],
     written: set[str],
-    seal: Seal | None,
 ) -> Any:
     if node.spec is not None:
         cls = node.spec.class_for(record)
@@ -84,16 +80,48 @@ def _node(
             refused.append(f"{path} ({cls})")
             return value
         written.add(cls)
-        return seal(node.spec, cls, value) if seal is not None and value is not None else value
+        return value
     if node.children is not None:
         if not isinstance(value, dict):
             unknown.append(path)
             return value
-        return _object(node.children, value, record, view, path + ".", unknown, refused, written, seal)
+        return _object(node.children, value, record, view, path + ".", unknown, refused, written)
     if node.items is not None:
         if not isinstance(value, list):
             unknown.append(path)
             return value
-        return [_node(node.items, v, record, view, path + "[]", unknown, refused, written, seal) for v in value]
+        return [_node(node.items, v, record, view, path + "[]", unknown, refused, written) for v in value]
     unknown.append(path)
+    return value
+
+
+def seal_fields(resource: Resource, body: dict[str, Any], classes: Mapping[str, FieldClass],
+                keys: Mapping[str, OpenKey]) -> dict[str, Any]:
+    """Replace the value of every field of an encrypted class with its ciphertext (in place)."""
+    assert resource.root.children is not None
+    _seal_object(resource.root.children, body, body, resource.name, classes, keys)
+    return body
+
+
+def _seal_object(children: dict[str, Node], value: dict[str, Any], record: dict[str, Any], resource: str,
+                 classes: Mapping[str, FieldClass], keys: Mapping[str, OpenKey]) -> None:
+    for key, item in list(value.items()):
+        child = children.get(key)
+        if child is not None:
+            value[key] = _seal_node(child, item, record, resource, classes, keys)
+
+
+def _seal_node(node: Node, value: Any, record: dict[str, Any], resource: str, classes: Mapping[str, FieldClass],
+               keys: Mapping[str, OpenKey]) -> Any:
+    if node.spec is not None:
+        scope = classes[node.spec.class_for(record)].key_scope
+        if scope is None or value is None:
+            return value
+        opened = keys[scope]
+        return seal(opened.aead, opened.key.key_id, value, resource, node.spec.path)
+    if node.children is not None and isinstance(value, dict):
+        _seal_object(node.children, value, record, resource, classes, keys)
+        return value
+    if node.items is not None and isinstance(value, list):
+        return [_seal_node(node.items, v, record, resource, classes, keys) for v in value]
     return value

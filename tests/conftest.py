@@ -25,7 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.identity import mint_token
+from proxy.tokens import mint_token
 
 REPO = Path(__file__).resolve().parent.parent
 ISSUER = "https://idp.test"
@@ -140,7 +140,7 @@ def shared_proofs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_keys(directory: Path) -> Path:
     """A keys/ directory with a file KEK sealed under the test passphrase (made here, never committed)."""
-    from proxy.kek import FileKek, ScryptParams
+    from proxy.keys.kek import FileKek, ScryptParams
 
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)

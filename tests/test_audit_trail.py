@@ -22,8 +22,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.checkpoints import note
-from proxy.trail import canonical, leaf_hash, link_hash
+from proxy.audit.checkpoints import note
+from proxy.audit.trail import canonical, leaf_hash, link_hash
 from tests.conftest import KEK_ENV, Gateway, Signing, make_keys, policies_copy, start_crm, start_gateway
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.envelope import is_sealed
+from proxy.keys.envelope import is_sealed
 from tests.conftest import (
     KEK_ENV,
     Gateway,
@@ -290,7 +290,7 @@ def test_keystore_and_kek_files_are_private(setup: dict[str, Any]) -> None:
         assert (keys / name).stat().st_mode & 0o077 == 0, name
     shutil.copy(keys / "kek.json", keys / "loose.json")
     (keys / "loose.json").chmod(0o644)
-    from proxy.kek import FileKek
+    from proxy.keys.kek import FileKek
     from proxy.secretfile import InsecureKeyFile
 
     with pytest.raises(InsecureKeyFile):

@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.envelope import is_sealed
-from proxy.fieldmap import load_fieldmap
-from proxy.policy import BundleSource, load_bundle
+from proxy.keys.envelope import is_sealed
+from proxy.policy.bundle import BundleSource, load_bundle
+from proxy.policy.fieldmap import load_fieldmap
 from tests.conftest import REPO, Gateway, Service, Signing, free_port, policies_copy, start_gateway
 from tests.test_need_to_know import EXPECTED, PSEUDONYM, SCENARIOS, check
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from proxy.envelope import is_sealed
-from proxy.fieldmap import load_fieldmap, values_at
-from proxy.migrate import walks
+from proxy.keys.envelope import is_sealed
+from proxy.keys.migration import walks
+from proxy.policy.fieldmap import load_fieldmap, values_at
 from tests.conftest import KEK_ENV, REPO, Gateway, Signing, direct, make_keys, policies_copy, start_crm, start_gateway
 
 FIELDMAP = load_fieldmap(REPO / "policies" / "fields.yaml")

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from proxy.decision import Outcome, Relation
-from proxy.fieldmap import FieldSpec, Resource, load_fieldmap, values_at
 from proxy.masks import MASKS
-from proxy.policy import load_bundle
+from proxy.policy.bundle import load_bundle
+from proxy.policy.decision import Outcome, Relation
+from proxy.policy.fieldmap import FieldSpec, Resource, load_fieldmap, values_at
 from tests.conftest import REPO, Gateway, direct
 
 FIELDMAP = load_fieldmap(REPO / "policies" / "fields.yaml")

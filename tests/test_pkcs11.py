@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from proxy.envelope import is_sealed
+from proxy.keys.envelope import is_sealed
 from tests.conftest import REPO, Gateway, Signing, direct, policies_copy, start_crm, start_gateway
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.decision import Relation
-from proxy.lint import Severity, parse_policy
-from proxy.policy import PolicyError, load_bundle
+from proxy.policy.bundle import PolicyError, load_bundle
+from proxy.policy.decision import Relation
+from proxy.policy.lint import Severity, parse_policy
 from tests.conftest import REPO
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.envelope import is_sealed
+from proxy.keys.envelope import is_sealed
 from tests.conftest import Gateway, Signing, direct, policies_copy, start_crm, start_gateway
 
 

@@ -4,7 +4,8 @@ Expectation files (`policies/tests/*.yaml`) hold three kinds of case:
 - `decisions`: one (role, relation, purpose, class[, action]) and the outcome (or allow/deny) expected;
 - `matrix`: one (role, relation, purpose) and the outcome of every class (unlisted classes: remove);
 - `requests`: "as this user, GET /clients/7: these paths visible, these removed, this status", run through
-  a real gateway in this process, in front of a recorded upstream (`upstream: recordings/....json`).
+  a real gateway in this process, in front of a recorded upstream (`upstream: recordings/....json`). The
+  caller hands in the gateway to build (`App`): the policy package never imports the app.
 """
 
 from __future__ import annotations
@@ -14,17 +15,32 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
-from proxy.decision import Action, DecisionTable, Relation
-from proxy.fieldmap import values_at
-from proxy.policy import BundleSource, PolicyBundle
-from proxy.policytool import explain_class
+from proxy.config import Settings
+from proxy.policy.bundle import BundleSource, PolicyBundle
+from proxy.policy.decision import Action, DecisionTable, Relation
+from proxy.policy.fieldmap import values_at
+from proxy.policy.review import explain_class
+
+
+class Served(Protocol):
+    """An ASGI gateway with its own start and stop (proxy.app.Gateway)."""
+
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[Any], Awaitable[None]]) -> None: ...
+
+
+App = Callable[..., Served]  # App(settings, bundle=bundle)
 
 
 @dataclass(slots=True)
@@ -85,7 +101,7 @@ def load_cases(directory: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
         yield path, doc
 
 
-def run_tests(bundle: PolicyBundle, source: BundleSource) -> list[CaseResult]:
+def run_tests(bundle: PolicyBundle, source: BundleSource, app: App | None = None) -> list[CaseResult]:
     """Every case of every file under `tests/` of the bundle directory."""
     results: list[CaseResult] = []
     classes = sorted(bundle.fieldmap.classes)
@@ -101,12 +117,15 @@ def run_tests(bundle: PolicyBundle, source: BundleSource) -> list[CaseResult]:
         if doc.get("requests"):
             request_files.append((path, doc))
     for path, doc in request_files:
-        results += asyncio.run(_run_requests(bundle, source, path, doc))
+        if app is None:
+            results.append(CaseResult(path.name, "requests", False, ["request cases need a gateway to run them"]))
+            continue
+        results += asyncio.run(_run_requests(bundle, source, path, doc, app))
     return results
 
 
 # ---------------------------------------------------------------------------------------------- requests
-async def _run_requests(bundle: PolicyBundle, source: BundleSource, path: Path, doc: dict[str, Any]
+async def _run_requests(bundle: PolicyBundle, source: BundleSource, path: Path, doc: dict[str, Any], app: App
                         ) -> list[CaseResult]:
     """A real gateway in this process, in front of the recorded upstream, each case a real request."""
     import httpx
@@ -115,14 +134,13 @@ async def _run_requests(bundle: PolicyBundle, source: BundleSource, path: Path, 
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from proxy.config import build_settings
-    from proxy.gateway import Gateway
-    from proxy.identity import mint_token
-    from proxy.kek import FileKek, ScryptParams
+    from proxy.keys.kek import FileKek, ScryptParams
+    from proxy.tokens import mint_token
 
     recording = json.loads((path.parent / str(doc["upstream"])).read_text())
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", _replay(recording))
-    runner = web.AppRunner(app, access_log=None)
+    upstream = web.Application()
+    upstream.router.add_route("*", "/{tail:.*}", _replay(recording))
+    runner = web.AppRunner(upstream, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -149,8 +167,8 @@ async def _run_requests(bundle: PolicyBundle, source: BundleSource, path: Path, 
                "keys": {"dir": str(keys), "passphrase_file": str(d / "pass"),
                         "passphrase_env": "FIELDGUARD_POLICY_TEST_UNSET"},
                "audit": {"log": str(d / "audit.jsonl"), "store": str(d / "audit.sqlite3")}}
-        settings = build_settings(raw, {}, d)
-        gateway = Gateway(settings, bundle=bundle)
+        settings: Settings = build_settings(raw, {}, d)
+        gateway = app(settings, bundle=bundle)
         await gateway.startup()
         try:
             transport = httpx.ASGITransport(app=gateway)

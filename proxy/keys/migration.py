@@ -22,13 +22,11 @@ from typing import Any
 import httpx
 import orjson
 
-from proxy.audit import Disclosure
 from proxy.config import Settings
-from proxy.envelope import associated_where, is_sealed, seal
-from proxy.fieldcipher import FieldCipher
-from proxy.fieldmap import FieldClass, FieldMap, Node, Resource
-from proxy.keyring import KeyRing, OpenKey
-from proxy.redact import CipherFailure
+from proxy.keys.cipher import CipherFailure, FieldCipher
+from proxy.keys.envelope import associated_where, is_sealed, seal
+from proxy.keys.ring import KeyRing, OpenKey
+from proxy.policy.fieldmap import FieldClass, FieldMap, Node, Resource
 from proxy.routes import Route, Shape, Verb
 from proxy.secretfile import write_private
 
@@ -74,7 +72,7 @@ def walks(fieldmap: FieldMap) -> list[Walk]:
     return found
 
 
-class Checkpoint:
+class ResumePoint:
     """The last page finished for each resource, so an interrupted run resumes instead of restarting."""
 
     def __init__(self, path: Path, action: str, upstream: str) -> None:
@@ -199,15 +197,15 @@ async def encrypt_existing(settings: Settings, fm: FieldMap, ring: KeyRing, *, d
                            max_records: int | None, progress: Progress | None = None,
                            totals: Callable[[int], None] | None = None) -> MigrationReport:
     report = MigrationReport("encrypt-existing", dry_run)
-    checkpoint = Checkpoint(settings.path(settings.keys.dir) / "migration.json", "encrypt-existing",
-                            settings.upstream.url)
+    resume = ResumePoint(settings.keys.in_dir("migration.json"), "encrypt-existing",
+                          settings.upstream.url)
     limiter = RateLimit(rate)
     classes = dict(fm.classes)
     async with _crm(settings) as client:
         for walk in await _plan(client, fm, totals):
             name = walk.resource.name
             assert walk.resource.root.children is not None
-            async for page, rows in _pages(client, fm, walk, 0 if dry_run else checkpoint.done(name)):
+            async for page, rows in _pages(client, fm, walk, 0 if dry_run else resume.done(name)):
                 for row in rows:
                     if max_records is not None and report.records >= max_records:
                         report.complete = False
@@ -239,9 +237,9 @@ async def encrypt_existing(settings: Settings, fm: FieldMap, ring: KeyRing, *, d
                     if progress is not None:
                         progress(1)
                 if not dry_run:
-                    checkpoint.save(name, page)
+                    resume.save(name, page)
         if not dry_run:
-            checkpoint.clear()
+            resume.clear()
     return report
 
 
@@ -279,7 +277,7 @@ async def decrypt_export(settings: Settings, fm: FieldMap, ring: KeyRing, *, dry
                          totals: Callable[[int], None] | None = None) -> MigrationReport:
     """Open every sealed field and write it back to the CRM in plaintext, or export records to a file."""
     report = MigrationReport("decrypt-export", dry_run)
-    cipher = FieldCipher(ring, fm.classes)
+    cipher = FieldCipher(ring)
     limiter = RateLimit(rate)
     classes = dict(fm.classes)
     sink = (os.fdopen(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8")
@@ -294,7 +292,7 @@ async def decrypt_export(settings: Settings, fm: FieldMap, ring: KeyRing, *, dry
                     for row in rows:
                         report.records += 1
                         opened = [0]
-                        unseal = partial(_unseal, cipher, _client_of(walk.resource, row), name, report, opened)
+                        unseal = partial(_unseal, cipher, classes, _client_of(walk.resource, row), name, report, opened)
                         changed = _changes(walk.resource.root.children, row, name, classes, unseal)
                         report.fields += opened[0]
                         if changed:
@@ -312,14 +310,14 @@ async def decrypt_export(settings: Settings, fm: FieldMap, ring: KeyRing, *, dry
     return report
 
 
-def _unseal(cipher: FieldCipher, client_id: str | None, resource: str, report: MigrationReport, opened: list[int],
-            cls: str, path: str, value: Any) -> Any:
+def _unseal(cipher: FieldCipher, classes: dict[str, FieldClass], client_id: str | None, resource: str,
+            report: MigrationReport, opened: list[int], cls: str, path: str, value: Any) -> Any:
     if not is_sealed(value):
         return value
     try:
-        known = cipher.classes.get(cls)
+        known = classes.get(cls)
         scope = (known.key_scope or "") if known is not None else ""
-        plain = cipher.open(value, client_id, scope, associated_where(resource, path), Disclosure())
+        plain = cipher.open(value, client_id, scope, associated_where(resource, path), set())
     except CipherFailure:
         report.failures += 1
         return value

@@ -1,4 +1,4 @@
-"""Linting of the Casbin files: every way pycasbin 2.8 accepts a broken file silently.
+"""Linting of the bundle: every way pycasbin 2.8 accepts a broken file silently, and coverage warnings.
 
 pycasbin drops rows of undeclared types, keeps rows of the wrong width until a request reaches them,
 turns `read  # note` into a token that never matches, and renames model tokens after an inline
@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from proxy.decision import PURPOSES, Action, Effect, Relation, Rule
+from proxy.policy.decision import PURPOSES, Action, DecisionTable, Effect, Outcome, Relation, Rule
+from proxy.policy.fieldmap import FieldMap
 
 
 class Severity(StrEnum):
@@ -32,6 +33,14 @@ class Finding:
         where = f"{self.file}:{self.line}" if self.line else self.file
         text = f"{where}: {self.severity}: {self.message}"
         return f"{text} (hint: {self.hint})" if self.hint else text
+
+
+class PolicyError(Exception):
+    """The bundle cannot be used; `findings` say where and why."""
+
+    def __init__(self, findings: list[Finding]) -> None:
+        super().__init__("; ".join(str(f) for f in findings[:5]))
+        self.findings = findings
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,3 +231,43 @@ def lint_model(text: str, file: str = "model.conf") -> list[Finding]:
                                     "conditional role links make every plain g() check false in pycasbin 2.8",
                                     "FieldGuard keeps expiring grants (cover, break-glass) itself"))
     return findings
+
+
+# ------------------------------------------------------------------------------------- bundle coverage
+def coverage_warnings(fieldmap: FieldMap, table: DecisionTable, rules: Iterable[Rule]) -> list[Finding]:
+    """What a bundle says that can never matter, or leaves to chance: warnings, never errors."""
+    found: list[Finding] = []
+    mentioned = {r.field_class for r in rules}
+    for name in fieldmap.classes:
+        if name not in mentioned:
+            found.append(Finding("fields.yaml", None, Severity.WARNING, f"class {name!r} is named by no rule",
+                                 "every field of it is removed for every role; remove the class or add rules"))
+    visible = {c for v in table.views.values() for c, d in v.classes.items() if d.outcome is not Outcome.REMOVE}
+    for resource in fieldmap.resources.values():
+        for spec in resource.specs:
+            classes = {spec.field_class} | ({spec.flag_class} if spec.flag_class else set())
+            if not classes & visible:
+                found.append(Finding("fields.yaml", spec.line, Severity.WARNING,
+                                     f"{resource.name}.{spec.path} ({spec.field_class}) is shown to no role",
+                                     "it is always removed: expected?"))
+        if resource.client_field is None and any(
+            d.rule is not None and d.rule.relation is not Relation.ANY
+            for v in table.views.values() for c, d in v.classes.items() if c in resource.classes
+        ):
+            found.append(Finding("fields.yaml", None, Severity.WARNING,
+                                 f"resource {resource.name} has no client field, but rules grant its classes "
+                                 "through a relation", "its records are decided under relation any only"))
+    for route in fieldmap.routes:
+        res = fieldmap.resources.get(route.resource)
+        if (res is not None and res.client_field is not None and route.shape.value == "list"
+                and route.filter_param is None and route.client_param is None):
+            found.append(Finding("fields.yaml", line_of_source(route.source), Severity.WARNING,
+                                 f"list route {route.method} {route.template} has no client filter",
+                                 "rows the caller may not see are fetched and dropped; add filter: "
+                                 f"{res.client_field}"))
+    return found
+
+
+def line_of_source(source: str) -> int | None:
+    tail = source.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else None

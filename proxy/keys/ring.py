@@ -8,7 +8,6 @@ records a rotation or a shred (polled every `revocation_poll_seconds`, and immed
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections import OrderedDict
@@ -19,9 +18,8 @@ from typing import Generic, TypeVar
 import structlog
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from proxy.fieldmap import KEY_SCOPES
-from proxy.kek import KekError, KeyEncryptionKey
-from proxy.keystore import DataKey, KeyStatus, Keystore
+from proxy.keys.kek import KekError, KeyEncryptionKey
+from proxy.keys.store import DataKey, KeyStatus, Keystore
 
 log = structlog.get_logger("fieldguard.keys")
 K = TypeVar("K")
@@ -55,12 +53,9 @@ class BoundedCache(Generic[K, V]):
     def drop(self, key: K) -> None:
         self._data.pop(key, None)
 
-    def drop_where(self, predicate: Callable[[V], bool]) -> None:
-        for key in [k for k, (_, v) in self._data.items() if predicate(v)]:
+    def drop_where(self, predicate: Callable[[K, V], bool]) -> None:
+        for key in [k for k, (_, v) in self._data.items() if predicate(k, v)]:
             del self._data[key]
-
-    def clear(self) -> None:
-        self._data.clear()
 
     def __len__(self) -> int:
         return len(self._data)
@@ -86,8 +81,7 @@ class KeyRing:
         self.open_keys: BoundedCache[bytes, OpenKey] = BoundedCache(cache_size, cache_seconds)
         self.writers: BoundedCache[tuple[str, str], bytes] = BoundedCache(cache_size, cache_seconds)
         self.pseudonym_cache: BoundedCache[str, str] = BoundedCache(cache_size * 10, cache_seconds)
-        self._revocation_seq = 0
-        self.unwraps = 0
+        self._revocation_seq: int | None = None  # None: not read yet
 
     @property
     def kek(self) -> KeyEncryptionKey:
@@ -132,13 +126,9 @@ class KeyRing:
         if row is None or row.wrapped is None or row.status is KeyStatus.DESTROYED or row.kek_id is None:
             return None
         dek = self.kek.unwrap(row.wrapped, wrap_aad(row.key_id, row.scope), row.kek_id)
-        self.unwraps += 1
         opened = OpenKey(row, AESGCM(dek))
         self.open_keys.put(key_id, opened)
         return opened
-
-    def row(self, key_id: bytes) -> DataKey | None:
-        return self.rows.get(key_id)
 
     # ----------------------------------------------------------------- writing
     async def for_writing(self, client_id: str | None, scope: str) -> OpenKey:
@@ -198,17 +188,18 @@ class KeyRing:
         for key_id in ids:
             self.rows.drop(key_id)
             self.open_keys.drop(key_id)
-        self.writers.drop_where(lambda key_id: key_id in ids)
+        self.writers.drop_where(lambda owner, key_id: key_id in ids or owner[0] in clients)
         for client in clients:
             self.pseudonym_cache.drop(client)
         if clients:
-            self.rows.drop_where(lambda row: row.client_id in clients)
-            self.open_keys.drop_where(lambda opened: opened.key.client_id in clients)
-            for client in clients:
-                for scope in KEY_SCOPES:
-                    self.writers.drop((client, scope))
+            self.rows.drop_where(lambda _, row: row.client_id in clients)
+            self.open_keys.drop_where(lambda _, opened: opened.key.client_id in clients)
 
     async def poll_revocations(self) -> int:
+        """Drop from the caches every key and client the keystore has revoked since the last poll."""
+        if self._revocation_seq is None:  # the first poll, at start: nothing cached yet that could be stale
+            self._revocation_seq = await self.store.latest_revocation()
+            return self._revocation_seq
         last, keys, clients = await self.store.revocations_since(self._revocation_seq)
         if last != self._revocation_seq:
             self._revocation_seq = last
@@ -217,20 +208,3 @@ class KeyRing:
                 log.info("keys dropped from cache", keys=len(keys), clients=len(clients))
         return last
 
-    async def watch_revocations(self, every: float) -> None:
-        self._revocation_seq = (await self.store.revocations_since(0))[0]
-        while True:
-            await asyncio.sleep(every)
-            try:
-                await self.poll_revocations()
-            except Exception as exc:  # the cache is also bounded in age; keep polling
-                log.error("revocation poll failed", error=type(exc).__name__)
-
-    def clear(self) -> None:
-        self.pseudonym_cache.clear()
-        self.rows.clear()
-        self.open_keys.clear()
-        self.writers.clear()
-
-
-__all__ = ["BoundedCache", "KekError", "KeyRing", "OpenKey", "wrap_aad"]

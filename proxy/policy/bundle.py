@@ -11,46 +11,34 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import casbin
-from casbin.persist.adapter import Adapter, load_policy_line
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from proxy.decision import (
-    ALL_RELATION_SETS,
-    PURPOSES,
-    RELATIONS,
-    Action,
-    DecisionTable,
-    Effect,
-    Relation,
-    Rule,
-    build_table,
+from proxy.config import PolicySection
+from proxy.policy.compiler import compile_table, prove
+from proxy.policy.decision import DecisionTable, Rule
+from proxy.policy.fieldmap import FieldMap, parse_fieldmap
+from proxy.policy.lint import (
+    Finding,
+    PolicyError,
+    Severity,
+    coverage_warnings,
+    line_of_source,
+    lint_model,
+    parse_policy,
 )
-from proxy.fieldmap import FieldMap, MapError, parse_fieldmap
-from proxy.lint import Finding, ParsedPolicy, RoleLink, Severity, lint_model, parse_policy
-from proxy.policytool import coverage_warnings
-from proxy.redact import Plans
-from proxy.relations import CoverGrant, parse_cover
+from proxy.policy.relations import CoverGrant, parse_cover
+from proxy.policy.yamlfile import MapError, decode
 from proxy.routes import RouteTable
 
 BUNDLE_FILES = ("model.conf", "policy.csv", "fields.yaml", "cover.yaml")
 SIGNATURE_FILE = "bundle.sig"  # optional: an officer's Ed25519 signature over the bundle's digest
 REQUIRED_FILES = ("model.conf", "policy.csv", "fields.yaml")
-
-
-class PolicyError(Exception):
-    """The bundle cannot be used; `findings` say where and why."""
-
-    def __init__(self, findings: list[Finding]) -> None:
-        super().__init__("; ".join(str(f) for f in findings[:5]))
-        self.findings = findings
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +55,9 @@ class PolicyBundle:
     warnings: tuple[Finding, ...]
     loaded_at: float
     proof_checks: int
-    plans: Plans = field(compare=False)  # compiled redaction, made on first use
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False)
+    """What the bundle's users compile from it on first use (the rewriter's plans), kept with it so that
+    a new bundle starts afresh and a request still holding the old one keeps what matches it."""
 
     @property
     def directory(self) -> Path:
@@ -86,6 +76,11 @@ class BundleSource:
     directory: Path
     fields_file: Path | None = None
 
+    @classmethod
+    def configured(cls, policy: PolicySection) -> BundleSource:
+        """The bundle a deployment's `[policy]` section names."""
+        return cls(Path(policy.dir), Path(policy.fields_file) if policy.fields_file else None)
+
     def paths(self) -> dict[str, Path]:
         paths = {name: self.directory / name for name in (*BUNDLE_FILES, SIGNATURE_FILE)}
         if self.fields_file is not None:
@@ -97,8 +92,12 @@ def read_bundle_files(source: BundleSource) -> dict[str, bytes]:
     """Read every bundle file once; the hash and the parse use these same bytes."""
     found: dict[str, bytes] = {}
     for name, path in source.paths().items():
-        if path.exists():
+        try:
             found[name] = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # unreadable, a directory, gone mid-read: a finding, never a crash
+            raise PolicyError([Finding(name, None, Severity.ERROR, f"cannot be read: {exc.strerror or exc}")]) from None
     missing = [n for n in REQUIRED_FILES if n not in found]
     if missing:
         raise PolicyError([Finding(str(source.directory), None, Severity.ERROR, f"missing {', '.join(missing)}")])
@@ -159,25 +158,29 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
     if signed_by is not None and (bad := check_signature(files, signed_by)) is not None:
         raise PolicyError([bad])
     try:
-        fieldmap = parse_fieldmap(files["fields.yaml"].decode("utf-8"))
-    except (MapError, UnicodeDecodeError) as exc:
-        line = exc.line if isinstance(exc, MapError) else None
-        message = exc.detail if isinstance(exc, MapError) else "not UTF-8"
-        raise PolicyError([Finding("fields.yaml", line, Severity.ERROR, message)]) from None
+        fieldmap = parse_fieldmap(decode(files["fields.yaml"], "fields.yaml"))
+    except MapError as exc:
+        raise PolicyError([Finding(exc.file, exc.line, Severity.ERROR, exc.detail)]) from None
     cover: tuple[CoverGrant, ...] = ()
-    if "cover.yaml" in files:
+    texts: dict[str, str] = {}
+    for name in ("cover.yaml", "model.conf", "policy.csv"):
+        if name not in files:
+            continue
         try:
-            cover = parse_cover(files["cover.yaml"].decode("utf-8"))
+            texts[name] = decode(files[name], name)
+            if name == "cover.yaml":
+                cover = parse_cover(texts[name])
         except MapError as exc:
-            findings.append(Finding("cover.yaml", exc.line, Severity.ERROR, exc.detail))
-    model_text = files["model.conf"].decode("utf-8", errors="replace")
-    policy_text = files["policy.csv"].decode("utf-8", errors="replace")
+            findings.append(Finding(exc.file, exc.line, Severity.ERROR, exc.detail))
+    if "model.conf" not in texts or "policy.csv" not in texts:
+        raise PolicyError(findings)
+    model_text, policy_text = texts["model.conf"], texts["policy.csv"]
     findings += lint_model(model_text)
     parsed = parse_policy(policy_text, fieldmap.classes)
     findings += parsed.findings
     routes = RouteTable(list(fieldmap.routes))
     for a, b in routes.overlaps():
-        findings.append(Finding("fields.yaml", _line(b.source), Severity.ERROR,
+        findings.append(Finding("fields.yaml", line_of_source(b.source), Severity.ERROR,
                                 f"{b.method} {b.template} overlaps {a.method} {a.template} ({a.source})"))
     errors = [f for f in findings if f.severity is Severity.ERROR]
     if errors:
@@ -193,7 +196,6 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
             stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             stamp.write_text(str(checks))
     return PolicyBundle(
-        plans=Plans(fieldmap.classes),
         source=source,
         digest=digest,
         fieldmap=fieldmap,
@@ -214,114 +216,3 @@ def _proof_stamp(proofs: Path | None, digest: str) -> Path | None:
     versions = f"{digest}:{version('fieldguard')}:{version('pycasbin')}"
     return proofs / hashlib.sha256(versions.encode()).hexdigest()
 
-
-def _line(source: str) -> int | None:
-    tail = source.rsplit(":", 1)[-1]
-    return int(tail) if tail.isdigit() else None
-
-
-def ancestors(role: str, links: Iterable[RoleLink]) -> set[str]:
-    """The role and every role it inherits through g rows."""
-    parents: dict[str, list[str]] = {}
-    for link in links:
-        parents.setdefault(link.role, []).append(link.parent)
-    found, stack = set(), [role]
-    while stack:
-        r = stack.pop()
-        if r not in found:
-            found.add(r)
-            stack.extend(parents.get(r, []))
-    return found
-
-
-def compile_table(parsed: ParsedPolicy, classes: Iterable[str]) -> DecisionTable:
-    """Fold the rows into (role, relation, class, action) -> effect, with inheritance and deny-override."""
-    roles = {r.role for r in parsed.rules} | {p.role for p in parsed.purposes}
-    roles |= {link.role for link in parsed.links} | {link.parent for link in parsed.links}
-    grants: dict[tuple[str, Relation, str, Action], tuple[Effect, Rule]] = {}
-    purposes: dict[str, frozenset[str]] = {}
-    for role in roles:
-        inherited = ancestors(role, parsed.links)
-        for rule in parsed.rules:
-            if rule.role not in inherited:
-                continue
-            key = (role, rule.relation, rule.field_class, rule.action)
-            held = grants.get(key)
-            if held is None or (rule.effect is Effect.DENY and held[0] is Effect.ALLOW):
-                grants[key] = (rule.effect, rule)
-        purposes[role] = frozenset(p.purpose for p in parsed.purposes if p.role in inherited)
-    return build_table(grants, roles, classes, purposes)
-
-
-class _TextAdapter(Adapter):  # type: ignore[misc]
-    """Feeds Casbin the same bytes the gateway parsed, line by line as its file adapter does."""
-
-    def __init__(self, text: str) -> None:
-        self._text = text
-
-    def load_policy(self, model: Any) -> None:
-        for line in self._text.splitlines():
-            load_policy_line(line.strip(), model)
-
-    def save_policy(self, model: Any) -> bool:
-        return False  # never rewrite the officers' file (it would drop their comments)
-
-
-def casbin_enforcer(model_text: str, policy_text: str) -> Any:
-    model = casbin.Enforcer.new_model(text=model_text)
-    enforcer = casbin.Enforcer(model, _TextAdapter(policy_text))
-    enforcer.enable_auto_save(False)
-    return enforcer
-
-
-def probe_client(relations: Relation) -> str:
-    return f"c:probe:{int(relations)}"
-
-
-def prove(table: DecisionTable, model_text: str, policy_text: str, classes: Iterable[str]) -> int:
-    """Check the compiled table against Casbin on the whole request matrix; return the checks made.
-
-    The gateway passes the caller's active role as `sub` and states the relations it holds to the
-    client as g2 facts (client, relation:role); every combination is enumerated here.
-    """
-    try:
-        enforcer = casbin_enforcer(model_text, policy_text)
-        for role in table.roles:
-            for rels in ALL_RELATION_SETS:
-                for rel in RELATIONS:
-                    if rel is not Relation.ANY and rel in rels:
-                        enforcer.add_named_grouping_policy("g2", probe_client(rels), f"{rel.label}:{role}")
-        ctx = enforcer.new_enforce_context("2")
-    except Exception as exc:
-        raise PolicyError([Finding("model.conf", None, Severity.ERROR,
-                                   f"Casbin cannot load the model and policy: {type(exc).__name__}: {exc}")]) from None
-    checks = 0
-    mismatches: list[Finding] = []
-    class_list = sorted(set(classes))
-    try:
-        for role in sorted(table.roles):
-            for rels in ALL_RELATION_SETS:
-                cli = probe_client(rels)
-                for cls in class_list:
-                    for action in Action:
-                        expected = table.allows(role, rels, cls, action)
-                        actual = bool(enforcer.enforce(role, cli, cls, action.value))
-                        checks += 1
-                        if expected != actual and len(mismatches) < 10:
-                            mismatches.append(Finding("model.conf", None, Severity.ERROR,
-                                f"Casbin says {'allow' if actual else 'deny'} but the compiled table says "
-                                f"{'allow' if expected else 'deny'} for ({role}, {rels.label}, {cls}, {action})",
-                                "the model must keep the meaning FieldGuard compiles; see the comments in it"))
-            for purpose in sorted(PURPOSES):
-                expected = table.purpose_allowed(role, purpose)
-                actual = bool(enforcer.enforce(ctx, role, purpose))
-                checks += 1
-                if expected != actual and len(mismatches) < 10:
-                    mismatches.append(Finding("model.conf", None, Severity.ERROR,
-                        f"Casbin and the compiled table disagree on purpose {purpose} for role {role}"))
-    except Exception as exc:
-        raise PolicyError([Finding("model.conf", None, Severity.ERROR,
-                                   f"Casbin failed while proving the policy: {type(exc).__name__}: {exc}")]) from None
-    if mismatches:
-        raise PolicyError(mismatches)
-    return checks

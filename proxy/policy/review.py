@@ -1,4 +1,4 @@
-"""The security officer's tools over a compiled bundle: coverage warnings, diff, explain.
+"""The security officer's review tools over a compiled bundle: diff and explain.
 
 `diff` compares two compiled tables on every (role, relation, class, action), so a review sees exactly
 what each role gains and loses. `explain` says, for each field of a route (or one class), which rule and
@@ -8,54 +8,12 @@ caller does not hold), an explicit deny, or a purpose of use the role may not ac
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-from proxy.decision import RELATIONS, Action, DecisionTable, Effect, Outcome, Relation, Rule
-from proxy.fieldmap import FieldMap
-from proxy.lint import Finding, Severity
-from proxy.routes import Route
+from proxy.policy.decision import RELATIONS, Action, DecisionTable, Effect, Outcome, Relation
+from proxy.policy.fieldmap import FieldMap
 
 SINGLE_RELATIONS: tuple[Relation, ...] = tuple(r for r in RELATIONS)
-
-
-def coverage_warnings(fieldmap: FieldMap, table: DecisionTable, rules: Iterable[Rule]) -> list[Finding]:
-    """What a bundle says that can never matter, or leaves to chance: warnings, never errors."""
-    found: list[Finding] = []
-    mentioned = {r.field_class for r in rules}
-    for name in fieldmap.classes:
-        if name not in mentioned:
-            found.append(Finding("fields.yaml", None, Severity.WARNING, f"class {name!r} is named by no rule",
-                                 "every field of it is removed for every role; remove the class or add rules"))
-    visible = {c for v in table.views.values() for c, d in v.classes.items() if d.outcome is not Outcome.REMOVE}
-    for resource in fieldmap.resources.values():
-        for spec in resource.specs:
-            classes = {spec.field_class} | ({spec.flag_class} if spec.flag_class else set())
-            if not classes & visible:
-                found.append(Finding("fields.yaml", spec.line, Severity.WARNING,
-                                     f"{resource.name}.{spec.path} ({spec.field_class}) is shown to no role",
-                                     "it is always removed: expected?"))
-        if resource.client_field is None and any(
-            d.rule is not None and d.rule.relation is not Relation.ANY
-            for v in table.views.values() for c, d in v.classes.items() if c in resource.classes
-        ):
-            found.append(Finding("fields.yaml", None, Severity.WARNING,
-                                 f"resource {resource.name} has no client field, but rules grant its classes "
-                                 "through a relation", "its records are decided under relation any only"))
-    for route in fieldmap.routes:
-        res = fieldmap.resources.get(route.resource)
-        if (res is not None and res.client_field is not None and route.shape.value == "list"
-                and route.filter_param is None and route.client_param is None):
-            found.append(Finding("fields.yaml", _line(route), Severity.WARNING,
-                                 f"list route {route.method} {route.template} has no client filter",
-                                 "rows the caller may not see are fetched and dropped; add filter: "
-                                 f"{res.client_field}"))
-    return found
-
-
-def _line(route: Route) -> int | None:
-    tail = route.source.rsplit(":", 1)[-1]
-    return int(tail) if tail.isdigit() else None
 
 
 # ---------------------------------------------------------------------------------------------- diff

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from proxy.checkpoints import Checkpoint, key_id
-from proxy.trail import GENESIS, StoredRecord, connect, leaf_hash, link_hash, read_checkpoints, read_records
+from proxy.audit.checkpoints import Checkpoint, key_id
+from proxy.audit.trail import GENESIS, StoredRecord, connect, leaf_hash, link_hash, read_checkpoints, read_records
 
 
 @dataclass(slots=True)

@@ -2,13 +2,13 @@
 
 Casbin is the security officers' language; this module is what a request consults. A decision is a
 dictionary lookup keyed by (active role, relations held to the client), giving every field class its
-`Outcome`. The table is built from the policy rows by `proxy.policy` and proved equal to Casbin's
+`Outcome`. The table is built from the policy rows by `proxy.policy.bundle` and proved equal to Casbin's
 `enforce` on the whole request matrix before it is used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntFlag, StrEnum
 
@@ -130,6 +130,7 @@ class DecisionTable:
     views: dict[tuple[str, Relation], View]
     purposes: dict[str, frozenset[str]]
     grants: dict[tuple[str, Relation, str, Action], tuple[Effect, Rule]] = field(default_factory=dict)
+    relational: frozenset[str] = frozenset()  # roles for whom some relation changes some outcome
 
     @property
     def roles(self) -> frozenset[str]:
@@ -145,13 +146,9 @@ class DecisionTable:
     def purpose_allowed(self, role: str, purpose: str) -> bool:
         return purpose in self.purposes.get(role, frozenset())
 
-    def iter_matrix(self) -> Iterator[tuple[str, Relation, str, Action]]:
-        classes = sorted({c for (_, _, c, _) in self.grants} | {c for v in self.views.values() for c in v.classes})
-        for role in sorted(self.roles):
-            for rels in ALL_RELATION_SETS:
-                for cls in classes:
-                    for action in Action:
-                        yield role, rels, cls, action
+    def needs_relations(self, role: str) -> bool:
+        """Whether what this role may do depends on how it stands to the client (else facts do not matter)."""
+        return role in self.relational
 
 
 def _combine(
@@ -209,4 +206,11 @@ def build_table(
                 c for c in class_list if _combine(grants, role, rels, c, Action.DELETE)[0] is Effect.ALLOW
             )
             views[(role, rels)] = View(role, rels, decided, writable, deletable)
-    return DecisionTable(views, {r: purposes.get(r, frozenset()) for r in role_list}, dict(grants))
+    relational = frozenset(role for role in role_list if any(
+        _differs(views[(role, rels)], views[(role, Relation.ANY)]) for rels in ALL_RELATION_SETS))
+    return DecisionTable(views, {r: purposes.get(r, frozenset()) for r in role_list}, dict(grants), relational)
+
+
+def _differs(a: View, b: View) -> bool:
+    return (a.writable != b.writable or a.deletable != b.deletable
+            or any(a.outcome(c) is not b.outcome(c) for c in a.classes))

@@ -3,7 +3,7 @@
 Every record is canonical JSON, appended to an SQLite table in one writer thread: its leaf hash is
 SHA-256(0x00 || body) and its link is SHA-256(previous link || leaf), so editing, removing, inserting or
 reordering any record breaks every link after it. Every `checkpoint_every` records or
-`checkpoint_seconds` the head is signed (Ed25519, see proxy.checkpoints).
+`checkpoint_seconds` the head is signed (Ed25519, see proxy.audit.checkpoints).
 
 Group commit: requests hand their records to one writer thread, which commits whatever has queued while
 the previous commit was on disk, in one transaction with one fsync, then releases all their responses.
@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import queue
+import secrets
 import shutil
 import socket
 import sqlite3
@@ -28,13 +29,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
 
-from proxy.audit import AuditRecord, JsonLinesTrail, MultiTrail
-from proxy.checkpoints import Checkpoint, CheckpointSigner
+from proxy.audit.checkpoints import Checkpoint, CheckpointSigner
+from proxy.audit.record import AuditRecord
+from proxy.audit.siem import JsonLinesTrail, Siem
+from proxy.config import Settings
 
 log = structlog.get_logger("fieldguard.audit")
 
@@ -67,6 +70,24 @@ class AuditUnavailable(Exception):
     """The record could not be made durable: no data may be released."""
 
 
+class Trail(Protocol):
+    """Where the gateway's audit records go. `append` returns only once the record is as durable as the
+    trail promises, or raises `AuditUnavailable`; `tick` is the checkpoint timer's beat, and proves the
+    writer alive."""
+
+    siem: Siem
+
+    async def open(self) -> None: ...
+
+    async def append(self, record: AuditRecord) -> None: ...
+
+    async def tick(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
 def canonical(record: dict[str, Any]) -> bytes:
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
 
@@ -87,9 +108,9 @@ class StoredRecord:
     link: bytes
 
 
-def _drain(q: queue.SimpleQueue[_Pending | None]) -> list[_Pending | None]:
+def _drain(q: queue.SimpleQueue[_Pending | _Tick | None]) -> list[_Pending | _Tick | None]:
     """Whatever else is queued now, without waiting."""
-    out: list[_Pending | None] = []
+    out: list[_Pending | _Tick | None] = []
     try:
         while True:
             out.append(q.get_nowait())
@@ -133,13 +154,20 @@ class _Pending:
     done: asyncio.Future[None]
 
 
+@dataclass(slots=True)
+class _Tick:
+    """The checkpoint timer: sign the head if it is due, and answer, so the caller knows the writer lives."""
+
+    done: asyncio.Future[None]
+
+
 class DurableTrail:
     """The gateway's `AuditTrail`: SQLite store, hash links, signed checkpoints, group commit."""
 
     def __init__(self, path: Path, signer: CheckpointSigner, *, origin: str = "", timeout_seconds: float = 2.0,
                  checkpoint_every: int = 1000, checkpoint_seconds: float = 60.0, max_bytes: int = 0,
                  commit_delay_seconds: float = 0.0, coming: Callable[[], int] = lambda: 0,
-                 siem: JsonLinesTrail | MultiTrail) -> None:
+                 siem: Siem) -> None:
         self.path = path
         self.signer = signer
         self.origin = origin or socket.gethostname()
@@ -151,7 +179,7 @@ class DurableTrail:
         self.commit_delay = commit_delay_seconds
         self.coming = coming  # read by the writer thread
         self._conn: sqlite3.Connection | None = None  # owned by the writer thread once it runs
-        self._pending: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()  # loop -> writer; None: stop
+        self._pending: queue.SimpleQueue[_Pending | _Tick | None] = queue.SimpleQueue()  # loop -> writer; None: stop
         self._writer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -203,7 +231,7 @@ class DurableTrail:
         for cp in self._signed:
             self.siem.checkpoint(cp.as_dict())
         self._signed.clear()
-        await self.siem.close()
+        self.siem.close()
 
     def _close_sync(self) -> None:
         if self._conn is None:
@@ -230,6 +258,18 @@ class DurableTrail:
         finally:
             deadline.cancel()
 
+    async def tick(self) -> None:
+        """Sign the head if `checkpoint_seconds` have passed with records unsigned; raise if the writer
+        does not answer within the audit timeout (it is stuck or gone)."""
+        if self._writer is None or self._closing or not self._writer.is_alive():
+            raise AuditUnavailable("the audit writer is not running")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.put(_Tick(done))
+        try:
+            await asyncio.wait_for(done, self.timeout)
+        except TimeoutError:
+            raise AuditUnavailable("the audit writer did not answer") from None
+
     def _expire(self, done: asyncio.Future[None]) -> None:
         if not done.done():
             self.last_error = "audit commit timed out"
@@ -237,34 +277,40 @@ class DurableTrail:
 
     def _write_forever(self) -> None:
         """The writer thread: whatever queued while the last commit was on disk goes in the next one.
-        One hop back to the event loop per batch releases all of its responses."""
+        One hop back to the event loop per batch releases all of its responses. Any failure fails that
+        batch alone; the thread itself never stops but on the stop sign."""
         assert self._loop is not None
         stopping = False
         while not stopping:
             first = self._pending.get()  # blocks in C until a record (or the stop sign) arrives
             batch: list[_Pending] = []
+            ticks: list[_Tick] = []
             for item in self._gather([first, *_drain(self._pending)]):
                 if item is None:
                     stopping = True
+                elif isinstance(item, _Tick):
+                    ticks.append(item)
                 else:
                     batch.append(item)
-            if batch:
-                error: str | None = None
-                bodies: list[bytes] = []
-                try:
-                    if self._conn is None:
-                        self._open_sync()
+            error: str | None = None
+            bodies: list[bytes] = []
+            try:
+                if self._conn is None:
+                    self._open_sync()
+                if batch:
                     bodies = self._commit_sync([p.record for p in batch])
-                except (sqlite3.Error, OSError) as exc:
-                    error = f"audit write failed: {type(exc).__name__}: {exc}"[:200]
-                signed, self._signed = self._signed, []
-                try:
-                    self._loop.call_soon_threadsafe(self._settle, batch, bodies, signed, error)
-                except RuntimeError:  # the loop is gone: nobody is waiting any more
-                    return
+                if ticks and self._checkpoint_due():
+                    self._checkpoint_sync()
+            except Exception as exc:  # disk, SQLite, or a record that cannot be serialised
+                error = f"audit write failed: {type(exc).__name__}: {exc}"[:200]
+            signed, self._signed = self._signed, []
+            try:
+                self._loop.call_soon_threadsafe(self._settle, batch, ticks, bodies, signed, error)
+            except RuntimeError:  # the loop is gone: nobody is waiting any more
+                return
         self._close_sync()
 
-    def _gather(self, items: list[_Pending | None]) -> list[_Pending | None]:
+    def _gather(self, items: list[_Pending | _Tick | None]) -> list[_Pending | _Tick | None]:
         """Hold the commit while requests are still coming with their records, up to the commit delay:
         the group in group commit. Never when the stop sign is in, or nobody else is coming."""
         if not self.commit_delay or items[-1] is None:
@@ -283,8 +329,12 @@ class DurableTrail:
                 break
         return items
 
-    def _settle(self, batch: list[_Pending], bodies: list[bytes], signed: list[Checkpoint], error: str | None) -> None:
+    def _settle(self, batch: list[_Pending], ticks: list[_Tick], bodies: list[bytes], signed: list[Checkpoint],
+                error: str | None) -> None:
         """On the event loop: release the batch's responses (or fail them), then copy it to the SIEM."""
+        for tick in ticks:
+            if not tick.done.done():
+                tick.done.set_result(None) if error is None else tick.done.set_exception(AuditUnavailable(error))
         if error is not None:
             self.last_error = error
             log.error("audit write failed; responses withheld", error=error.split(":")[0], records=len(batch))
@@ -334,11 +384,12 @@ class DurableTrail:
         self.last_commit = now
         self.commits += 1
         self.records += len(records)
-        due = (self._seq - self._checkpointed >= self.checkpoint_every
-               or time.monotonic() - self._checkpoint_at >= self.checkpoint_seconds)
-        if due:
+        if self._seq - self._checkpointed >= self.checkpoint_every or self._checkpoint_due():
             self._checkpoint_sync()
         return [r[2] for r in rows]
+
+    def _checkpoint_due(self) -> bool:
+        return time.monotonic() - self._checkpoint_at >= self.checkpoint_seconds
 
     def _checkpoint_sync(self) -> Checkpoint | None:
         conn = self._conn
@@ -368,7 +419,7 @@ class UndurableTrail:
     """`[audit] durable = false`: the SIEM lines alone. Nothing is hash-linked, signed or verifiable, so
     it is for benchmarks (the cost of durability is measured against it) and development, never service."""
 
-    def __init__(self, siem: JsonLinesTrail | MultiTrail) -> None:
+    def __init__(self, siem: Siem) -> None:
         self.siem = siem
         self.records = 0
         self._lines: list[bytes] = []
@@ -388,10 +439,46 @@ class UndurableTrail:
         lines, self._lines = self._lines, []
         self.siem.append_bodies(lines)
 
+    async def tick(self) -> None:
+        return None
+
     async def close(self) -> None:
         if self._lines:
             self._write()
-        await self.siem.close()
+        self.siem.close()
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "durable": False, "records": self.records, "last_error": None, "free_bytes": None}
+
+
+def open_trail(settings: Settings, siem: Siem | None = None, coming: Callable[[], int] = lambda: 0) -> Trail:
+    """The deployment's audit trail, with its SIEM copy. `coming` counts the requests whose records are
+    still to be handed over: group commit waits for them."""
+    audit = settings.audit
+    siem = siem or JsonLinesTrail(audit.log)
+    if not audit.durable:
+        return UndurableTrail(siem)
+    return DurableTrail(
+        Path(audit.store), CheckpointSigner(settings.keys.in_dir(audit.signing_key)),
+        origin=audit.origin, timeout_seconds=audit.timeout_seconds, checkpoint_every=audit.checkpoint_every,
+        checkpoint_seconds=audit.checkpoint_seconds, max_bytes=audit.max_bytes,
+        commit_delay_seconds=max(0.0, min(audit.commit_delay_ms / 1000, audit.timeout_seconds / 4)),
+        coming=coming, siem=siem)
+
+
+async def record_operation(settings: Settings, action: str, *, who: str, dry_run: bool = False,
+                           counts: dict[str, int] | None = None, reason: str | None = None,
+                           clients: list[str] | None = None, key_ids: list[str] | None = None) -> AuditRecord:
+    """An operator's command (a key shred, an audit query) is an access too: one record, appended to the
+    deployment's durable trail beside a running gateway (the chain head is read inside the write lock)."""
+    record = AuditRecord(request_id=secrets.token_hex(12), method="CLI", user=f"u:{who}", route=action,
+                         status=0 if dry_run else 200, outcome="dry-run" if dry_run else "allowed",
+                         reason=reason, clients=clients or [], key_ids=sorted(key_ids or []),
+                         counts=dict(counts or {}))
+    trail = open_trail(settings)
+    await trail.open()
+    try:
+        await trail.append(record)
+    finally:
+        await trail.close()
+    return record

@@ -16,9 +16,9 @@ from typing import Any
 
 import structlog
 
-from proxy.decision import Relation
-from proxy.fieldmap import MapError, RelationSource, line_of, load_yaml
-from proxy.identity import Principal
+from proxy.policy.decision import Relation
+from proxy.policy.fieldmap import RelationSource
+from proxy.policy.yamlfile import MapError, line_of, load_yaml
 
 log = structlog.get_logger("fieldguard.relations")
 
@@ -41,22 +41,22 @@ class CoverGrant:
 
 
 def parse_cover(text: str, file: str = "cover.yaml") -> tuple[CoverGrant, ...]:
-    doc = load_yaml(text) or {}
+    doc = load_yaml(text, file) or {}
     if not isinstance(doc, dict) or set(doc) - {"grants"}:
-        raise MapError(1, f"{file}: expected a mapping with 'grants'")
+        raise MapError(1, "expected a mapping with 'grants'", file)
     grants = doc.get("grants") or []
     if not isinstance(grants, list):
-        raise MapError(line_of(doc, "grants"), f"{file}: grants must be a list")
+        raise MapError(line_of(doc, "grants"), "grants must be a list", file)
     out: list[CoverGrant] = []
     for g in grants:
         line = g.line if hasattr(g, "line") else None
         if not isinstance(g, dict) or set(g) != {"user", "covers", "from", "until", "reason"}:
-            raise MapError(line, f"{file}: a grant needs exactly user, covers, from, until, reason")
+            raise MapError(line, "a grant needs exactly user, covers, from, until, reason", file)
         start, until = _when(g["from"], line, file), _when(g["until"], line, file)
         if until <= start:
-            raise MapError(line, f"{file}: grant ends before it starts")
+            raise MapError(line, "grant ends before it starts", file)
         if not str(g["reason"]).strip():
-            raise MapError(line, f"{file}: a grant needs a reason")
+            raise MapError(line, "a grant needs a reason", file)
         out.append(CoverGrant(str(g["user"]), str(g["covers"]), start, until, str(g["reason"]), f"{file}:{line}"))
     return tuple(out)
 
@@ -68,9 +68,9 @@ def _when(value: Any, line: int | None, file: str) -> datetime:
         try:
             moment = datetime.fromisoformat(str(value))
         except ValueError:
-            raise MapError(line, f"{file}: {value!r} is not an ISO 8601 time") from None
+            raise MapError(line, f"{value!r} is not an ISO 8601 time", file) from None
     if moment.tzinfo is None:
-        raise MapError(line, f"{file}: times need a zone (e.g. 2026-11-30T17:00:00Z)")
+        raise MapError(line, "times need a zone (e.g. 2026-11-30T17:00:00Z)", file)
     return moment.astimezone(UTC)
 
 
@@ -101,35 +101,37 @@ class RelationIndex:
     def forget(self, client_id: str) -> None:
         self.observe(client_id, None)
 
-    def relations(self, who: Principal, client_id: str, cover: Iterable[CoverGrant], now: datetime) -> Relation:
+    def relations(self, user: str, own_client: str | None, client_id: str, cover: Iterable[CoverGrant],
+                  now: datetime) -> Relation:
+        """How `user` (as the CRM knows them; `own_client` for a client) stands to `client_id`."""
         rels = Relation.ANY
-        if who.client_id is not None and who.client_id == client_id:
+        if own_client is not None and own_client == client_id:
             rels |= Relation.SELF
         counsellor = self.counsellor_of.get(client_id)
         if counsellor is None:
             return rels
-        if counsellor == who.subject:
+        if counsellor == user:
             rels |= Relation.CASELOAD
-        if self.supervisor_of.get(counsellor) == who.subject:
+        if self.supervisor_of.get(counsellor) == user:
             rels |= Relation.SUPERVISION
-        if any(g.user == who.subject and g.covers == counsellor and g.active(now) for g in cover):
+        if any(g.user == user and g.covers == counsellor and g.active(now) for g in cover):
             rels |= Relation.COVER
         return rels
 
     def clients_for(
-        self, who: Principal, wanted: Relation, cover: Iterable[CoverGrant], now: datetime
+        self, user: str, own_client: str | None, wanted: Relation, cover: Iterable[CoverGrant], now: datetime
     ) -> set[str]:
-        """Every client to whom `who` holds one of the `wanted` relations: the rows a list may show."""
+        """Every client to whom `user` holds one of the `wanted` relations: the rows a list may show."""
         found: set[str] = set()
-        if Relation.SELF in wanted and who.client_id is not None:
-            found.add(who.client_id)
+        if Relation.SELF in wanted and own_client is not None:
+            found.add(own_client)
         counsellors: set[str] = set()
         if Relation.CASELOAD in wanted:
-            counsellors.add(who.subject)
+            counsellors.add(user)
         if Relation.SUPERVISION in wanted:
-            counsellors.update(c for c, s in self.supervisor_of.items() if s == who.subject)
+            counsellors.update(c for c, s in self.supervisor_of.items() if s == user)
         if Relation.COVER in wanted:
-            counsellors.update(g.covers for g in cover if g.user == who.subject and g.active(now))
+            counsellors.update(g.covers for g in cover if g.user == user and g.active(now))
         for c in counsellors:
             found.update(self.caseloads.get(c, ()))
         return found

@@ -8,68 +8,16 @@ does not classify is removed, so a new CRM field stays hidden until a security o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from proxy.masks import MASKS
-from proxy.routes import Route, Shape, Verb, compile_route
+from proxy.policy.yamlfile import MapError, line_of, load_yaml
+from proxy.routes import Route, Shape, compile_route
 
 LABELS = ("N", "R", "V")
 KEY_SCOPES = ("record", "process_notes")
-
-
-class MapError(ValueError):
-    """A fields.yaml problem, with the line it sits on."""
-
-    def __init__(self, line: int | None, message: str) -> None:
-        super().__init__(f"fields.yaml:{line}: {message}" if line else f"fields.yaml: {message}")
-        self.line = line
-        self.detail = message
-
-
-class _Mapping(dict[Any, Any]):
-    """A YAML mapping that remembers the line of each key (1-based)."""
-
-    lines: dict[Any, int]
-    line: int
-
-
-class _LineLoader(yaml.SafeLoader):
-    pass
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Mapping:
-    mapping = _Mapping()
-    mapping.lines = {}
-    mapping.line = node.start_mark.line + 1
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in mapping:
-            raise MapError(key_node.start_mark.line + 1, f"duplicate key {key!r}")
-        mapping[key] = loader.construct_object(value_node, deep=True)
-        mapping.lines[key] = key_node.start_mark.line + 1
-    return mapping
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML keeping line numbers on mappings, so every error can cite `file:line`."""
-    try:
-        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else None
-        raise MapError(line, f"invalid YAML: {exc.problem}") from None
-
-
-def line_of(mapping: Any, key: Any) -> int | None:
-    if isinstance(mapping, _Mapping):
-        return mapping.lines.get(key, mapping.line)
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,8 +197,13 @@ def _parse_list_format(raw: Any) -> ListFormat:
 def _parse_relations(raw: Any, resources: Mapping[str, Resource]) -> RelationSource:
     if not isinstance(raw, dict):
         raise MapError(None, "relations must be a mapping")
-    allowed = set(RelationSource.__dataclass_fields__)
-    _known(raw, allowed, "relations")
+    defaults = RelationSource()
+    _known(raw, {f.name for f in fields(RelationSource)}, "relations")
+    for key, value in raw.items():
+        expected = type(getattr(defaults, key))
+        if type(value) is not expected or (expected is str and not value) or (expected is int and value < 1):
+            what = "a positive whole number" if expected is int else "a non-empty name"
+            raise MapError(line_of(raw, key), f"relations.{key} must be {what}")
     source = RelationSource(**{k: raw[k] for k in raw})
     if source.resource not in resources:
         raise MapError(line_of(raw, "resource"), f"relations.resource names unknown resource {source.resource}")
@@ -427,6 +380,3 @@ def values_at(doc: Any, path: str) -> list[Any]:
         found = nxt
     return found
 
-
-def is_write(route: Route) -> bool:
-    return route.verb in (Verb.CREATE, Verb.UPDATE, Verb.REPLACE)

@@ -68,9 +68,9 @@ class Keystore(Protocol):
 
     async def revocations_since(self, seq: int) -> tuple[int, set[bytes], set[str]]: ...
 
-    async def pseudonyms(self, client_ids: Iterable[str]) -> dict[str, str]: ...
+    async def latest_revocation(self) -> int: ...
 
-    async def client_of_pseudonym(self, pseudonym: str) -> str | None: ...
+    async def pseudonyms(self, client_ids: Iterable[str]) -> dict[str, str]: ...
 
     async def known_pseudonym(self, client_id: str) -> str | None: ...
 
@@ -267,6 +267,11 @@ class SqliteKeystore:
                 clients.add(str(client_id))
         return last, keys, clients
 
+    async def latest_revocation(self) -> int:
+        async with self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM revocations") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def pseudonyms(self, client_ids: Iterable[str]) -> dict[str, str]:
         """Each client's audit pseudonym, made on first use."""
         wanted = list(set(client_ids))
@@ -295,11 +300,6 @@ class SqliteKeystore:
     async def known_pseudonym(self, client_id: str) -> str | None:
         """The client's pseudonym if they have one (never made here: a lookup must not create one)."""
         async with self._db.execute("SELECT pseudonym FROM client_pseudonyms WHERE client_id = ?", (client_id,)) as cur:
-            row = await cur.fetchone()
-        return str(row[0]) if row else None
-
-    async def client_of_pseudonym(self, pseudonym: str) -> str | None:
-        async with self._db.execute("SELECT client_id FROM client_pseudonyms WHERE pseudonym = ?", (pseudonym,)) as cur:
             row = await cur.fetchone()
         return str(row[0]) if row else None
 

@@ -1,25 +1,23 @@
 """Key lifecycle: init, status, KEK rotation, per-client rotation and shredding.
 
-Each operation that changes keys writes an audit record (who ran it, on which client by pseudonym, why,
-how many keys) and supports a dry run. KEK rotation re-wraps data keys only: the CRM is not touched, and
-an interrupted rotation resumes where it stopped when run again.
+Each operation supports a dry run and returns a `KeyReport`, which the command line writes to the audit
+trail (who ran it, on which client by pseudonym, why, how many keys). KEK rotation re-wraps data keys
+only: the CRM is not touched, and an interrupted rotation resumes where it stopped when run again.
 """
 
 from __future__ import annotations
 
 import getpass
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.audit import AuditRecord
-from proxy.config import Settings
-from proxy.custody import create_kek, open_kek, open_keyring
-from proxy.fieldmap import KEY_SCOPES
-from proxy.keyring import KeyRing, wrap_aad
-from proxy.keystore import KeyStatus
+from proxy.config import KeysSection
+from proxy.keys.custody import create_kek, open_kek, open_keyring
+from proxy.keys.ring import wrap_aad
+from proxy.keys.store import KeyStatus
+from proxy.policy.fieldmap import KEY_SCOPES
 
 Progress = Callable[[int], None]
 
@@ -41,51 +39,29 @@ def actor() -> str:
         return "unknown"
 
 
-async def audit(settings: Settings, action: str, outcome: KeyReport, *, who: str, reason: str | None = None,
-                clients: list[str] | None = None) -> None:
-    """Key operations are accesses too: one record each in the durable trail, like a request's."""
-    record = AuditRecord(request_id=secrets.token_hex(12), method="CLI", user=f"u:{who}", route=action,
-                         status=0 if outcome.dry_run else 200, outcome="dry-run" if outcome.dry_run else "allowed",
-                         reason=reason, clients=clients or [], key_ids=sorted(outcome.detail.get("key_ids", [])))
-    record.counts = dict(outcome.counts)
-    await append_durably(settings, record)
-
-
-async def append_durably(settings: Settings, record: AuditRecord) -> None:
-    """Append one record to the deployment's trail (beside a running gateway, safely) and its SIEM log."""
-    from proxy.gateway import open_trail
-
-    trail = open_trail(settings)
-    await trail.open()
-    try:
-        await trail.append(record)
-    finally:
-        await trail.close()
-
-
-async def init(settings: Settings) -> KeyReport:
-    kek = create_kek(settings)
-    ring = await open_keyring(settings, kek)
+async def init(config: KeysSection) -> KeyReport:
+    kek = create_kek(config)
+    ring = await open_keyring(config, kek)
     await ring.store.close()
-    return KeyReport("keys init", False, {}, {"kek": kek.current_id, "backend": settings.keys.kek})
+    return KeyReport("keys init", False, {}, {"kek": kek.current_id, "backend": config.kek})
 
 
-async def status(settings: Settings) -> dict[str, Any]:
-    kek = open_kek(settings)
-    ring = await open_keyring(settings, kek)
+async def status(config: KeysSection) -> dict[str, Any]:
+    kek = open_kek(config)
+    ring = await open_keyring(config, kek)
     try:
         summary = await ring.store.summary()
     finally:
         await ring.store.close()
-    return {"backend": settings.keys.kek, "current_kek": kek.current_id, "keks": kek.known_ids(), **summary,
-            "cache": {"size": settings.keys.cache_size, "seconds": settings.keys.cache_seconds}}
+    return {"backend": config.kek, "current_kek": kek.current_id, "keks": kek.known_ids(), **summary,
+            "cache": {"size": config.cache_size, "seconds": config.cache_seconds}}
 
 
-async def rotate_kek(settings: Settings, dry_run: bool, retire_old: bool, progress: Progress | None = None,
+async def rotate_kek(config: KeysSection, dry_run: bool, retire_old: bool, progress: Progress | None = None,
                      batch: int = 500) -> KeyReport:
     """Make a new KEK current and re-wrap every data key under it; resume an interrupted rotation."""
-    kek = open_kek(settings)
-    ring = await open_keyring(settings, kek)
+    kek = open_kek(config)
+    ring = await open_keyring(config, kek)
     try:
         summary = await ring.store.summary()
         by_kek: dict[str, int] = summary["wrapped_by_kek"]  # type: ignore[assignment]
@@ -130,9 +106,9 @@ def _scopes(scope: str | None) -> tuple[str, ...]:
     return (scope,)
 
 
-async def rotate_client(settings: Settings, client_id: str, scope: str | None, dry_run: bool) -> KeyReport:
+async def rotate_client(config: KeysSection, client_id: str, scope: str | None, dry_run: bool) -> KeyReport:
     """A new data-key version for the client; the old one only decrypts from now on."""
-    ring = await open_keyring(settings, open_kek(settings))
+    ring = await open_keyring(config, open_kek(config))
     try:
         keys = await ring.store.keys_of(client_id)
         scopes = [s for s in _scopes(scope) if any(k.scope == s and k.status is KeyStatus.ACTIVE for k in keys)]
@@ -151,11 +127,11 @@ async def rotate_client(settings: Settings, client_id: str, scope: str | None, d
         await ring.store.close()
 
 
-async def shred(settings: Settings, client_id: str, scope: str | None, reason: str, dry_run: bool) -> KeyReport:
+async def shred(config: KeysSection, client_id: str, scope: str | None, reason: str, dry_run: bool) -> KeyReport:
     """Destroy every version of the client's keys (of one scope, or all and the pseudonym link)."""
     if not reason.strip():
         raise ValueError("a shred needs a reason (the legal basis, a ticket)")
-    ring = await open_keyring(settings, None)
+    ring = await open_keyring(config, None)
     try:
         keys = [k for k in await ring.store.keys_of(client_id)
                 if k.status is not KeyStatus.DESTROYED and (scope is None or k.scope == scope)]
@@ -171,5 +147,3 @@ async def shred(settings: Settings, client_id: str, scope: str | None, reason: s
     finally:
         await ring.store.close()
 
-
-__all__ = ["KeyReport", "KeyRing", "actor", "audit", "init", "rotate_client", "rotate_kek", "shred", "status"]

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from proxy.trail import connect, read_checkpoints, read_records
+from proxy.audit.trail import connect, read_checkpoints, read_records
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,189 @@
+"""The gateway: one pure ASGI application in front of the CRM.
+
+One request, in the order `Gateway.serve` takes it:
+
+    1. authenticate  a verified bearer token becomes a `Principal` (no identity, no access)
+    2. match         the normalised path against the field map's routes (unknown: refused)
+    3. authorise     the active role is known and may act for the stated purpose of use
+    4. read          a write's JSON body, parsed once
+    5. locate        whose record it is, and how the caller stands to that client (need to know)
+    6. check         every field written allowed for this client; sensitive ones sealed with its key
+    7. forward       to the CRM, on the normalised path with the allowed query
+    8. rewrite       the answer, field by field, for this caller
+    9. record        the audit record, committed before a byte of the response leaves
+
+Every refusal and fault becomes a short JSON error (status, message, request id; never a stack trace or
+a value) and an audit record too. No record, no data: if the trail cannot take it, the caller gets 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import structlog
+
+from proxy.asgi import Incoming, Receive, Reply, Scope, Send, error_body, send_reply
+from proxy.audit import AuditRecord, AuditUnavailable, Siem
+from proxy.config import Settings
+from proxy.errors import GatewayError
+from proxy.exchange import Exchange
+from proxy.identity import Principal
+from proxy.officer import PREFIX, compare_shadow, officer
+from proxy.policy import PolicyBundle
+from proxy.probes import PROBES, probe
+from proxy.routes import Route, encode_path, normalise_path
+from proxy.runtime import Runtime
+from proxy.writes import WriteRefused
+
+log = structlog.get_logger("fieldguard.gateway")
+
+
+class Gateway:
+    """The ASGI application. Construct with settings; uvicorn drives the lifespan."""
+
+    def __init__(self, settings: Settings, siem: Siem | None = None, bundle: PolicyBundle | None = None) -> None:
+        self.runtime = Runtime(settings, siem, bundle)
+
+    @property
+    def bundle(self) -> PolicyBundle:
+        return self.runtime.bundle
+
+    async def startup(self) -> None:
+        await self.runtime.start()
+
+    async def shutdown(self) -> None:
+        await self.runtime.stop()
+
+    # ------------------------------------------------------------------ ASGI
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.error("gateway failed to start", error=type(exc).__name__)
+                    await send({"type": "lifespan.startup.failed", "message": type(exc).__name__})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        req = Incoming.of(scope, receive)
+        runtime = self.runtime
+        if scope["path"] in PROBES and req.method == "GET":  # no data: no identity, not audited
+            await send_reply(send, await probe(runtime, scope["path"]), req.request_id)
+            return
+        bundle = runtime.bundle  # one policy decides the request and is named in its record
+        record = AuditRecord(request_id=req.request_id, method=req.method, policy=bundle.digest)
+        runtime.coming += 1
+        try:
+            reply = await self._answer(req, bundle, record)
+        finally:
+            runtime.coming -= 1  # the record is handed over next, with no await in between
+        record.status = reply.status
+        record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        runtime.metrics.inc("fieldguard_requests_total", outcome=record.outcome, status=str(reply.status))
+        if record.decrypt_failures:
+            runtime.metrics.inc("fieldguard_decrypt_failures_total", len(record.decrypt_failures))
+        try:  # 9. record
+            await runtime.trail.append(record)
+        except AuditUnavailable as exc:
+            # no durable record, no data: the caller learns nothing but that the trail is down
+            if reply.stream is not None:
+                reply.stream.close()
+            reply = Reply(503, error_body("audit trail unavailable; nothing was released", req.request_id))
+            record.status, record.outcome, record.reason = 503, "error", f"withheld: {exc}"
+            runtime.metrics.inc("fieldguard_audit_withheld_total")
+            with contextlib.suppress(Exception):
+                runtime.trail.siem.append(record)
+        await send_reply(send, reply, req.request_id)
+
+    async def _answer(self, req: Incoming, bundle: PolicyBundle, record: AuditRecord) -> Reply:
+        """The reply to one audited request; every refusal and fault is a short JSON error."""
+        try:
+            req.segments = normalise_path(req.raw_path)
+            return await self.serve(req, bundle, record)
+        except GatewayError as exc:
+            record.outcome = "denied" if exc.status < 500 else "error"
+            record.reason = exc.reason
+            if isinstance(exc, WriteRefused):
+                record.refused = exc.fields
+            return Reply(exc.status, error_body(exc.message, record.request_id))
+        except Exception as exc:  # never a stack trace or a value to the caller
+            log.error("internal error", error=type(exc).__name__, request_id=record.request_id, where=_where(exc))
+            record.outcome, record.reason = "error", f"internal error: {type(exc).__name__}"
+            return Reply(500, error_body("internal error", record.request_id))
+
+    # ------------------------------------------------------------------ the pipeline
+    async def serve(self, req: Incoming, bundle: PolicyBundle, record: AuditRecord) -> Reply:
+        """Steps 1 to 8 for one request, in order; each raises `GatewayError` to refuse."""
+        runtime = self.runtime
+        matched = bundle.routes.match(req.method, req.segments)
+        if matched is not None and matched[0].public:
+            record.route = matched[0].template
+            return await self._public(matched[0], req, record)
+        principal = runtime.verifier.authenticate(req.headers)  # 1. authenticate
+        _record_caller(record, principal)
+        if req.segments[:1] == (PREFIX,):
+            record.route = "/" + "/".join(req.segments)
+            return await officer(runtime, req, principal, bundle)
+        if matched is None:  # 2. match
+            raise GatewayError(403, "route not allowed", reason="unknown route")
+        route, params = matched
+        record.route = route.template
+        _authorise(bundle, principal)  # 3. authorise
+        assert runtime.context is not None
+        exchange = Exchange.of(runtime.context, bundle, principal, route, params, req, record)
+        try:
+            await exchange.read()  # 4. read
+            exchange.require_fresh_relations()  # 5. locate, on facts fresh enough to decide on
+            await exchange.locate()
+            body = await exchange.check()  # 6. check (and seal)
+            answer = await exchange.forward(body)  # 7. forward
+            return await exchange.rewrite(answer)  # 8. rewrite
+        finally:
+            await exchange.finish()
+            compare_shadow(runtime, exchange, record)
+
+    async def _public(self, route: Route, req: Incoming, record: AuditRecord) -> Reply:
+        """An explicitly public route: forwarded without identity, JSON only, audited as anonymous."""
+        runtime = self.runtime
+        assert runtime.context is not None
+        resp = await runtime.upstream.request("GET", encode_path(req.segments), runtime.context.forwarded(req))
+        if not resp.is_json():
+            raise GatewayError(502, "upstream answered with a content type this route does not allow")
+        record.upstream_status = resp.status
+        return Reply(resp.status if resp.status < 500 else 502, resp.body)
+
+
+def _record_caller(record: AuditRecord, principal: Principal) -> None:
+    record.user, record.role, record.roles = principal.user, principal.role, sorted(principal.roles)
+    record.purpose, record.token_id, record.break_glass = principal.purpose, principal.token_id, principal.break_glass
+
+
+def _authorise(bundle: PolicyBundle, principal: Principal) -> None:
+    table = bundle.table
+    if principal.role not in table.roles:
+        raise GatewayError(403, "role not known to the policy", reason="unknown role")
+    if not table.purpose_allowed(principal.role, principal.purpose):
+        raise GatewayError(403, f"purpose of use {principal.purpose} not allowed for role {principal.role}",
+                           reason="purpose not allowed")
+
+
+def _where(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"

@@ -1,0 +1,59 @@
+"""The audit record: one per request, built explicitly, holding names and never values.
+
+Who (user, active role, roles), why (purpose of use), what (method, route template, status), which
+clients (by pseudonym, never the CRM id), which field classes and paths were shown, pseudonymised,
+masked, removed or refused, which rule decided, and under which policy hash. Field values, request
+and response bodies and whole tokens never enter it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    request_id: str
+    method: str
+    seq: int | None = None  # position in the durable trail, set when committed
+    started: float = field(default_factory=time.time)
+    user: str | None = None
+    role: str | None = None
+    roles: list[str] = field(default_factory=list)
+    purpose: str | None = None
+    token_id: str | None = None
+    route: str | None = None  # the route template, never the concrete path (it holds ids)
+    status: int = 0
+    outcome: str = "allowed"  # allowed | denied | error
+    reason: str | None = None
+    clients: list[str] = field(default_factory=list)  # pseudonyms
+    relations: list[str] = field(default_factory=list)
+    shown: dict[str, list[str]] = field(default_factory=dict)
+    pseudonymised: dict[str, list[str]] = field(default_factory=dict)
+    masked: dict[str, list[str]] = field(default_factory=dict)
+    removed: dict[str, list[str]] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)  # fields a write was refused for
+    unclassified: list[str] = field(default_factory=list)
+    rows_dropped: int = 0
+    rules: list[str] = field(default_factory=list)
+    policy: str = ""
+    break_glass: str | None = None
+    key_ids: list[str] = field(default_factory=list)
+    decrypt_failures: list[str] = field(default_factory=list)  # "resource.path: reason", never the ciphertext
+    counts: dict[str, int] = field(default_factory=dict)  # operations on many records (keys, migration)
+    shadow: list[str] | None = None  # shadow mode: what the candidate policy would have decided differently
+    shadow_policy: str | None = None
+    upstream_status: int | None = None
+    duration_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """A shallow view for serialising (dataclasses.asdict deep-copies: 50 µs a record here)."""
+        data = {name: getattr(self, name) for name in _FIELDS}
+        data["time"] = datetime.fromtimestamp(self.started, UTC).isoformat(timespec="milliseconds")
+        return data
+
+
+_FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name != "started")

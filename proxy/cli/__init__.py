@@ -1,0 +1,21 @@
+"""The `fieldguard` command line, one module per command group: `run` (serve, demo, token), `keys` (keys and
+the CRM migration), `policy`, `audit`."""
+
+from __future__ import annotations
+
+import click
+
+from proxy.cli.audit import audit
+from proxy.cli.keys import decrypt_export, encrypt_existing, keys
+from proxy.cli.policy import policy
+from proxy.cli.run import demo, serve, token
+
+
+@click.group()
+@click.version_option(package_name="fieldguard")
+def main() -> None:
+    """FieldGuard: need-to-know field redaction, encryption and audit in front of a client CRM."""
+
+
+for command in (serve, demo, token, keys, encrypt_existing, decrypt_export, policy, audit):
+    main.add_command(command)

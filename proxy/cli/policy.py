@@ -1,0 +1,273 @@
+"""`fieldguard policy ...`: the security officer's tools. check, test, diff, explain, record, keygen, sign,
+reload: every one reads the bundle the way the gateway does, and exits 1 on a finding."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from proxy.cli.options import CONFIG, run, settings_of
+from proxy.config import Settings
+from proxy.policy import BundleSource, PolicyBundle, PolicyError, Relation, load_bundle
+
+
+@click.group()
+def policy() -> None:
+    """The policy bundle: check, test, diff, explain, sign, reload."""
+
+
+POLICY_DIR = click.argument("directory", required=False, type=click.Path(exists=True, file_okay=False,
+                                                                           path_type=Path))
+FIELDS = click.option("--fields", "fields_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                      default=None, help="a field map kept outside the directory (same policy, another CRM)")
+
+
+def _source(directory: Path | None, fields_file: Path | None, config: Path | None = None) -> BundleSource:
+    if directory is None:
+        if config is None and Path("fieldguard.toml").exists():
+            config = Path("fieldguard.toml")
+        if config is not None:
+            return BundleSource.configured(settings_of(config).policy)
+        directory = Path("policies")
+    return BundleSource(directory, fields_file)
+
+
+def _load(source: BundleSource) -> PolicyBundle:
+    """The bundle, or every finding as `file:line: message (hint)` and exit 1."""
+    try:
+        return load_bundle(source, _proof_cache())
+    except PolicyError as exc:
+        for finding in exc.findings:
+            click.echo(f"{source.directory}/{finding}", err=True)
+        click.echo(f"{len(exc.findings)} error(s): the bundle cannot be used", err=True)
+        sys.exit(1)
+
+
+def _proof_cache() -> Path | None:
+    keys = Path("keys")
+    return keys / "proofs" if keys.is_dir() else None
+
+
+@policy.command("check")
+@POLICY_DIR
+@FIELDS
+@CONFIG
+def policy_check(directory: Path | None, fields_file: Path | None, config: Path | None) -> None:
+    """Validate every file of the bundle together (lint, compile, prove); exit 1 on errors."""
+    source = _source(directory, fields_file, config)
+    bundle = _load(source)
+    for warning in bundle.warnings:
+        click.echo(f"{source.directory}/{warning}")
+    click.echo(f"ok: {len(bundle.rules)} rules, {len(bundle.table.roles)} roles, {len(bundle.fieldmap.classes)} "
+               f"classes, {len(bundle.routes.routes)} routes; proved equal to Casbin on {bundle.proof_checks} "
+               f"requests; {len(bundle.warnings)} warning(s); hash {bundle.short_hash}")
+
+
+@policy.command("test")
+@POLICY_DIR
+@FIELDS
+@CONFIG
+def policy_test(directory: Path | None, fields_file: Path | None, config: Path | None) -> None:
+    """Run the expectation files in DIR/tests/*.yaml; exit 1 if any case fails."""
+    from proxy import logs
+    from proxy.app import Gateway
+    from proxy.policy.expectations import render, run_tests
+
+    logs.configure("warning")
+    source = _source(directory, fields_file, config)
+    bundle = _load(source)
+    results = run_tests(bundle, source, Gateway)
+    if not results:
+        raise click.ClickException(f"no cases in {source.directory / 'tests'}")
+    click.echo(render(results))
+    if any(not r.passed for r in results):
+        sys.exit(1)
+
+
+@policy.command("diff")
+@click.argument("old", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("new", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown"]), default="table", show_default=True)
+def policy_diff(old: Path, new: Path, fmt: str) -> None:
+    """What each role gains and loses between two bundles (role x relation x class x action)."""
+    from proxy.policy.review import diff, purpose_diff, render_diff
+
+    before, after = _load(BundleSource(old)), _load(BundleSource(new))
+    changes = diff(before.table, after.table)
+    click.echo(render_diff(changes, purpose_diff(before.table, after.table), markdown=fmt == "markdown"))
+
+
+@policy.command("explain")
+@click.option("--role", required=True)
+@click.option("--purpose", default=None, help="default: the role's only purpose, if it has one")
+@click.option("--relation", "relations", multiple=True,
+              help="relation held to the client (caseload, supervision, cover, self); repeat; default any")
+@click.option("--user", default=None, help="work the relations out from the CRM for this user (needs --config)")
+@click.option("--client-id", default=None, help="for the client role: the caller's own client id")
+@click.option("--method", default="GET", show_default=True)
+@click.option("--path", "target", default=None, help="a route, e.g. /clients/7")
+@click.option("--class", "field_class", default=None, help="one field class instead of a route")
+@CONFIG
+@POLICY_DIR
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def policy_explain(role: str, purpose: str | None, relations: tuple[str, ...], user: str | None,
+                   client_id: str | None, method: str, target: str | None, field_class: str | None,
+                   config: Path | None, directory: Path | None, fmt: str) -> None:
+    """Why each field of a route (or one class) is shown, pseudonymised, masked or removed for a role."""
+    from proxy.policy.review import explain_class, explain_resource, render_explanations
+    from proxy.routes import normalise_path
+
+    source = _source(directory, None, config)
+    bundle = _load(source)
+    table = bundle.table
+    if purpose is None:
+        allowed = sorted(table.purposes.get(role, frozenset()))
+        purpose = allowed[0] if len(allowed) == 1 else None
+    rels = Relation.ANY
+    for name in relations:
+        rels |= Relation.parse(name)
+    if field_class is not None:
+        e = explain_class(table, role, rels, purpose, field_class)
+        click.echo(json.dumps(e.as_dict(), indent=2) if fmt == "json" else f"{field_class}: {e.outcome} - {e.reason}")
+        return
+    if target is None:
+        raise click.ClickException("give --path (a route) or --class")
+    matched = bundle.routes.match(method, normalise_path(target.split("?", 1)[0].encode()))
+    if matched is None:
+        raise click.ClickException(f"{method} {target}: no such route in the field map: it would be refused (403)")
+    route, params = matched
+    if user is not None:
+        if config is None:
+            raise click.ClickException("--user needs --config, to read the caseload facts from the CRM")
+        client = params.get("client_id")
+        if client is None:
+            raise click.ClickException("--user works on routes with the client in the path (e.g. /clients/7)")
+        rels = run(_relations_from_crm(settings_of(config), user, client_id, client, bundle))
+    resource = bundle.fieldmap.resources[route.resource]
+    items = explain_resource(table, bundle.fieldmap, route.resource, role, rels, purpose)
+    visible = explain_class(table, role, rels, purpose, resource.record_class).outcome != "remove"
+    if fmt == "json":
+        click.echo(json.dumps({"route": f"{route.method} {route.template}", "relations": rels.label,
+                               "purpose": purpose, "visible": visible, "fields": [e.as_dict() for e in items]},
+                              indent=2))
+    else:
+        click.echo(f"{role} ({purpose or 'no purpose'}) holding {rels.label}: {route.method} {route.template}")
+        click.echo(render_explanations(items, visible, resource.name, resource.record_class))
+
+
+async def _relations_from_crm(settings: Settings, user: str, own_client: str | None, client: str,
+                              bundle: PolicyBundle) -> Relation:
+    from datetime import UTC, datetime
+
+    from proxy.policy import RelationIndex
+    from proxy.upstream import Upstream
+
+    upstream = Upstream(settings.upstream)
+    await upstream.start()
+    try:
+        index = RelationIndex()
+        fm = bundle.fieldmap
+        await index.sync(fm.relations, fm.list_format.items, upstream.get_json)
+    finally:
+        await upstream.close()
+    return index.relations(user, own_client, client, bundle.cover, datetime.now(UTC))
+
+
+@policy.command("record")
+@click.option("--out", "output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("paths", nargs=-1, required=True)
+@CONFIG
+def policy_record(output: Path, paths: tuple[str, ...], config: Path | None) -> None:
+    """Record the CRM's answers to PATHS (and the caseload facts) for `policy test` request cases."""
+    settings = settings_of(config)
+    source = _source(None, None, config)
+    bundle = _load(source)
+
+    async def go() -> list[dict[str, Any]]:
+        import httpx
+
+        rel = bundle.fieldmap.relations
+        sync = [f"{p}?{rel.page_param}=1&{rel.size_param}={rel.page_size}" for p in (rel.clients_path,
+                                                                                      rel.staff_path)]
+        keep = {rel.clients_path: (rel.client_id, rel.counsellor), rel.staff_path: (rel.staff_user, rel.supervisor)}
+        items = bundle.fieldmap.list_format.items
+        out = []
+        async with httpx.AsyncClient(base_url=settings.upstream.url, timeout=30) as client:
+            for n, target in enumerate([*sync, *paths]):
+                r = await client.get(target)
+                path, _, query = target.partition("?")
+                body = r.json()
+                if n < len(sync):  # the caseload facts: only the fields the gateway reads from them
+                    rows = body if items == "." else body[items]
+                    rows[:] = [{k: row.get(k) for k in keep[path]} for row in rows]
+                out.append({"method": "GET", "path": path, "query": query, "status": r.status_code, "body": body})
+        return out
+
+    responses = run(go())
+    output.write_text(json.dumps({"responses": responses}) + "\n")
+    click.echo(f"{len(responses)} answers recorded in {output}")
+
+
+@policy.command("keygen")
+@click.option("--out", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="the officer's private key (0600); the public key is written beside it (.pub.pem)")
+def policy_keygen(output: Path) -> None:
+    """An Ed25519 key pair for signing policy bundles."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from proxy.audit import public_path, public_pem
+    from proxy.secretfile import write_private
+
+    if output.exists():
+        raise click.ClickException(f"{output} exists; refusing to overwrite a key")
+    key = Ed25519PrivateKey.generate()
+    write_private(output, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    public_path(output).write_bytes(public_pem(key.public_key()))
+    click.echo(f"private key {output}; give the gateway {public_path(output)} (policy.signing_public_key)")
+
+
+@policy.command("sign")
+@POLICY_DIR
+@click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def policy_sign(directory: Path | None, key_file: Path) -> None:
+    """Sign the bundle as reviewed: writes DIR/bundle.sig over the digest of every file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from proxy.policy import SIGNATURE_FILE, bundle_digest, read_bundle_files, sign_bundle
+    from proxy.secretfile import check_private
+
+    source = BundleSource(directory or Path("policies"))
+    _load(source)  # only a bundle that loads is worth signing
+    check_private(key_file)
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise click.ClickException(f"{key_file} is not an Ed25519 private key")
+    files = read_bundle_files(source)
+    (source.directory / SIGNATURE_FILE).write_bytes(sign_bundle(files, key))
+    click.echo(f"signed {bundle_digest(files)[:16]} -> {source.directory / SIGNATURE_FILE}")
+
+
+@policy.command("reload")
+@CONFIG
+def policy_reload(config: Path | None) -> None:
+    """Ask the running gateway to load the bundle again (SIGHUP to server.pid_file)."""
+    import signal
+
+    settings = settings_of(config)
+    if not settings.server.pid_file:
+        raise click.ClickException("server.pid_file is not set; send SIGHUP to the gateway yourself")
+    pid_file = Path(settings.server.pid_file)
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot signal the gateway from {pid_file}: {exc}") from None
+    click.echo(f"reload requested (pid {pid}); /readyz shows the policy hash in force and any refusal")

@@ -1,0 +1,542 @@
+"""One authorised request on its way through the pipeline, step by step (see `proxy.app`).
+
+An `Exchange` is made once the caller is known, the route matched and the role and purpose allowed.
+Each kind of route answers the same steps in its own way:
+
+    read     the write's body, parsed once (writes only)
+    locate   whose record this is, and how the caller stands to that client (need to know)
+    check    a write's fields, each allowed for this client, and the sensitive ones sealed; a delete allowed
+    forward  to the CRM, on the normalised path with the allowed query
+    rewrite  the CRM's answer, field by field, for this caller
+    finish   what was disclosed, by name, into the audit record
+
+It sees the running gateway only through a `Context`: the CRM, the relation facts, the key ring.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+
+from proxy.asgi import JSON, Incoming, Reply
+from proxy.audit import AuditRecord
+from proxy.errors import GatewayError
+from proxy.identity import Principal
+from proxy.keys import FieldCipher, KeyRing
+from proxy.policy import Outcome, PolicyBundle, Relation, RelationIndex, Resource, View
+from proxy.redact import Disclosure, Plans, Redactor
+from proxy.routes import Route, Shape, Verb, encode_path
+from proxy.upstream import OpenStream, Upstream, UpstreamResponse
+from proxy.writes import check_write, seal_fields
+
+NEEDS_RELATIONS = (Relation.CASELOAD, Relation.SUPERVISION, Relation.COVER, Relation.SELF)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What one request may use of the running gateway."""
+
+    upstream: Upstream
+    index: RelationIndex
+    ring: KeyRing | None
+    forward_headers: tuple[str, ...]  # the caller's headers passed on to the CRM
+    max_body_bytes: int
+    relations_max_age: float  # seconds: older facts refuse decisions that need them
+    refresh_soon: Callable[[], None]  # a client the facts do not know: re-read them soon
+
+    def forwarded(self, req: Incoming) -> dict[str, str]:
+        """The headers the CRM receives: the allowed few, the forwarding chain, our request id."""
+        out = {name: req.headers[name] for name in self.forward_headers if name in req.headers}
+        prior = req.headers.get("x-forwarded-for")
+        out["x-forwarded-for"] = f"{prior}, {req.peer}" if prior else req.peer
+        out["x-forwarded-proto"] = str(req.scope.get("scheme", "http"))
+        if "host" in req.headers:
+            out["x-forwarded-host"] = req.headers["host"]
+        out["x-request-id"] = req.request_id
+        out["accept"] = "application/json"
+        return out
+
+
+Answer = UpstreamResponse | OpenStream | None  # None: nothing needed asking (an empty list)
+
+
+class Exchange:
+    """The steps every kind of route shares; the subclasses below answer them per kind."""
+
+    def __init__(self, ctx: Context, bundle: PolicyBundle, principal: Principal, route: Route,
+                 params: dict[str, str], req: Incoming, record: AuditRecord) -> None:
+        self.ctx = ctx
+        self.bundle = bundle
+        self.who = principal
+        self.route = route
+        self.params = params
+        self.req = req
+        self.record = record
+        self.resource: Resource = bundle.fieldmap.resources[route.resource]
+        self.now = datetime.now(UTC)
+        self.disclosure = Disclosure()
+        self.pseudonyms: dict[str, str] = {}
+        self.cipher = FieldCipher(ctx.ring) if ctx.ring is not None else None
+        self.redactor = Redactor(bundle.table, principal.role, self.relations_of, self.pseudonyms.get,
+                                 self.disclosure, Plans.of(bundle), cipher=self.cipher, observe=self._observe)
+
+    @staticmethod
+    def of(ctx: Context, bundle: PolicyBundle, principal: Principal, route: Route, params: dict[str, str],
+           req: Incoming, record: AuditRecord) -> Exchange:
+        kind: type[Exchange]
+        if route.shape is Shape.OPAQUE:
+            kind = OpaqueRead
+        elif route.verb is Verb.READ:
+            kind = ListRead if route.shape is Shape.LIST else RecordRead
+        elif route.verb is Verb.DELETE:
+            kind = Delete
+        else:
+            kind = Write
+        return kind(ctx, bundle, principal, route, params, req, record)
+
+    # ------------------------------------------------------------------ the steps
+    async def read(self) -> None:
+        """Writes read and parse their body here; reads have none."""
+
+    async def locate(self) -> None:
+        raise NotImplementedError
+
+    async def check(self) -> bytes | None:
+        """The body to forward (writes), after every field has been allowed and sealed."""
+        return None
+
+    async def forward(self, body: bytes | None) -> Answer:
+        return await self._request(self.route.method, self._query(), body)
+
+    async def rewrite(self, answer: Answer) -> Reply:
+        raise NotImplementedError
+
+    async def finish(self) -> None:
+        await self._resolve(set(self.disclosure.clients))
+        self.disclosure.into(self.record, self.redactor.summary(), self.pseudonyms)
+
+    # ------------------------------------------------------------------ facts
+    def relations_of(self, client_id: str) -> Relation:
+        index = self.ctx.index
+        if client_id not in index.counsellor_of:
+            self.ctx.refresh_soon()
+        return index.relations(self.who.subject, self.who.client_id, client_id, self.bundle.cover, self.now)
+
+    def require_fresh_relations(self) -> None:
+        """Decisions that depend on relations are refused, never guessed, while the facts are missing or old."""
+        if self.resource.client_field is None or not self.bundle.table.needs_relations(self.who.role):
+            return
+        synced = self.ctx.index.synced_at
+        if synced is None:
+            raise GatewayError(503, "need-to-know relations are not available yet", reason="relations never synced")
+        if time.time() - synced > self.ctx.relations_max_age:
+            raise GatewayError(503, "need-to-know relations are out of date; try again shortly",
+                               reason="relations stale")
+
+    def _observe(self, resource: Resource, record: dict[str, Any]) -> bool:
+        source = self.bundle.fieldmap.relations
+        if resource.name == source.resource and source.counsellor in record:
+            cid = record.get(source.client_id)
+            if cid is not None:
+                return self.ctx.index.observe(str(cid), record.get(source.counsellor))
+        return False
+
+    def view(self, client_id: str | None) -> View:
+        return self.redactor.view_for(client_id)
+
+    def _require_visible(self, view: View) -> None:
+        if not self.redactor.visible(view, self.resource):
+            raise GatewayError(403, "no access to this client's records", reason="no relation to the client")
+
+    async def _located_client(self) -> str | None:
+        """The client a change is about: from the path, or from the record as the CRM holds it."""
+        if "client_id" in self.params:
+            return self.params["client_id"]
+        if self.route.locate is None:
+            return None
+        current = await self.ctx.upstream.get_json(self.route.render(self.route.locate, self.params))
+        if not isinstance(current, dict):
+            raise GatewayError(502, "upstream record has an unexpected shape")
+        return self.redactor.client_of(self.resource, current)
+
+    async def _resolve(self, client_ids: set[str]) -> None:
+        """Fetch the pseudonyms of these clients (one keystore query for those not cached)."""
+        missing = client_ids - self.pseudonyms.keys()
+        if missing and self.ctx.ring is not None:
+            self.pseudonyms.update(await self.ctx.ring.pseudonyms(missing))
+
+    async def _prepare(self, body: bytes, rows: list[Any]) -> None:
+        """Before a response is rewritten: its keystore rows and its clients' pseudonyms, in one go each."""
+        if self.cipher is not None:
+            await self.cipher.prefetch(body)
+        await self._resolve({c for row in rows if isinstance(row, dict)
+                             and (c := self.redactor.client_of(self.resource, row)) is not None})
+
+    # ------------------------------------------------------------------ the CRM
+    def _query(self, extra: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
+        """The caller's query, each parameter allowed by the route and by what it reveals."""
+        pairs = self.req.query()
+        if not pairs and not extra:
+            return []
+        allowed = dict(self.route.query)
+        if self.route.shape is Shape.LIST:
+            allowed.update({p: None for p in self.bundle.fieldmap.list_format.paging_query})
+        any_view = self.view(None)
+        for name, _ in pairs:
+            if name not in allowed:
+                raise GatewayError(400, f"query parameter not allowed: {name}")
+            revealed = allowed[name]
+            if revealed is not None and not self._may_filter_on(revealed, any_view):
+                raise GatewayError(403, f"not allowed to filter on {name}", reason=f"filter reveals {revealed}")
+        if extra:
+            pairs = [(k, v) for k, v in pairs if k not in extra]
+            style = self.bundle.fieldmap.list_format.filter_style
+            for name, values in extra.items():
+                if style == "comma":
+                    pairs.append((name, ",".join(values)))
+                else:
+                    pairs.extend((name, v) for v in values)
+        return pairs
+
+    def _may_filter_on(self, field_class: str, any_view: View) -> bool:
+        """Filtering on a class reveals it: the caller must see it in clear wherever rows are visible."""
+        if any_view.shows(self.resource.record_class):
+            return any_view.outcome(field_class) is Outcome.CLEAR
+        ok = False
+        for rel in NEEDS_RELATIONS:
+            view = self.bundle.table.view(self.who.role, Relation.ANY | rel)
+            if view is None or not view.shows(self.resource.record_class):
+                continue
+            if view.outcome(field_class) is not Outcome.CLEAR:
+                return False
+            ok = True
+        return ok
+
+    def _target(self, query: list[tuple[str, str]]) -> str:
+        path = encode_path(self.req.segments)
+        return f"{path}?{urlencode(query)}" if query else path
+
+    async def _request(self, method: str, query: list[tuple[str, str]], body: bytes | None = None
+                       ) -> UpstreamResponse:
+        headers = self.ctx.forwarded(self.req)
+        if body is not None:
+            headers["content-type"] = "application/json"
+        resp = await self.ctx.upstream.request(method, self._target(query), headers, body)
+        self.record.upstream_status = resp.status
+        return resp
+
+    @staticmethod
+    def _json(answer: Answer) -> Any:
+        if not isinstance(answer, UpstreamResponse):
+            raise GatewayError(502, "upstream answered unexpectedly")
+        if answer.status >= 400:
+            if answer.status >= 500:
+                raise GatewayError(502, "upstream failed", reason=f"upstream status {answer.status}")
+            raise GatewayError(answer.status, f"upstream refused the request ({answer.status})",
+                               reason=f"upstream status {answer.status}")
+        if not answer.is_json():
+            raise GatewayError(502, "upstream answered with a content type this route does not allow",
+                               reason="upstream content type not JSON")
+        try:
+            return orjson.loads(answer.body)
+        except orjson.JSONDecodeError:
+            raise GatewayError(502, "upstream sent malformed JSON") from None
+
+    @staticmethod
+    def _reply(status: int, document: Any, extra: list[tuple[bytes, bytes]] | None = None) -> Reply:
+        """A rewritten document. The CRM's validators (ETag, Last-Modified) describe the unredacted
+        record, so they are never passed on: a hash of hidden fields is a way to guess them."""
+        return Reply.json(status, document, extra)
+
+
+class RecordRead(Exchange):
+    """`GET /clients/7`: one record, visible only with a relation that shows its record class."""
+
+    async def locate(self) -> None:
+        client = self.params.get("client_id")
+        if client is not None:
+            self._require_visible(self.view(client))
+
+    async def rewrite(self, answer: Answer) -> Reply:
+        document = self._json(answer)
+        if not isinstance(document, dict):
+            raise GatewayError(502, "upstream record has an unexpected shape")
+        assert isinstance(answer, UpstreamResponse)
+        await self._prepare(answer.body, [document])
+        shown = self.redactor.record(self.resource, document)
+        if shown is None:
+            raise GatewayError(403, "no access to this record", reason="no relation to the record's client")
+        return self._reply(answer.status, shown)
+
+
+class ListRead(Exchange):
+    """`GET /clients`: the rows the caller has a relation to, the filter pushed down so paging counts them."""
+
+    extra: dict[str, list[str]] | None = None
+    nothing: bool = False  # no client the caller may see: answer an empty list without asking
+
+    async def locate(self) -> None:
+        self._query()  # refuse a disallowed parameter whatever the push-down decides
+        client = self.params.get("client_id")
+        if client is not None:
+            self._require_visible(self.view(client))
+        elif not self.view(None).shows(self.resource.record_class):
+            allowed = self._clients_with_access()
+            if self.route.filter_param is not None:
+                wanted = self._requested_filter(self.route.filter_param)
+                chosen = sorted(allowed & wanted if wanted is not None else allowed, key=_natural)
+                if not chosen:
+                    self.nothing = True
+                else:
+                    self.extra = {self.route.filter_param: chosen}
+
+    async def forward(self, body: bytes | None) -> Answer:
+        if self.nothing:
+            return None
+        return await self._request("GET", self._query(self.extra))
+
+    async def rewrite(self, answer: Answer) -> Reply:
+        fmt = self.bundle.fieldmap.list_format
+        if answer is None:
+            return self._empty()
+        document = self._json(answer)
+        assert isinstance(answer, UpstreamResponse)
+        rows = document if fmt.items == "." else (document.get(fmt.items) if isinstance(document, dict) else None)
+        if not isinstance(rows, list):
+            raise GatewayError(502, "upstream list has an unexpected shape")
+        await self._prepare(answer.body, rows)
+        shown = self.redactor.rows(self.resource, rows)
+        dropped = self.disclosure.dropped_rows
+        extra_headers: list[tuple[bytes, bytes]] = []
+        if fmt.total_header and fmt.total_header.lower() in answer.headers:
+            total = _int(answer.headers[fmt.total_header.lower()])
+            if total is not None:
+                extra_headers.append((fmt.total_header.encode(), str(max(total - dropped, 0)).encode()))
+        if fmt.items == ".":
+            return self._reply(answer.status, shown, extra_headers)
+        assert isinstance(document, dict)
+        out: dict[str, Any] = {k: document[k] for k in fmt.metadata if k in document}
+        for key in document:
+            if key != fmt.items and key not in fmt.metadata:
+                self.disclosure.unclassified.add(f"(list).{key}")
+        if fmt.total and isinstance(out.get(fmt.total), int) and dropped:
+            out[fmt.total] = max(out[fmt.total] - dropped, 0)
+        out[fmt.items] = shown
+        return self._reply(answer.status, out, extra_headers)
+
+    def _empty(self) -> Reply:
+        fmt = self.bundle.fieldmap.list_format
+        headers = [(b"content-type", JSON)]
+        if fmt.total_header:
+            headers.append((fmt.total_header.encode(), b"0"))
+        if fmt.items == ".":
+            return Reply(200, b"[]", headers)
+        document: dict[str, Any] = {k: None for k in fmt.metadata}
+        if fmt.total:
+            document[fmt.total] = 0
+        document[fmt.items] = []
+        return Reply(200, orjson.dumps(document), headers)
+
+    def _requested_filter(self, name: str) -> set[str] | None:
+        values = [v for k, v in self.req.query() if k == name]
+        if not values:
+            return None
+        if self.bundle.fieldmap.list_format.filter_style == "comma":
+            return {part for v in values for part in v.split(",") if part}
+        return set(values)
+
+    def _clients_with_access(self) -> set[str]:
+        """Push the need-to-know filter down to the CRM, so paging counts only visible rows."""
+        wanted = Relation(0)
+        for rel in NEEDS_RELATIONS:
+            view = self.bundle.table.view(self.who.role, Relation.ANY | rel)
+            if view is not None and view.shows(self.resource.record_class):
+                wanted |= rel
+        if not wanted:
+            raise GatewayError(403, f"role {self.who.role} has no access to {self.resource.name} records",
+                               reason="no relation gives access")
+        return self.ctx.index.clients_for(self.who.subject, self.who.client_id, wanted, self.bundle.cover,
+                                          self.now)
+
+
+class Write(Exchange):
+    """`POST`, `PATCH`, `PUT`: every field known and writable for this client, sealed, before the CRM sees it."""
+
+    body: dict[str, Any]
+    client: str | None = None
+    written: set[str]
+    orphans: tuple[bytes, ...] = ()  # keys made for a client the CRM has not named yet
+
+    async def read(self) -> None:
+        content_type = self.req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            raise GatewayError(415, "request body must be application/json")
+        raw = await self.req.body(self.ctx.max_body_bytes)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise GatewayError(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise GatewayError(422, "request body must be a JSON object")
+        self.body = body
+
+    async def locate(self) -> None:
+        if self.route.verb is Verb.CREATE and "client_id" not in self.params:
+            self.client = self._client_in_body()
+        else:
+            self.client = await self._located_client()
+
+    def _client_in_body(self) -> str | None:
+        return self.redactor.client_of(self.resource, self.body) if self.resource.client_field != "id" else None
+
+    async def check(self) -> bytes | None:
+        creating = self.route.verb is Verb.CREATE
+        client = self.client
+        out, self.written = check_write(self.resource, self.body, self.view(client),
+                                        replace=self.route.verb is Verb.REPLACE)
+        target = self._client_in_body()
+        moving = not creating and target is not None and target != client
+        if moving:
+            # moving a record to another client writes to both: each must allow it
+            check_write(self.resource, self.body, self.view(target), replace=False)
+        owners = [client] if creating else [client, target] if moving else []
+        for who in owners:
+            if self.resource.record_class not in self.view(who).writable:
+                raise GatewayError(403, f"not allowed to {'create' if creating else 'move'} "
+                                        f"{self.resource.name} records for this client",
+                                   reason=f"no write on {self.resource.record_class}")
+        classes = self.bundle.fieldmap.classes
+        if moving and any(classes[c].key_scope for c in self.resource.classes):
+            raise GatewayError(409, f"{self.resource.name} records hold fields sealed with their client's key "
+                                    "and cannot move to another client; create a new record instead")
+        self.orphans = tuple(await self._seal(out, client))
+        return orjson.dumps(out)
+
+    async def _seal(self, body: dict[str, Any], client: str | None) -> list[bytes]:
+        """Seal the fields of encrypted classes with the client's keys; return keys made for a new client."""
+        if self.cipher is None:
+            raise GatewayError(503, "field encryption is not available", reason="keyring not open")
+        classes = self.bundle.fieldmap.classes
+        scopes = {s for c in self.written if (s := classes[c].key_scope) is not None}
+        if not scopes:
+            return []
+        ring = self.cipher.ring
+        if not ring.can_encrypt:
+            raise GatewayError(503, "field encryption is not available", reason="no KEK")
+        keys = {scope: await ring.for_writing(client, scope) for scope in sorted(scopes)}
+        seal_fields(self.resource, body, classes, keys)
+        self.disclosure.key_ids |= {k.key.hex_id for k in keys.values()}
+        return [k.key.key_id for k in keys.values()] if client is None else []
+
+    async def forward(self, body: bytes | None) -> Answer:
+        try:
+            return await self._request(self.route.method, self._query(), body)
+        except GatewayError:
+            await self._settle(None)
+            raise
+
+    async def rewrite(self, answer: Answer) -> Reply:
+        try:
+            document = self._json(answer)
+        except GatewayError:
+            await self._settle(None)
+            raise
+        await self._settle(self.redactor.client_of(self.resource, document) if isinstance(document, dict) else None)
+        assert isinstance(answer, UpstreamResponse)
+        if not isinstance(document, dict):
+            return Reply(answer.status, b"{}", [(b"content-type", JSON)])
+        await self._prepare(answer.body, [document])
+        shown = self.redactor.record(self.resource, document)
+        return self._reply(answer.status, shown if shown is not None else {})
+
+    async def _settle(self, new_client: str | None) -> None:
+        """Keys made before the CRM named a new client: link them to it, or destroy them if it refused."""
+        orphans, self.orphans = self.orphans, ()
+        if not orphans or self.cipher is None:
+            return
+        if new_client is None:
+            await self.cipher.ring.discard(orphans, "the CRM did not create the record")
+        else:
+            for key_id in orphans:
+                await self.cipher.ring.link(key_id, new_client)
+
+
+class Delete(Exchange):
+    """`DELETE`: allowed by the delete rule on the record class, for the record's own client."""
+
+    client: str | None = None
+
+    async def locate(self) -> None:
+        self.client = await self._located_client()
+
+    async def check(self) -> bytes | None:
+        if self.resource.record_class not in self.view(self.client).deletable:
+            raise GatewayError(403, f"not allowed to delete {self.resource.name} records",
+                               reason=f"no delete on {self.resource.record_class}")
+        return None
+
+    async def forward(self, body: bytes | None) -> Answer:
+        return await self._request("DELETE", self._query())
+
+    async def rewrite(self, answer: Answer) -> Reply:
+        assert isinstance(answer, UpstreamResponse)
+        if answer.status >= 400:
+            self._json(answer)
+        if self.client is not None and self.resource.name == self.bundle.fieldmap.relations.resource:
+            self.ctx.index.forget(self.client)
+        return Reply(answer.status if answer.status != 200 else 204, b"")
+
+
+class OpaqueRead(Exchange):
+    """Bytes the gateway cannot rewrite (a letter's PDF): all or nothing, by the class of the guarding field."""
+
+    guard: tuple[str, str] = ("", "")  # (class, path) of the field that guards the bytes
+
+    async def locate(self) -> None:
+        assert self.route.locate is not None and self.route.opaque_field is not None
+        located = await self.ctx.upstream.get_json(self.route.render(self.route.locate, self.params))
+        if not isinstance(located, dict):
+            raise GatewayError(502, "upstream record has an unexpected shape")
+        view = self.view(self.redactor.client_of(self.resource, located))
+        spec = next((s for s in self.resource.specs if s.path == self.route.opaque_field), None)
+        if spec is None:
+            raise GatewayError(403, "route guards an unknown field")
+        cls = spec.class_for(located)
+        if view.outcome(cls) is not Outcome.CLEAR:
+            self.disclosure.note(Outcome.REMOVE, cls, spec.path)
+            raise GatewayError(403, "no access to this document", reason=f"{cls} not shown in clear")
+        self.guard = (cls, spec.path)
+
+    async def forward(self, body: bytes | None) -> Answer:
+        headers = self.ctx.forwarded(self.req)
+        headers["accept"] = "*/*"
+        stream = await self.ctx.upstream.open_stream("GET", self._target([]), headers)
+        self.record.upstream_status = stream.status
+        return stream
+
+    async def rewrite(self, answer: Answer) -> Reply:
+        assert isinstance(answer, OpenStream)
+        if answer.status >= 400:
+            answer.close()
+            raise GatewayError(502 if answer.status >= 500 else answer.status,
+                               f"upstream refused the request ({answer.status})")
+        self.disclosure.note(Outcome.CLEAR, *self.guard)
+        out = [(b"content-type", answer.headers.get("content-type", "application/octet-stream").encode("latin-1"))]
+        for name in ("content-disposition", "content-length"):
+            if name in answer.headers:
+                out.append((name.encode(), answer.headers[name].encode("latin-1")))
+        return Reply(answer.status, b"", out, answer)
+
+
+def _int(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
+
+def _natural(value: str) -> tuple[int, str]:
+    return (int(value), "") if value.isdigit() else (1 << 62, value)

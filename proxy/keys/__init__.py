@@ -1,0 +1,17 @@
+"""The keys lifecycle: the field ciphertext, key-encryption keys (a sealed file or PKCS#11), each client's
+data keys in the keystore, the key ring that caches them for the request path, and the field cipher that
+opens them only for `clear`. The lifecycle commands (`proxy.keys.lifecycle`) and the CRM migration
+(`proxy.keys.migration`) are tools on top, imported by their own names."""
+
+from proxy.keys.cipher import CipherFailure, FieldCipher
+from proxy.keys.custody import create_kek, open_kek, open_keyring
+from proxy.keys.envelope import PREFIX, EnvelopeError, associated_where, is_sealed, seal
+from proxy.keys.kek import FileKek, KekError, KeyEncryptionKey, Pkcs11Kek, ScryptParams
+from proxy.keys.ring import KeyRing, OpenKey, wrap_aad
+from proxy.keys.store import DataKey, KeyStatus, Keystore, SqliteKeystore
+
+__all__ = [
+    "PREFIX", "CipherFailure", "DataKey", "EnvelopeError", "FieldCipher", "FileKek", "KekError", "KeyEncryptionKey",
+    "KeyRing", "KeyStatus", "Keystore", "OpenKey", "Pkcs11Kek", "ScryptParams", "SqliteKeystore", "associated_where",
+    "create_kek", "is_sealed", "open_kek", "open_keyring", "seal", "wrap_aad",
+]

@@ -1,0 +1,47 @@
+"""The operators' probes: `/healthz` (the process is up), `/readyz` (every part works and every background
+task is fresh), `/metrics` (Prometheus counts). They carry no client data, need no identity and are not
+audited."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.asgi import Reply
+from proxy.runtime import Runtime
+
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+async def probe(runtime: Runtime, path: str) -> Reply:
+    if path == "/healthz":
+        return Reply(200, orjson.dumps({"status": "ok"}))
+    if path == "/metrics":
+        return Reply(200, runtime.metrics.render().encode(), [(b"content-type", b"text/plain; version=0.0.4")])
+    return await readiness(runtime)
+
+
+async def readiness(runtime: Runtime) -> Reply:
+    bundle = runtime.bundle
+    status = runtime.policy.status
+    tasks = runtime.supervisor.status()
+    upstream = await runtime.upstream.reachable()
+    index = runtime.index
+    relations = tasks.get("relations", {})
+    relations_ok = index.synced_at is not None and bool(relations.get("ok", False))
+    checks: dict[str, Any] = {
+        "policy": {"ok": status.last_error is None, "hash": bundle.digest, "loaded_at": bundle.loaded_at,
+                   "reload_failures": status.failures, "last_reload_error": status.last_error,
+                   "shadow": runtime.shadow.bundle.digest if runtime.shadow else None},
+        "upstream": {"ok": upstream},
+        "relations": {"ok": relations_ok, "clients": len(index.counsellor_of), "staff": len(index.supervisor_of),
+                      "synced_at": index.synced_at, "last_error": relations.get("last_error")},
+    }
+    audit = runtime.trail.health()
+    free = audit.get("free_bytes")
+    audit["ok"] = audit["ok"] and (free is None or free >= runtime.settings.audit.min_free_bytes)
+    checks["audit"] = audit
+    checks["tasks"] = {"ok": runtime.supervisor.healthy, **tasks}
+    ready = all(check["ok"] for check in checks.values())
+    return Reply(200 if ready else 503, orjson.dumps({"ready": ready, "checks": checks}))

@@ -1,0 +1,153 @@
+"""The running gateway: its parts built from the settings, started, supervised and stopped together.
+
+Each part takes its own section of the settings. The background tasks (policy watcher, relation facts,
+key revocations, the audit writer's beat) belong to one `Supervisor`; requests see the parts they need
+through an `exchange.Context`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+from pathlib import Path
+
+import structlog
+
+from proxy.audit import AuditRecord, AuditUnavailable, Siem, load_public, open_trail
+from proxy.config import Settings
+from proxy.exchange import Context
+from proxy.identity import TokenVerifier
+from proxy.keys import KeyEncryptionKey, KeyRing, open_kek, open_keyring
+from proxy.metrics import Metrics
+from proxy.policy import BundleSource, PolicyBundle, PolicyError, PolicyWatcher, RelationIndex, load_bundle
+from proxy.supervisor import Supervisor, Task
+from proxy.upstream import Upstream
+
+log = structlog.get_logger("fieldguard.gateway")
+
+REFRESH_AT_MOST_EVERY = 5.0  # seconds: a record naming an unknown client re-reads the facts, this often at most
+
+
+class Runtime:
+    """Everything the gateway is made of. Construct with settings; `start` and `stop` around serving."""
+
+    def __init__(self, settings: Settings, siem: Siem | None = None, bundle: PolicyBundle | None = None) -> None:
+        self.settings = settings
+        self.proofs = settings.keys.in_dir("proofs")
+        policy = settings.policy
+        officer = load_public(Path(policy.signing_public_key)) if policy.require_signature else None
+        bundle = bundle or load_bundle(BundleSource.configured(policy), self.proofs, officer)
+        self.metrics = Metrics()
+        self.policy = PolicyWatcher(bundle, self.proofs, officer, on_swap=self._swapped, on_failure=self._refused)
+        self.shadow: PolicyWatcher | None = None
+        if policy.shadow_dir:
+            candidate = BundleSource(Path(policy.shadow_dir))
+            self.shadow = PolicyWatcher(load_bundle(candidate, self.proofs), self.proofs)
+        self.verifier = TokenVerifier(settings.identity)
+        self.upstream = Upstream(settings.upstream)
+        self.index = RelationIndex()
+        encrypted = any(c.key_scope for c in bundle.fieldmap.classes.values())
+        self.kek: KeyEncryptionKey | None = open_kek(settings.keys) if encrypted else None
+        self.ring: KeyRing | None = None
+        self.coming = 0  # requests being served whose audit record is not yet handed to the trail
+        self.trail = open_trail(settings, siem, coming=lambda: self.coming)
+        self.supervisor = Supervisor()
+        self._relations: Task | None = None
+        self._policy: Task | None = None
+        self.context: Context | None = None
+
+    @property
+    def bundle(self) -> PolicyBundle:
+        return self.policy.bundle
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        s = self.settings
+        await self.trail.open()
+        self.ring = await open_keyring(s.keys, self.kek)
+        await self.upstream.start()
+        self.context = Context(
+            upstream=self.upstream, index=self.index, ring=self.ring,
+            forward_headers=tuple(h.lower() for h in s.upstream.forward_headers),
+            max_body_bytes=s.server.max_body_bytes, relations_max_age=s.relations.max_age_seconds,
+            refresh_soon=self._refresh_soon)
+        sup = self.supervisor
+        poll = s.policy.poll_seconds
+        self._policy = sup.add("policy", self._poll_policy, poll, stale_after=max(10 * poll, 60.0))
+        self._relations = sup.add("relations", self.refresh_relations, s.relations.refresh_seconds,
+                                  stale_after=s.relations.max_age_seconds, max_pause=s.relations.refresh_seconds)
+        ring = self.ring
+        every = s.keys.revocation_poll_seconds
+        sup.add("revocations", ring.poll_revocations, every, stale_after=max(20 * every, 10.0))
+        beat = min(s.audit.checkpoint_seconds, 5.0)
+        sup.add("audit", self.trail.tick, beat, stale_after=max(6 * beat, 4 * s.audit.timeout_seconds))
+        await sup.start()
+        if s.server.pid_file:
+            await asyncio.to_thread(Path(s.server.pid_file).write_text, f"{os.getpid()}\n")
+        self.metrics.gauge("fieldguard_audit_records", lambda: float(self.trail.health()["records"]))
+        self.metrics.gauge("fieldguard_relations_clients", lambda: float(len(self.index.counsellor_of)))
+        self.metrics.gauge("fieldguard_background_tasks_stale",
+                           lambda: float(sum(not t.fresh for t in sup.tasks.values())))
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_reload)
+        log.info("gateway ready", policy=self.bundle.short_hash, upstream=self.upstream.base,
+                 routes=len(self.bundle.routes.routes), clients=len(self.index.counsellor_of))
+
+    async def stop(self) -> None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await self.supervisor.stop()
+        await self.upstream.close()
+        if self.settings.server.pid_file:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(Path(self.settings.server.pid_file).unlink)
+        if self.ring is not None:
+            await self.ring.store.close()
+        await self.trail.close()
+
+    # ------------------------------------------------------------------ policy
+    def request_reload(self) -> None:
+        """SIGHUP and `fieldguard policy reload`: load the files again now, watched or not."""
+        self.policy.request_reload()
+        if self.shadow is not None:
+            self.shadow.request_reload()
+        if self._policy is not None:
+            self._policy.wake()
+
+    async def _poll_policy(self) -> None:
+        watch = self.settings.policy.watch
+        await self.policy.poll(watch)
+        if self.shadow is not None:
+            await self.shadow.poll(watch)
+
+    async def _swapped(self, old: PolicyBundle, new: PolicyBundle) -> None:
+        self.metrics.inc("fieldguard_policy_reloads_total", result="applied")
+        await self._policy_event("allowed", f"policy {old.short_hash} replaced by {new.short_hash}", new.digest)
+
+    async def _refused(self, error: PolicyError) -> None:
+        self.metrics.inc("fieldguard_policy_reloads_total", result="refused")
+        first = "; ".join(str(f) for f in error.findings[:3])
+        await self._policy_event("error", f"policy reload refused, previous policy kept: {first}"[:500],
+                                 self.bundle.digest)
+
+    async def _policy_event(self, outcome: str, reason: str, digest: str) -> None:
+        """Rollouts are audited like accesses: auditors see when the rules changed, and failed attempts."""
+        record = AuditRecord(request_id=secrets.token_hex(12), method="POLICY", route="policy reload",
+                             outcome=outcome, reason=reason, policy=digest, status=200 if outcome == "allowed" else 409)
+        try:
+            await self.trail.append(record)
+        except AuditUnavailable:
+            log.error("policy change could not be audited", outcome=outcome)
+
+    # ------------------------------------------------------------------ relations
+    async def refresh_relations(self) -> None:
+        """Re-read the need-to-know facts from the CRM; a failure keeps the last facts until they are too old."""
+        fm = self.bundle.fieldmap
+        await self.index.sync(fm.relations, fm.list_format.items, self.upstream.get_json)
+
+    def _refresh_soon(self) -> None:
+        if self._relations is not None:
+            self._relations.wake(at_most_every=REFRESH_AT_MOST_EVERY)
