@@ -25,6 +25,7 @@ demo: setup
 lint: $(STAMP)
 	$(PY) -m ruff check proxy tests examples benchmarks
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 unit: setup
 	scripts/setup-debian.sh softhsm2

@@ -169,8 +169,9 @@ def code_state() -> dict[str, Any]:
         return subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True, check=False).stdout
 
     digest = hashlib.sha256()
-    for path in sorted((REPO / "proxy").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    proxy = REPO / "proxy"
+    for path in sorted(proxy.rglob("*.py")):  # the subpackages too (policy/, keys/, audit/, cli/, ...)
+        digest.update(path.relative_to(proxy).as_posix().encode() + b"\0" + path.read_bytes())
     changed = [ln[3:] for ln in git("status", "--porcelain", "proxy", "examples", "policies").splitlines()]
     return {"git": git("rev-parse", "--short", "HEAD").strip(), "changed_since_commit": changed,
             "proxy_sha256": digest.hexdigest()[:16]}

@@ -1,5 +1,5 @@
 """What every target sits in front of: the example CRM, seeded and encrypted the way `fieldguard demo`
-does it (`proxy.migrate.encrypt_existing`), with keys and a token-signing key made in a temp dir."""
+does it (`proxy.keys.migration.encrypt_existing`), with keys and a token-signing key made in a temp dir."""
 
 from __future__ import annotations
 

@@ -13,8 +13,11 @@ from typing import Any
 
 Mask = Callable[[Any], Any]
 
-_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})")
-_POSTCODE = re.compile(r"^\s*([A-Za-z]{1,2}\d[A-Za-z\d]?)\s*\d[A-Za-z]{2}\s*$")
+# ASCII digits only: \d also matches full-width and other scripts' digits, which int() reads as numbers
+_DATE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})")
+_POSTCODE = re.compile(r"^\s*([A-Za-z]{1,2}[0-9][A-Za-z0-9]?)\s*[0-9][A-Za-z]{2}\s*$")
+_DOMAIN = re.compile(r"[\w-]+(?:\.[\w-]+)*")  # a host name, internationalised ones too
+_DIGITS = frozenset("0123456789")
 
 
 def year(value: Any) -> str | None:
@@ -62,7 +65,8 @@ def email_domain(value: Any) -> str | None:
     """'jane@example.org' -> '*@example.org'."""
     if isinstance(value, str) and value.count("@") == 1:
         domain = value.split("@", 1)[1].strip()
-        return f"*@{domain}" if domain else None
+        # only a host name: whatever else follows the @ (a name, a phone number, a second line) is not shown
+        return f"*@{domain}" if len(domain) <= 253 and _DOMAIN.fullmatch(domain) else None
     return None
 
 
@@ -70,7 +74,7 @@ def last4(value: Any) -> str | None:
     """'07700 900123' -> '*******0123'."""
     if not isinstance(value, str):
         return None
-    digits = [c for c in value if c.isdigit()]
+    digits = [c for c in value if c in _DIGITS]
     return "*" * max(len(digits) - 4, 0) + "".join(digits[-4:]) if len(digits) >= 6 else None
 
 

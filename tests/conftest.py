@@ -1,7 +1,9 @@
-"""Shared fixtures: real processes on loopback (the example CRM, json-server, the gateway itself).
+"""Shared fixtures: real upstreams on loopback (the example CRM, json-server) and the gateway in front.
 
-Nothing here is mocked: the gateway runs as `fieldguard serve` in its own process, in front of an
-upstream running in another, and tests talk to it over HTTP like any client would.
+Nothing here is mocked. The gateway is the real one, on a loopback port: served from a thread of the
+test process by default (tests/harness.py: no process start, so each branch costs milliseconds), or as
+`fieldguard serve` in its own process where a test needs what only a process has (signals, kill -9,
+its own PKCS#11 login, its own environment). Tests talk to it over HTTP like any client would.
 """
 
 from __future__ import annotations
@@ -26,12 +28,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.tokens import mint_token
+from tests.harness import InProcessService, configure_logging
 
 REPO = Path(__file__).resolve().parent.parent
 ISSUER = "https://idp.test"
 KEK_PASSPHRASE = "test passphrase, generated nowhere near production"
 KEK_ENV = {"FIELDGUARD_KEK_PASSPHRASE": KEK_PASSPHRASE}
 AUDIENCE = "fieldguard-test"
+configure_logging()
+
+
+HTTP = httpx.Client(timeout=30)
+"""One connection pool for the whole session: a new client per call costs 16 ms of TLS set-up here."""
 
 
 def free_port() -> int:
@@ -58,7 +66,7 @@ class Service:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.args[:4]} exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.ready_url, timeout=1).status_code < 500:
+                if HTTP.get(self.ready_url, timeout=1).status_code < 500:
                     return self
             except httpx.HTTPError:
                 pass
@@ -175,7 +183,7 @@ def policies_copy(directory: Path, cover_for: tuple[str, str] | None = ("dana", 
 
 @dataclass
 class Gateway:
-    service: Service
+    service: Service | InProcessService
     url: str
     audit: Path
     config: Path
@@ -188,7 +196,7 @@ class Gateway:
         headers = dict(kw.pop("headers", {}))
         if token is not None:
             headers["authorization"] = f"Bearer {token}"
-        return httpx.request(method, self.url + path, headers=headers, timeout=30, **kw)
+        return HTTP.request(method, self.url + path, headers=headers, timeout=30, **kw)
 
     def as_user(self, sub: str, role: str, purpose: str | None = None, client_id: str | None = None) -> str:
         default = {"counsellor": "TREAT", "supervisor": "TREAT", "admin": "HOPERAT", "service_manager": "HOPERAT",
@@ -212,10 +220,20 @@ class Gateway:
         raise AssertionError(f"no audit record for {request_id}")
 
 
+def _passphrase_file(directory: Path) -> str:
+    """In-process gateways share this process's environment, so they read the test passphrase from a file."""
+    path = directory / "kek-passphrase"
+    path.write_text(KEK_PASSPHRASE)
+    path.chmod(0o600)
+    return f'passphrase_file = "{path}"\npassphrase_env = "FIELDGUARD_TEST_PASSPHRASE_FROM_FILE"'
+
+
 def start_gateway(directory: Path, upstream: str, signing: Signing, keys: Path, policies: Path | None = None,
                   extra: str = "", public_key: Path | None = None, fields_file: Path | None = None,
                   upstream_extra: str = "", identity: str | None = None, keys_extra: str = "",
-                  env: dict[str, str] | None = None) -> Gateway:
+                  env: dict[str, str] | None = None, process: bool = False, timeout: float = 3.0) -> Gateway:
+    """A gateway in front of `upstream`: in this process unless `process` (or an `env` of its own) asks for
+    `fieldguard serve` in another."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     audit = directory / "audit.jsonl"
@@ -227,7 +245,7 @@ max_body_bytes = 65536
 
 [upstream]
 url = "{upstream}"
-timeout_seconds = 3.0
+timeout_seconds = {timeout}
 {upstream_extra}
 
 [policy]
@@ -243,14 +261,19 @@ audience = "{AUDIENCE}"
 [keys]
 dir = "{keys}"
 revocation_poll_seconds = 0.2
-{keys_extra}
+{keys_extra or _passphrase_file(directory)}
 
 [audit]
 log = "{audit}"
 {extra}
 """)
-    svc = Service([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)], directory / "gateway.log",
-                  f"http://127.0.0.1:{port}/healthz", env={**KEK_ENV, **(env or {})}).start()
+    svc: Service | InProcessService
+    if process or env:
+        svc = Service([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
+                      directory / "gateway.log", f"http://127.0.0.1:{port}/healthz",
+                      env={**KEK_ENV, **(env or {})}).start()
+    else:
+        svc = InProcessService(config, port, directory / "gateway.log").start()
     return Gateway(svc, f"http://127.0.0.1:{port}", audit, config, signing)
 
 
@@ -273,6 +296,6 @@ def gateway(crm: str, signing: Signing, shared_keys: Path, tmp_path_factory: pyt
 
 def direct(crm_url: str, path: str) -> Any:
     """The CRM's own answer, bypassing the gateway: what the gateway is protecting."""
-    r = httpx.get(crm_url + path, timeout=10)
+    r = HTTP.get(crm_url + path, timeout=10)
     r.raise_for_status()
     return r.json()

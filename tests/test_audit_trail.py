@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from proxy.audit.checkpoints import note
 from proxy.audit.trail import canonical, leaf_hash, link_hash
-from tests.conftest import KEK_ENV, Gateway, Signing, make_keys, policies_copy, start_crm, start_gateway
+from tests.conftest import HTTP, KEK_ENV, Gateway, Signing, make_keys, policies_copy, start_crm, start_gateway
 
 
 def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
@@ -226,7 +226,8 @@ def test_queries_reports_and_exports(run: dict[str, Any], tmp_path: Path) -> Non
 
 def test_kill_9_under_load_loses_no_released_record(crm: str, signing: Signing, tmp_path: Path) -> None:
     keys = make_keys(tmp_path / "keys")
-    gw = start_gateway(tmp_path / "gw", crm, signing, keys, policies=policies_copy(tmp_path / "gw"))
+    gw = start_gateway(tmp_path / "gw", crm, signing, keys, policies=policies_copy(tmp_path / "gw"),
+                       process=True)  # kill -9
     released: list[str] = []
     stop = threading.Event()
 
@@ -287,12 +288,12 @@ def test_unwritable_store_releases_no_data(own_gateway: tuple[Gateway, Path]) ->
         r = gw.get("/clients/1", alice)
         assert r.status_code == 503 and set(r.json()) == {"error", "request_id"}
         assert "liam" not in r.text.lower() and "@" not in r.text
-        ready = httpx.get(gw.url + "/readyz").json()
+        ready = HTTP.get(gw.url + "/readyz").json()
         assert ready["ready"] is False and ready["checks"]["audit"]["ok"] is False
     finally:
         _chattr("-i", *files)
     assert gw.get("/clients/1", alice).status_code == 200  # recovers once the store is writable again
-    assert httpx.get(gw.url + "/readyz").json()["checks"]["audit"]["ok"] is True
+    assert HTTP.get(gw.url + "/readyz").json()["checks"]["audit"]["ok"] is True
 
 
 def test_full_store_releases_no_data(crm: str, signing: Signing, tmp_path: Path) -> None:
@@ -305,7 +306,7 @@ def test_full_store_releases_no_data(crm: str, signing: Signing, tmp_path: Path)
         assert statuses[0] == 200 and statuses[-1] == 503
         first_refusal = statuses.index(503)
         assert set(statuses[first_refusal:]) == {503}
-        assert "full" in httpx.get(gw.url + "/readyz").json()["checks"]["audit"]["last_error"]
+        assert "full" in HTTP.get(gw.url + "/readyz").json()["checks"]["audit"]["last_error"]
     finally:
         gw.service.stop()
     out = cli(gw, "audit", "verify", "--public-key", str(keys / "audit-signing.pub.pem"))
@@ -329,7 +330,7 @@ def test_audit_off_keeps_the_siem_lines_and_says_so(crm: str, signing: Signing, 
         alice = gw.as_user("alice", "counsellor")
         assert gw.get("/clients/1", alice).status_code == 200
         assert gw.get("/clients/2", alice).status_code == 403
-        audit = httpx.get(gw.url + "/readyz").json()["checks"]["audit"]
+        audit = HTTP.get(gw.url + "/readyz").json()["checks"]["audit"]
         assert audit["durable"] is False and audit["records"] == 2
         records = gw.audit_records()
         assert [(r["route"], r["status"], r["seq"]) for r in records] == [
@@ -349,7 +350,7 @@ def test_commits_group_concurrent_requests_and_never_hold_a_lone_one(
                        extra="timeout_seconds = 20.0\ncommit_delay_ms = 3000")
 
     def counts() -> tuple[int, int]:
-        audit = httpx.get(gw.url + "/readyz").json()["checks"]["audit"]
+        audit = HTTP.get(gw.url + "/readyz").json()["checks"]["audit"]
         return audit["records"], audit["commits"]
 
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, Service, free_port
+from tests.conftest import HTTP, REPO, Service, free_port
 
 
 def test_demo_shows_each_role_what_the_rules_allow(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_demo_shows_each_role_what_the_rules_allow(tmp_path: Path) -> None:
         assert set(tokens) >= {"ALICE", "CAROL", "ERIN", "RHEA"} and len(curls) >= 10
 
         def call(user: str, url: str) -> httpx.Response:
-            return httpx.get(url, headers={"authorization": f"Bearer {tokens[user]}"}, timeout=10)
+            return HTTP.get(url, headers={"authorization": f"Bearer {tokens[user]}"}, timeout=10)
 
         results = {(user, url.split(str(port), 1)[1]): call(user, url) for user, url in curls}
         # a counsellor sees their own client's notes and nothing of anyone else's
@@ -59,7 +59,7 @@ def test_demo_shows_each_role_what_the_rules_allow(tmp_path: Path) -> None:
         # behind the gateway the CRM holds ciphertext (the printed line shows it)
         direct_line = re.search(r"^  curl -s '(http://127.0.0.1:\d+/clients/1/session-notes[^']*)'", out, re.M)
         assert direct_line is not None
-        raw = httpx.get(direct_line.group(1), timeout=10).json()["items"][0]
+        raw = HTTP.get(direct_line.group(1), timeout=10).json()["items"][0]
         assert raw["body"].startswith("fg1.") and raw["summary"].startswith("fg1.")
         # a data-protection officer shreds client 1's keys: their notes become unreadable through the gateway
         cfg = tmp_path / "demo" / "fieldguard.toml"
@@ -86,4 +86,4 @@ def test_demo_shows_each_role_what_the_rules_allow(tmp_path: Path) -> None:
     finally:
         demo.stop()
     with pytest.raises(httpx.ConnectError):  # stopping the demo stops its CRM too
-        httpx.get(f"http://127.0.0.1:{crm_port}/health", timeout=2)
+        HTTP.get(f"http://127.0.0.1:{crm_port}/health", timeout=2)

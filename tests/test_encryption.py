@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from proxy.keys.envelope import is_sealed
 from tests.conftest import (
+    HTTP,
     KEK_ENV,
     Gateway,
     Service,
@@ -133,7 +133,7 @@ def _sealed_note(setup: dict[str, Any], client: int) -> dict[str, Any]:
 
 
 def _patch_crm(setup: dict[str, Any], path: str, body: dict[str, Any]) -> None:
-    httpx.patch(setup["url"] + path, json=body, timeout=10).raise_for_status()
+    HTTP.patch(setup["url"] + path, json=body, timeout=10).raise_for_status()
 
 
 def _flip(ciphertext: str) -> str:

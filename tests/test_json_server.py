@@ -26,7 +26,7 @@ import pytest
 from proxy.keys.envelope import is_sealed
 from proxy.policy.bundle import BundleSource, load_bundle
 from proxy.policy.fieldmap import load_fieldmap
-from tests.conftest import REPO, Gateway, Service, Signing, free_port, policies_copy, start_gateway
+from tests.conftest import HTTP, REPO, Gateway, Service, Signing, free_port, policies_copy, start_gateway
 from tests.test_need_to_know import EXPECTED, PSEUDONYM, SCENARIOS, check
 
 JSON_SERVER = REPO / "node_modules" / ".bin" / "json-server"
@@ -47,7 +47,7 @@ class JsonServer:
     db: Path  # the copy json-server reads and rewrites
 
     def get(self, path: str) -> httpx.Response:
-        r = httpx.get(self.url + path, timeout=10)
+        r = HTTP.get(self.url + path, timeout=10)
         r.raise_for_status()
         return r
 
@@ -348,7 +348,7 @@ def test_admin_cannot_move_a_clinical_note_to_another_client(gw: Gateway, js: Js
         assert r.status_code == 403, r.text
         assert js.json(f"/notes/{note['id']}")["clientId"] == 1
     finally:
-        httpx.patch(f"{js.url}/notes/{note['id']}", json={"clientId": note["clientId"]}, timeout=10)
+        HTTP.patch(f"{js.url}/notes/{note['id']}", json={"clientId": note["clientId"]}, timeout=10)
 
 
 # ------------------------------------------------------------------------------------------ response headers

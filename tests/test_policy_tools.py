@@ -10,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from click.testing import CliRunner
 
 from proxy.cli import main
-from tests.conftest import KEK_ENV, REPO, Signing, policies_copy, start_gateway
+from tests.conftest import HTTP, KEK_ENV, REPO, Signing, policies_copy, start_gateway
 
 GRANT_ADMIN_NOTES = ("p, admin, any, clinical_notes, read, deny", "p, admin, any, clinical_notes, read, allow")
 
@@ -131,7 +130,7 @@ def test_signed_bundles(bundle: Path, tmp_path: Path, crm: str, signing: Signing
         edit(bundle / "policy.csv", *GRANT_ADMIN_NOTES)  # changed after review, not signed again
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            state = httpx.get(gw.url + "/readyz").json()
+            state = HTTP.get(gw.url + "/readyz").json()
             if state["checks"]["policy"]["last_reload_error"]:
                 break
             time.sleep(0.1)
@@ -139,7 +138,7 @@ def test_signed_bundles(bundle: Path, tmp_path: Path, crm: str, signing: Signing
         assert "body" not in gw.get("/session-notes/1", gw.as_user("erin", "admin")).text
         refusal = [r for r in gw.audit_records() if r["method"] == "POLICY"]
         assert refusal and refusal[-1]["outcome"] == "error" and "signed" in refusal[-1]["reason"]
-        assert 'fieldguard_policy_reloads_total{result="refused"}' in httpx.get(gw.url + "/metrics").text
+        assert 'fieldguard_policy_reloads_total{result="refused"}' in HTTP.get(gw.url + "/metrics").text
     finally:
         gw.service.stop()
     (bundle / "bundle.sig").unlink()
@@ -169,8 +168,8 @@ def test_shadow_mode_audits_differences_and_enforces_nothing(tmp_path: Path, crm
         assert r.status_code == 403  # the active policy is enforced
         rec = gw.audit_for(r.headers["x-request-id"])
         assert "clinical_notes: remove -> clear (any)" in rec["shadow"]
-        assert "fieldguard_shadow_differences_total" in httpx.get(gw.url + "/metrics").text
-        ready = httpx.get(gw.url + "/readyz").json()
+        assert "fieldguard_shadow_differences_total" in HTTP.get(gw.url + "/metrics").text
+        ready = HTTP.get(gw.url + "/readyz").json()
         assert ready["checks"]["policy"]["shadow"] == rec["shadow_policy"]
     finally:
         gw.service.stop()
@@ -178,20 +177,20 @@ def test_shadow_mode_audits_differences_and_enforces_nothing(tmp_path: Path, crm
 
 def test_reload_command_and_officer_endpoints(tmp_path: Path, crm: str, signing: Signing, shared_keys: Path) -> None:
     policies = policies_copy(tmp_path)
-    gw = start_gateway(tmp_path / "gw", crm, signing, shared_keys, policies=policies)
+    gw = start_gateway(tmp_path / "gw", crm, signing, shared_keys, policies=policies, process=True)  # SIGHUP
     gw.service.stop()
     gw.config.write_text(gw.config.read_text().replace("[policy]", "[policy]\nwatch = false").replace(
         "[server]", f'[server]\npid_file = "{tmp_path / "fg.pid"}"'))
     gw.service.start()
     try:
-        before = httpx.get(gw.url + "/readyz").json()["checks"]["policy"]["hash"]
+        before = HTTP.get(gw.url + "/readyz").json()["checks"]["policy"]["hash"]
         edit(policies / "policy.csv", *GRANT_ADMIN_NOTES)
         time.sleep(0.5)
-        assert httpx.get(gw.url + "/readyz").json()["checks"]["policy"]["hash"] == before  # not watching
+        assert HTTP.get(gw.url + "/readyz").json()["checks"]["policy"]["hash"] == before  # not watching
         code, out = fieldguard("policy", "reload", "--config", str(gw.config))
         assert code == 0, out
         deadline = time.monotonic() + 30
-        while httpx.get(gw.url + "/readyz").json()["checks"]["policy"]["hash"] == before:
+        while HTTP.get(gw.url + "/readyz").json()["checks"]["policy"]["hash"] == before:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         officer = gw.as_user("sam", "security_officer")

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Gateway, Signing, policies_copy, start_gateway
+from tests.conftest import HTTP, Gateway, Signing, policies_copy, start_gateway
 
 GRANT = "p, admin, any, clinical_notes, read, allow"
 DENY = "p, admin, any, clinical_notes, read, deny"
@@ -31,7 +31,7 @@ def policy_file(gw: Gateway) -> Path:
 
 
 def readyz(gw: Gateway) -> dict[str, object]:
-    return httpx.get(gw.url + "/readyz").json()  # type: ignore[no-any-return]
+    return HTTP.get(gw.url + "/readyz").json()  # type: ignore[no-any-return]
 
 
 def wait_for_hash_change(gw: Gateway, old: str, timeout: float = 90) -> str:
@@ -68,7 +68,15 @@ def test_edit_applies_and_broken_edit_is_refused(gw: Gateway) -> None:
     assert "policy reload refused" in log and "comment after a rule" in log
 
 
-def test_sighup_reloads(gw: Gateway) -> None:
+def test_sighup_reloads(crm: str, signing: Signing, shared_keys: Path, tmp_path: Path) -> None:
+    gw = start_gateway(tmp_path, crm, signing, shared_keys, policies=policies_copy(tmp_path), process=True)
+    try:
+        _sighup_reloads(gw)
+    finally:
+        gw.service.stop()
+
+
+def _sighup_reloads(gw: Gateway) -> None:
     gw_proc = gw.service.proc
     assert gw_proc is not None
     path = policy_file(gw)

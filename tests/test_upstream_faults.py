@@ -6,10 +6,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import Gateway, Service, Signing, free_port, start_gateway
+from tests.conftest import HTTP, Gateway, Service, Signing, free_port, start_gateway
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +25,7 @@ def bad_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def gw(bad_upstream: str, signing: Signing, shared_keys: Path, tmp_path_factory: pytest.TempPathFactory
        ) -> Iterator[Gateway]:
     d = tmp_path_factory.mktemp("gw-bad")
-    g = start_gateway(d, bad_upstream, signing, shared_keys)
+    g = start_gateway(d, bad_upstream, signing, shared_keys, timeout=1.0)
     yield g
     g.service.stop()
 
@@ -72,15 +71,15 @@ def test_upstream_down(signing: Signing, shared_keys: Path, tmp_path: Path) -> N
         # a decision that needs the caseload facts cannot be made: refused, not guessed
         r = g.get("/clients/1", g.as_user("alice", "counsellor"))
         assert r.status_code == 503
-        ready = httpx.get(g.url + "/readyz")
+        ready = HTTP.get(g.url + "/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["upstream"]["ok"] is False
-        assert httpx.get(g.url + "/healthz").status_code == 200
+        assert HTTP.get(g.url + "/healthz").status_code == 200
     finally:
         g.service.stop()
 
 
 def test_readyz_reports_policy_and_relations(gw: Gateway) -> None:
-    body = httpx.get(gw.url + "/readyz").json()
+    body = HTTP.get(gw.url + "/readyz").json()
     assert body["ready"] is True
     assert len(body["checks"]["policy"]["hash"]) == 64 and body["checks"]["relations"]["clients"] == 10
 

@@ -33,7 +33,7 @@ async def client(request: Request) -> Response:
     if cid == 3:
         return Response(b'{"id": 3, "name": ', media_type="application/json")
     if cid == 4:
-        await asyncio.sleep(10)
+        await asyncio.sleep(3)  # past the gateway's 1 s timeout; short, so that stopping this server is quick
     if cid == 5:
         return JSONResponse({"detail": "database exploded at row Ada Test"}, status_code=500)
     if cid == 6:
