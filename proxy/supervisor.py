@@ -74,7 +74,8 @@ class Task:
     async def _loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), self.pause())
+                async with asyncio.timeout(self.pause()):  # not wait_for: no task made per beat
+                    await self._woken.wait()
             self._woken.clear()
             await self.run_once()
 

@@ -231,9 +231,10 @@ def _passphrase_file(directory: Path) -> str:
 def start_gateway(directory: Path, upstream: str, signing: Signing, keys: Path, policies: Path | None = None,
                   extra: str = "", public_key: Path | None = None, fields_file: Path | None = None,
                   upstream_extra: str = "", identity: str | None = None, keys_extra: str = "",
-                  env: dict[str, str] | None = None, process: bool = False, timeout: float = 3.0) -> Gateway:
+                  env: dict[str, str] | None = None, process: bool = False, timeout: float = 3.0,
+                  sections: str = "", start: bool = True) -> Gateway:
     """A gateway in front of `upstream`: in this process unless `process` (or an `env` of its own) asks for
-    `fieldguard serve` in another."""
+    `fieldguard serve` in another; `start=False` writes its config and leaves it to the test."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     audit = directory / "audit.jsonl"
@@ -266,15 +267,16 @@ revocation_poll_seconds = 0.2
 [audit]
 log = "{audit}"
 {extra}
+{sections}
 """)
     svc: Service | InProcessService
     if process or env:
         svc = Service([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
                       directory / "gateway.log", f"http://127.0.0.1:{port}/healthz",
-                      env={**KEK_ENV, **(env or {})}).start()
+                      env={**KEK_ENV, **(env or {})})
     else:
-        svc = InProcessService(config, port, directory / "gateway.log").start()
-    return Gateway(svc, f"http://127.0.0.1:{port}", audit, config, signing)
+        svc = InProcessService(config, port, directory / "gateway.log")
+    return Gateway(svc.start() if start else svc, f"http://127.0.0.1:{port}", audit, config, signing)
 
 
 @pytest.fixture(scope="session")

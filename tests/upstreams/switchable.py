@@ -1,0 +1,82 @@
+"""A small CRM whose need-to-know facts can be broken and mended while it runs, as its own process.
+
+Clients 1 to 4, each with one session note; `POST /_control` sets who counsels whom and how the staff
+list (the supervision facts) answers: `ok`, `fail` (500) or `garbage` (not a list). The records
+themselves keep being served either way, as a CRM whose one endpoint has gone wrong would.
+`python -m tests.upstreams.switchable PORT`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+STATE: dict[str, Any] = {"relations": "ok", "counsellor": {1: "alice", 2: "bob", 3: "alice", 4: "bob"}}
+
+
+def _client(cid: int) -> dict[str, Any]:
+    return {"id": cid, "case_number": f"FG-{cid}", "name": {"first": f"First{cid}", "last": f"Last{cid}"},
+            "counsellor": STATE["counsellor"][cid], "status": "active"}
+
+
+def _note(cid: int) -> dict[str, Any]:
+    return {"id": 100 + cid, "client_id": cid, "author": STATE["counsellor"][cid], "session_date": "2026-11-01",
+            "summary": f"summary {cid}", "body": f"note body {cid}"}
+
+
+def _page(rows: list[dict[str, Any]]) -> JSONResponse:
+    return JSONResponse({"items": rows, "total": len(rows), "page": 1, "per_page": 500})
+
+
+async def staff(_: Request) -> Response:
+    mode = STATE["relations"]
+    if mode == "fail":
+        return JSONResponse({"detail": "staff directory unavailable"}, status_code=500)
+    if mode == "garbage":
+        return JSONResponse({"items": "not a list"})
+    return _page([{"username": u, "supervisor": "carol"} for u in ("alice", "bob")])
+
+
+async def clients(_: Request) -> Response:
+    return _page([_client(c) for c in sorted(STATE["counsellor"])])
+
+
+async def client(request: Request) -> Response:
+    cid = int(request.path_params["cid"])
+    if cid not in STATE["counsellor"]:
+        return JSONResponse({"detail": "not found"}, status_code=404)
+    return JSONResponse(_client(cid))
+
+
+async def notes(request: Request) -> Response:
+    cid = int(request.path_params["cid"])
+    return _page([_note(cid)] if cid in STATE["counsellor"] else [])
+
+
+async def control(request: Request) -> Response:
+    body = await request.json()
+    if "relations" in body:
+        STATE["relations"] = body["relations"]
+    for cid, who in (body.get("assign") or {}).items():
+        STATE["counsellor"][int(cid)] = who
+    return JSONResponse({"relations": STATE["relations"]})
+
+
+async def health(_: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+app = Starlette(routes=[
+    Route("/health", health), Route("/staff", staff), Route("/clients", clients),
+    Route("/clients/{cid:int}", client), Route("/clients/{cid:int}/session-notes", notes),
+    Route("/_control", control, methods=["POST"]),
+])
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
