@@ -29,7 +29,7 @@ lint: $(STAMP)
 
 unit: setup
 	scripts/setup-debian.sh softhsm2
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test: lint unit
 

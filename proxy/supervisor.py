@@ -25,12 +25,14 @@ Step = Callable[[], Awaitable[object]]
 class Task:
     """One supervised background task."""
 
-    def __init__(self, name: str, step: Step, every: float, stale_after: float, max_pause: float) -> None:
+    def __init__(self, name: str, step: Step, every: float, stale_after: float, max_pause: float,
+                 first_pause: float) -> None:
         self.name = name
         self.step = step
         self.every = every
         self.stale_after = stale_after
         self.max_pause = max_pause
+        self.first_pause = first_pause
         self.runs = 0
         self.failures = 0  # in a row
         self.last_success: float | None = None  # epoch seconds
@@ -61,10 +63,10 @@ class Task:
         return True
 
     def pause(self) -> float:
-        """The wait before the next run: `every`, or a backoff from half a second after failures."""
+        """The wait before the next run: `every`, or after failures a backoff doubling from `first_pause`."""
         if not self.failures:
             return self.every
-        return float(min(0.5 * 2.0 ** (self.failures - 1), max(self.every, self.max_pause)))
+        return float(min(self.first_pause * 2.0 ** (self.failures - 1), max(self.every, self.max_pause)))
 
     def wake(self, at_most_every: float = 0.0) -> None:
         """Run the step soon, unless it ran less than `at_most_every` seconds ago."""
@@ -97,10 +99,13 @@ class Supervisor:
         self.tasks: dict[str, Task] = {}
 
     def add(self, name: str, step: Step, every: float, stale_after: float | None = None,
-            max_pause: float = 5.0) -> Task:
+            max_pause: float = 5.0, first_pause: float = 0.5) -> Task:
+        """Supervise `step`, run every `every` seconds; stale (readiness fails) `stale_after` seconds after
+        its last success; after failures retried from `first_pause`, doubling up to `max_pause` (or `every`)."""
         if name in self.tasks:
             raise ValueError(f"a task named {name} is already supervised")
-        task = self.tasks[name] = Task(name, step, every, stale_after or max(10 * every, 10.0), max_pause)
+        task = self.tasks[name] = Task(name, step, every, stale_after or max(10 * every, 10.0), max_pause,
+                                       first_pause)
         return task
 
     async def start(self) -> None:

@@ -8,6 +8,7 @@ its own PKCS#11 login, its own environment). Tests talk to it over HTTP like any
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from proxy.policy import PolicyBundle, load_bundle
 from proxy.tokens import mint_token
 from tests.harness import InProcessService, configure_logging
 
@@ -136,14 +138,30 @@ def signing(tmp_path_factory: pytest.TempPathFactory) -> Signing:
     return s
 
 
-_PROOFS: list[Path] = []  # the session's proofs directory, once made
+_PROOFS: list[Path] = []
 
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_proofs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Policy proofs remembered across the session's keys/ directories: a bundle is proved once."""
-    _PROOFS.append(tmp_path_factory.mktemp("proofs"))
-    return _PROOFS[0]
+    """Policy proofs remembered for this run, by every keys/ directory and every xdist worker in it (their
+    temporary directories share a parent): a bundle is proved once per run, never across runs, where a
+    changed compiler must prove again."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    _PROOFS.append(root / "proofs")
+    _PROOFS[-1].mkdir(mode=0o700, exist_ok=True)
+    return _PROOFS[-1]
+
+
+def proofs_dir() -> Path:
+    assert _PROOFS, "proofs_dir() is for tests and fixtures (the session fixture makes it)"
+    return _PROOFS[-1]
+
+
+@functools.cache
+def shipped_bundle() -> PolicyBundle:
+    """The shipped policies, proved once for the run."""
+    return load_bundle(REPO / "policies", proofs_dir())
 
 
 def make_keys(directory: Path) -> Path:
@@ -153,8 +171,7 @@ def make_keys(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     FileKek.create(directory / "kek.json", KEK_PASSPHRASE.encode(), ScryptParams(n=2**14))
-    if _PROOFS:
-        (directory / "proofs").symlink_to(_PROOFS[0], target_is_directory=True)
+    (directory / "proofs").symlink_to(proofs_dir(), target_is_directory=True)
     return directory
 
 

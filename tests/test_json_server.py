@@ -26,7 +26,17 @@ import pytest
 from proxy.keys.envelope import is_sealed
 from proxy.policy.bundle import BundleSource, load_bundle
 from proxy.policy.fieldmap import load_fieldmap
-from tests.conftest import HTTP, REPO, Gateway, Service, Signing, free_port, policies_copy, start_gateway
+from tests.conftest import (
+    HTTP,
+    REPO,
+    Gateway,
+    Service,
+    Signing,
+    free_port,
+    policies_copy,
+    proofs_dir,
+    start_gateway,
+)
 from tests.test_need_to_know import EXPECTED, PSEUDONYM, SCENARIOS, check
 
 JSON_SERVER = REPO / "node_modules" / ".bin" / "json-server"
@@ -104,7 +114,7 @@ BOBS = sorted(c["id"] for c in _db()["clients"] if c["counsellor"] == "bob")
 
 # ------------------------------------------------------------------------------------------ the map itself
 def test_field_map_loads_with_the_shared_policy_and_declares_every_class() -> None:
-    bundle = load_bundle(BundleSource(REPO / "policies", FIELDS))
+    bundle = load_bundle(BundleSource(REPO / "policies", FIELDS), proofs_dir())
     assert set(bundle.fieldmap.classes) == set(load_fieldmap(REPO / "policies" / "fields.yaml").classes)
     fmt = bundle.fieldmap.list_format
     assert (fmt.items, fmt.metadata, fmt.total, fmt.total_header, fmt.filter_style) == (

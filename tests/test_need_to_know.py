@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 
 from proxy.masks import MASKS
-from proxy.policy.bundle import load_bundle
 from proxy.policy.decision import Outcome, Relation
 from proxy.policy.fieldmap import FieldSpec, Resource, load_fieldmap, values_at
-from tests.conftest import REPO, Gateway, direct
+from tests.conftest import REPO, Gateway, direct, shipped_bundle
 
 FIELDMAP = load_fieldmap(REPO / "policies" / "fields.yaml")
 CLASSES = sorted(FIELDMAP.classes)
@@ -64,7 +63,7 @@ PSEUDONYM = re.compile(r"^P-[0-9A-F]{16}$")
 
 
 def test_compiled_table_matches_the_written_rules() -> None:
-    table = load_bundle(REPO / "policies").table
+    table = shipped_bundle().table
     for (role, relation), expected in EXPECTED.items():
         view = table.view(role, Relation.ANY | Relation.parse(relation))
         assert view is not None, role

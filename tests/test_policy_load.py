@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from proxy.policy.bundle import PolicyError, load_bundle
+from proxy.policy.bundle import (
+    PROVED_FILES,
+    BundleSource,
+    PolicyError,
+    bundle_digest,
+    load_bundle,
+    proof_stamp,
+    read_bundle_files,
+)
 from proxy.policy.decision import Relation
 from proxy.policy.lint import Severity, parse_policy
-from tests.conftest import REPO
+from tests.conftest import REPO, proofs_dir, shipped_bundle
 
 
 @pytest.fixture
@@ -67,8 +76,9 @@ def test_role_cycles_and_long_chains(bundle_dir: Path) -> None:
 
 def test_duplicates_are_warnings(bundle_dir: Path) -> None:
     append(bundle_dir / "policy.csv", "p, admin, any, contact, read, allow")
-    bundle = load_bundle(bundle_dir)
-    assert any(w.severity is Severity.WARNING and "duplicate" in w.message for w in bundle.warnings)
+    parsed = parse_policy((bundle_dir / "policy.csv").read_text(), shipped_bundle().fieldmap.classes)
+    duplicate = [f for f in parsed.findings if "duplicate" in f.message]
+    assert duplicate and all(f.severity is Severity.WARNING for f in duplicate) and not parsed.findings[:-1]
 
 
 @pytest.mark.parametrize(("old", "new", "words"), [
@@ -92,13 +102,12 @@ def test_the_proof_refuses_a_model_whose_meaning_changed(bundle_dir: Path) -> No
 
 def test_deny_overrides_allow_and_inheritance(bundle_dir: Path) -> None:
     append(bundle_dir / "policy.csv", "p, admin, any, clinical_notes, read, allow")
-    table = load_bundle(bundle_dir).table
+    append(bundle_dir / "policy.csv", "g, senior_counsellor, counsellor")
+    table = load_bundle(bundle_dir).table  # one proof for both rows: each is checked on its own below
     view = table.view("admin", Relation.ANY)
     assert view is not None and view.outcome("clinical_notes").value == "remove"
     decided = view.classes["clinical_notes"]
     assert decided.denied_by is not None and decided.denied_by.effect.value == "deny"
-    append(bundle_dir / "policy.csv", "g, senior_counsellor, counsellor")
-    table = load_bundle(bundle_dir).table
     senior = table.view("senior_counsellor", Relation.ANY | Relation.CASELOAD)
     assert senior is not None and senior.outcome("clinical_notes").value == "clear"
     assert table.purpose_allowed("senior_counsellor", "TREAT")
@@ -121,7 +130,7 @@ def test_field_map_errors(bundle_dir: Path, old: str, new: str, words: str) -> N
 
 
 def test_shipped_bundle_is_clean() -> None:
-    bundle = load_bundle(REPO / "policies")
+    bundle = shipped_bundle()
     assert bundle.warnings == ()
     assert bundle.proof_checks > 5000
 
@@ -129,14 +138,46 @@ def test_shipped_bundle_is_clean() -> None:
 def test_a_cover_grant_edit_reuses_the_proof_and_a_policy_edit_does_not(bundle_dir: Path, tmp_path: Path) -> None:
     """Cover grants change whenever someone is away: they must not cost a new proof; a rule must."""
     proofs = tmp_path / "proofs"
+    proofs.mkdir()
+    shipped_bundle()  # proved once for the run: start from its proof, as a keys/ directory that ran it would
+    files = read_bundle_files(BundleSource(bundle_dir))
+    name = proof_stamp(proofs, bundle_digest({n: files[n] for n in PROVED_FILES if n in files}))
+    assert name is not None
+    shutil.copy(proofs_dir() / name.name, name)
+
+    def stamps() -> int:
+        return sum(1 for p in proofs.iterdir() if not p.name.startswith("."))  # not the lock
+
     first = load_bundle(bundle_dir, proofs)
-    assert len(list(proofs.iterdir())) == 1
+    assert stamps() == 1
     (bundle_dir / "cover.yaml").write_text(
         "grants:\n  - user: dana\n    covers: bob\n    from: 2026-01-01T00:00:00Z\n"
         "    until: 2026-01-02T00:00:00Z\n    reason: leave\n")
     covered = load_bundle(bundle_dir, proofs)
     assert covered.digest != first.digest and len(covered.cover) == 1
-    assert len(list(proofs.iterdir())) == 1 and covered.proof_checks == first.proof_checks
+    assert stamps() == 1 and covered.proof_checks == first.proof_checks
     append(bundle_dir / "policy.csv", "p, admin, any, clinical_notes, read, allow")
     changed = load_bundle(bundle_dir, proofs)
-    assert len(list(proofs.iterdir())) == 2 and changed.digest != covered.digest
+    assert stamps() == 2 and changed.digest != covered.digest
+
+
+def test_gateways_starting_together_prove_a_bundle_once(bundle_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several loads of one new bundle on one proofs directory at once: one proves, the others wait for its
+    stamp (a lock on the directory), so a fleet restarting on a new policy pays one proof, not one each."""
+    import proxy.policy.bundle as bundle_module
+
+    append(bundle_dir / "policy.csv", "p, researcher, any, gp, mask, allow")
+    proved: list[int] = []
+    real = bundle_module.prove
+
+    def counted(*args: object, **kwargs: object) -> int:
+        proved.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bundle_module, "prove", counted)
+    proofs = tmp_path / "proofs"
+    with ThreadPoolExecutor(3) as pool:
+        bundles = list(pool.map(lambda _: load_bundle(bundle_dir, proofs), range(3)))
+    assert len(proved) == 1
+    assert len({b.digest for b in bundles}) == 1 and {b.proof_checks for b in bundles} == {bundles[0].proof_checks}

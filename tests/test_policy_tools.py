@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,13 +16,18 @@ import pytest
 from click.testing import CliRunner
 
 from proxy.cli import main
-from tests.conftest import HTTP, KEK_ENV, REPO, Signing, policies_copy, start_gateway
+from tests.conftest import HTTP, KEK_ENV, REPO, Signing, policies_copy, proofs_dir, start_gateway
 
 GRANT_ADMIN_NOTES = ("p, admin, any, clinical_notes, read, deny", "p, admin, any, clinical_notes, read, allow")
 
 
 def fieldguard(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    """The command as an officer runs it, from a directory of its own whose keys/proofs is the run's (the
+    commands remember proofs in ./keys/proofs; never the repository's)."""
+    with tempfile.TemporaryDirectory() as here, contextlib.chdir(here):
+        Path("keys").mkdir()
+        Path("keys/proofs").symlink_to(proofs_dir(), target_is_directory=True)
+        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
     return result.exit_code, result.output
 
 

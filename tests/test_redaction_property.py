@@ -9,7 +9,6 @@ both, and the whole outputs must be equal (types included: True is not 1).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,16 +24,17 @@ from proxy.policy import (
     Relation,
     Resource,
     View,
-    load_bundle,
+    load_fieldmap,
     values_at,
 )
 from proxy.redact import Disclosure, Plans, Redactor
+from tests.conftest import REPO, shipped_bundle
 
-REPO = Path(__file__).resolve().parent.parent
-BUNDLE = load_bundle(REPO / "policies")  # proves the policy: a few seconds, so once per module
-TABLE = BUNDLE.table
-RESOURCES = BUNDLE.fieldmap.resources
-ROLES = sorted(TABLE.roles)
+RESOURCES = load_fieldmap(REPO / "policies" / "fields.yaml").resources  # the trees records are made from
+
+
+def roles() -> list[str]:
+    return sorted(shipped_bundle().table.roles)
 PSEUDONYMS = {str(c): f"P-{c:016X}" for c in (0, 1, 2, 4)}  # clients 3, 5 and 6 have no pseudonym
 EXAMPLES = 300  # records per resource; each is checked for 8 roles x 16 relation sets
 
@@ -45,7 +45,8 @@ DROP = object()  # "this key is not in the output"
 
 def reference_record(resource: Resource, record: dict[str, Any], role: str, rels: Relation) -> dict[str, Any] | None:
     client = reference_client(resource, record)
-    view = TABLE.view(role, rels if client is not None else Relation.ANY)  # no client: no relation but ANY
+    # no client: no relation but ANY
+    view = shipped_bundle().table.view(role, rels if client is not None else Relation.ANY)
     assert view is not None
     if not view.shows(resource.record_class):
         return None
@@ -111,7 +112,8 @@ def reference_leaf(spec: FieldSpec, value: Any, ctx: Context) -> Any:
 
 # --------------------------------------------------------------------------------------- comparison
 def fast_record(resource: Resource, record: dict[str, Any], role: str, rels: Relation) -> dict[str, Any] | None:
-    r = Redactor(TABLE, role, lambda _cid: rels, PSEUDONYMS.get, Disclosure(), Plans.of(BUNDLE), cipher=None)
+    bundle = shipped_bundle()
+    r = Redactor(bundle.table, role, lambda _cid: rels, PSEUDONYMS.get, Disclosure(), Plans.of(bundle), cipher=None)
     return r.record(resource, record)
 
 
@@ -127,7 +129,7 @@ def typed(value: Any) -> Any:
 def differences(resource: Resource, record: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
     """(role, relations, reference's output, fast output) wherever the two disagree."""
     found = []
-    for role in ROLES:
+    for role in roles():
         for rels in ALL_RELATION_SETS:
             want = reference_record(resource, record, role, rels)
             got = fast_record(resource, record, role, rels)
@@ -231,13 +233,13 @@ def rules_met(resource: Resource, record: dict[str, Any]) -> set[str]:
     met |= {"wrong shape" for key, node in children.items() if key in record and node.spec is None
             and not isinstance(record[key], dict if node.children is not None else list)}
     met |= {f"flag is False: {record.get(s.flag) is False}" for s in resource.specs if s.flag is not None}
-    for role in ROLES:
+    for role in roles():
         for rels in ALL_RELATION_SETS:
             out = reference_record(resource, record, role, rels)
             if out is None:
                 met.add("record hidden")
                 continue
-            view = TABLE.view(role, rels if client is not None else Relation.ANY)
+            view = shipped_bundle().table.view(role, rels if client is not None else Relation.ANY)
             assert view is not None
             for spec in resource.specs:
                 if values_at(record, spec.path):

@@ -9,8 +9,10 @@ force; the swap is one reference assignment, so no request ever sees half a poli
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -187,14 +189,8 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
         raise PolicyError(errors)
     table = compile_table(parsed, fieldmap.classes)
     digest = bundle_digest(files)
-    stamp = _proof_stamp(proofs, bundle_digest({n: files[n] for n in PROVED_FILES if n in files}))
-    if stamp is not None and stamp.exists():
-        checks = int(stamp.read_text() or 0)
-    else:
-        checks = prove(table, model_text, policy_text, fieldmap.classes)
-        if stamp is not None:
-            stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            stamp.write_text(str(checks))
+    stamp = proof_stamp(proofs, bundle_digest({n: files[n] for n in PROVED_FILES if n in files}))
+    checks = _proved(stamp, lambda: prove(table, model_text, policy_text, fieldmap.classes))
     return PolicyBundle(
         source=source,
         digest=digest,
@@ -210,7 +206,29 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
     )
 
 
-def _proof_stamp(proofs: Path | None, digest: str) -> Path | None:
+def _proved(stamp: Path | None, run: Callable[[], int]) -> int:
+    """The proof's check count: remembered in `stamp`, or run now. Gateways and commands starting together
+    on one keys directory prove a bundle once: the first holds the lock, the others then read its stamp."""
+    if stamp is None:
+        return run()
+    if stamp.exists():
+        return int(stamp.read_text() or 0)
+    stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with (stamp.parent / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if stamp.exists():
+                return int(stamp.read_text() or 0)
+            checks = run()
+            tmp = stamp.with_name(stamp.name + ".tmp")
+            tmp.write_text(str(checks))
+            tmp.replace(stamp)  # never a half-written stamp for a reader
+            return checks
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def proof_stamp(proofs: Path | None, digest: str) -> Path | None:
     if proofs is None:
         return None
     versions = f"{digest}:{version('fieldguard')}:{version('pycasbin')}"
