@@ -11,7 +11,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,15 +23,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from proxy.audit.checkpoints import note
 from proxy.audit.trail import canonical, leaf_hash, link_hash
-from tests.conftest import HTTP, KEK_ENV, Gateway, Signing, make_keys, policies_copy, start_crm, start_gateway
+from tests.conftest import (
+    HTTP,
+    Gateway,
+    Ran,
+    Signing,
+    fieldguard,
+    make_keys,
+    policies_copy,
+    start_crm,
+    start_gateway,
+)
 
 
-def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy.cli", *args, "--config", str(gw.config)],
-                          capture_output=True, text=True, env={**os.environ, **KEK_ENV}, timeout=120)
+def cli(gw: Gateway, *args: str) -> Ran:
+    return fieldguard(gw.config, *args)
 
 
-def verdict(out: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+def verdict(out: Ran) -> dict[str, Any]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,8 +17,8 @@ import pytest
 from proxy.keys.envelope import is_sealed
 from tests.conftest import (
     HTTP,
-    KEK_ENV,
     Gateway,
+    Ran,
     Service,
     Signing,
     direct,
@@ -29,6 +27,7 @@ from tests.conftest import (
     policies_copy,
     start_gateway,
 )
+from tests.conftest import fieldguard as run_command
 
 MARKERS = {
     "body": "MARKER-BODY-7f3a session about sleep and work stress",
@@ -50,9 +49,8 @@ def crm_process(directory: Path, seed: bool) -> tuple[Service, str, Path]:
     return svc, f"http://127.0.0.1:{port}", db
 
 
-def fieldguard(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy.cli", *args, "--config", str(gw.config)],
-                          capture_output=True, text=True, env={**os.environ, **KEK_ENV}, timeout=120)
+def fieldguard(gw: Gateway, *args: str) -> Ran:
+    return run_command(gw.config, *args)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +12,17 @@ import pytest
 from proxy.keys.envelope import is_sealed
 from proxy.keys.migration import walks
 from proxy.policy.fieldmap import load_fieldmap, values_at
-from tests.conftest import KEK_ENV, REPO, Gateway, Signing, direct, make_keys, policies_copy, start_crm, start_gateway
+from tests.conftest import (
+    REPO,
+    Gateway,
+    Signing,
+    direct,
+    fieldguard,
+    make_keys,
+    policies_copy,
+    start_crm,
+    start_gateway,
+)
 
 FIELDMAP = load_fieldmap(REPO / "policies" / "fields.yaml")
 VIEWS = [("alice", "counsellor", "/session-notes?per_page=500"), ("alice", "counsellor", "/process-notes?per_page=500"),
@@ -36,8 +43,7 @@ def setup(signing: Signing, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def run(gw: Gateway, *args: str) -> tuple[int, dict[str, Any], str]:
-    out = subprocess.run([sys.executable, "-m", "proxy.cli", *args, "--config", str(gw.config)], capture_output=True,
-                         text=True, env={**os.environ, **KEK_ENV}, timeout=300)
+    out = fieldguard(gw.config, *args)
     try:
         data = json.loads(out.stdout)
     except json.JSONDecodeError:

@@ -103,7 +103,10 @@ def test_the_proof_refuses_a_model_whose_meaning_changed(bundle_dir: Path) -> No
 def test_deny_overrides_allow_and_inheritance(bundle_dir: Path) -> None:
     append(bundle_dir / "policy.csv", "p, admin, any, clinical_notes, read, allow")
     append(bundle_dir / "policy.csv", "g, senior_counsellor, counsellor")
-    table = load_bundle(bundle_dir).table  # one proof for both rows: each is checked on its own below
+    duplicate = append(bundle_dir / "policy.csv", "p, admin, any, contact, read, allow")
+    bundle = load_bundle(bundle_dir)  # one proof for the three rows: each is checked on its own below
+    assert [w.line for w in bundle.warnings if "duplicate" in w.message] == [duplicate]  # kept, as a warning
+    table = bundle.table
     view = table.view("admin", Relation.ANY)
     assert view is not None and view.outcome("clinical_notes").value == "remove"
     decided = view.classes["clinical_notes"]
