@@ -33,7 +33,6 @@ class Task:
         self.stale_after = stale_after
         self.max_pause = max_pause
         self.first_pause = first_pause
-        self.runs = 0
         self.failures = 0  # in a row
         self.last_success: float | None = None  # epoch seconds
         self.last_error: str | None = None
@@ -44,7 +43,6 @@ class Task:
     async def run_once(self) -> bool:
         """Run the step now; True when it succeeded. Any exception is caught, logged and counted."""
         self.last_run = time.monotonic()
-        self.runs += 1
         try:
             await self.step()
         except asyncio.CancelledError:

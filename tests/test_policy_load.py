@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from proxy.policy import RelationIndex, RelationSource
 from proxy.policy.bundle import (
     PROVED_FILES,
     BundleSource,
@@ -184,3 +187,35 @@ def test_gateways_starting_together_prove_a_bundle_once(bundle_dir: Path, tmp_pa
         bundles = list(pool.map(lambda _: load_bundle(bundle_dir, proofs), range(3)))
     assert len(proved) == 1
     assert len({b.digest for b in bundles}) == 1 and {b.proof_checks for b in bundles} == {bundles[0].proof_checks}
+
+
+@pytest.mark.parametrize("name", ["policy.csv", "model.conf", "fields.yaml", "cover.yaml"])
+def test_a_file_not_in_utf8_is_a_finding_at_its_line(bundle_dir: Path, name: str) -> None:
+    path = bundle_dir / name
+    if not path.exists():
+        path.write_text("grants: []\n")
+    lines = path.read_text().splitlines()
+    lines.insert(2, "# Zoë's change")  # line 3, saved by an editor set to Latin-1
+    path.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    findings = refused(bundle_dir).findings
+    assert [(f.file, f.line) for f in findings if "not UTF-8" in f.message] == [(name, 3)], [str(f) for f in findings]
+
+
+def test_a_file_that_cannot_be_read_is_a_finding(bundle_dir: Path) -> None:
+    (bundle_dir / "cover.yaml").unlink(missing_ok=True)
+    (bundle_dir / "cover.yaml").mkdir()  # a deploy that left a directory where the file should be
+    findings = refused(bundle_dir).findings
+    assert [f.file for f in findings] == ["cover.yaml"] and "cannot be read" in findings[0].message
+
+
+async def test_a_crm_that_ignores_the_page_parameter_is_an_error_not_a_walk_for_ever() -> None:
+    source = RelationSource(page_size=2)
+    asked: list[str] = []
+
+    async def same_page_always(path: str, params: Mapping[str, str]) -> Any:
+        asked.append(params["page"])
+        return {"items": [{"id": 1, "counsellor": "alice"}, {"id": 2, "counsellor": "bob"}]}
+
+    with pytest.raises(ValueError, match="page 2 repeats page 1"):
+        await RelationIndex().sync(source, "items", same_page_always)
+    assert asked == ["1", "2"]

@@ -163,16 +163,21 @@ class RelationIndex:
 
 async def _walk(source: RelationSource, path: str, items_key: str, fetch: FetchJson) -> Any:
     page = 1
+    previous: list[Any] | None = None
     while True:
         body = await fetch(path, {source.page_param: str(page), source.size_param: str(source.page_size)})
         rows = body if items_key == "." else (body.get(items_key) if isinstance(body, dict) else None)
         if not isinstance(rows, list):
             raise ValueError(f"{path}: the CRM did not answer with a list")
+        if rows and rows == previous:  # a CRM that ignores the page parameter would be walked for ever
+            raise ValueError(f"{path}: page {page} repeats page {page - 1}; relations.page_param "
+                             f"({source.page_param!r}) is not this CRM's paging parameter")
         for row in rows:
             if isinstance(row, dict):
                 yield row
         if len(rows) < source.page_size:
             return
+        previous = rows
         page += 1
         if page > 100_000:
             raise ValueError(f"{path}: too many pages")
