@@ -354,8 +354,9 @@ def test_commits_group_concurrent_requests_and_never_hold_a_lone_one(
     """Group commit: records of requests in flight together share one fsync; a lone request is committed
     at once, however long the commit delay."""
     keys = make_keys(tmp_path / "keys")
+    # its own process: the 24 requests must reach the gateway together, not through this process's GIL
     gw = start_gateway(tmp_path / "gw", crm, signing, keys, policies=policies_copy(tmp_path / "gw"),
-                       extra="timeout_seconds = 20.0\ncommit_delay_ms = 3000")
+                       extra="timeout_seconds = 20.0\ncommit_delay_ms = 3000", process=True)
 
     def counts() -> tuple[int, int]:
         audit = HTTP.get(gw.url + "/readyz").json()["checks"]["audit"]
