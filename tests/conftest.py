@@ -325,6 +325,17 @@ def crm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     svc.stop()
 
 
+@pytest.fixture
+def switchable(tmp_path: Path) -> Iterator[str]:
+    """A small CRM of its own whose facts can be broken and mended, and whose note lists can be slowed
+    (tests/upstreams/switchable.py: `POST /_control`)."""
+    port = free_port()
+    svc = Service([sys.executable, "-m", "tests.upstreams.switchable", str(port)], tmp_path / "switchable.log",
+                  f"http://127.0.0.1:{port}/health").start()
+    yield f"http://127.0.0.1:{port}"
+    svc.stop()
+
+
 @pytest.fixture(scope="session")
 def gateway(crm: str, signing: Signing, shared_keys: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[Gateway]:

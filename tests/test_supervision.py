@@ -12,9 +12,7 @@ import asyncio
 import itertools
 import os
 import signal
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +27,7 @@ from tests.conftest import (
     HTTP,
     ISSUER,
     Gateway,
-    Service,
     Signing,
-    free_port,
     policies_copy,
     start_gateway,
 )
@@ -84,15 +80,6 @@ def test_a_latin1_cover_file_is_a_finding_and_the_watcher_goes_on(crm: str, sign
 
 
 # ---------------------------------------------------------------------------------------------- relations
-@pytest.fixture
-def switchable(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    svc = Service([sys.executable, "-m", "tests.upstreams.switchable", str(port)], tmp_path / "crm.log",
-                  f"http://127.0.0.1:{port}/health").start()
-    yield f"http://127.0.0.1:{port}"
-    svc.stop()
-
-
 @pytest.mark.parametrize(("mode", "reason"), [("fail", "internal lookup badly"), ("garbage", "not answer with a list")])
 def test_a_failing_relation_source_is_retried_reported_and_then_refuses(
         switchable: str, signing: Signing, shared_keys: Path, tmp_path: Path, mode: str, reason: str) -> None:

@@ -1,13 +1,15 @@
 """A small CRM whose need-to-know facts can be broken and mended while it runs, as its own process.
 
-Clients 1 to 4, each with one session note; `POST /_control` sets who counsels whom and how the staff
-list (the supervision facts) answers: `ok`, `fail` (500) or `garbage` (not a list). The records
-themselves keep being served either way, as a CRM whose one endpoint has gone wrong would.
+Clients 1 to 4, each with one session note; `POST /_control` sets who counsels whom, how the staff
+list (the supervision facts) answers (`ok`, `fail`: 500, `garbage`: not a list), and how long a note
+list takes (`delay`, seconds: requests that must overlap at the gateway, do). The records themselves
+keep being served either way, as a CRM whose one endpoint has gone wrong would.
 `python -m tests.upstreams.switchable PORT`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Any
 
@@ -17,7 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-STATE: dict[str, Any] = {"relations": "ok", "counsellor": {1: "alice", 2: "bob", 3: "alice", 4: "bob"}}
+STATE: dict[str, Any] = {"relations": "ok", "delay": 0.0,
+                         "counsellor": {1: "alice", 2: "bob", 3: "alice", 4: "bob"}}
 
 
 def _client(cid: int) -> dict[str, Any]:
@@ -56,6 +59,8 @@ async def client(request: Request) -> Response:
 
 async def notes(request: Request) -> Response:
     cid = int(request.path_params["cid"])
+    if STATE["delay"]:
+        await asyncio.sleep(STATE["delay"])
     return _page([_note(cid)] if cid in STATE["counsellor"] else [])
 
 
@@ -63,6 +68,8 @@ async def control(request: Request) -> Response:
     body = await request.json()
     if "relations" in body:
         STATE["relations"] = body["relations"]
+    if "delay" in body:
+        STATE["delay"] = float(body["delay"])
     for cid, who in (body.get("assign") or {}).items():
         STATE["counsellor"][int(cid)] = who
     return JSONResponse({"relations": STATE["relations"]})
