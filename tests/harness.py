@@ -5,21 +5,24 @@ need none of what only a process gives (signals, kill -9, a PKCS#11 login of its
 the same `Gateway` the server runs is served by uvicorn on a loopback port from a thread, with its own
 event loop, in front of a real upstream process, on real SQLite files: tests talk to it over HTTP
 exactly as they talk to a process, and its log lines are kept apart from other gateways' by a context
-variable that every task and worker thread it starts inherits.
+variable that every task and worker thread it starts inherits. An async test can also drive the app
+directly in its own loop (`driven`), through httpx's ASGI transport.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import contextvars
 import io
 import logging
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TextIO
 
+import httpx
 import orjson
 import structlog
 import uvicorn
@@ -114,6 +117,15 @@ class InProcessService:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def run_async(coro: Any) -> Any:
-    """Run a coroutine to completion from synchronous test code."""
-    return asyncio.run(coro)
+@contextlib.asynccontextmanager
+async def driven(config: Path) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    """The ASGI app driven directly from an async test, in the test's own loop: no server, no socket on
+    the gateway's side, started and stopped around the block (the upstream is still a real process)."""
+    app = Gateway(load_settings(config))
+    await app.startup()
+    try:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield app, client
+    finally:
+        await app.shutdown()

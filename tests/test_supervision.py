@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 
 from proxy.app import Gateway as App
-from proxy.config import load_settings
 from proxy.supervisor import Supervisor
 from tests.conftest import (
     AUDIENCE,
@@ -31,6 +31,7 @@ from tests.conftest import (
     policies_copy,
     start_gateway,
 )
+from tests.harness import driven
 
 
 def readyz(gw: Gateway) -> dict[str, Any]:
@@ -147,8 +148,13 @@ async def test_sighup_reloads_without_adding_tasks(crm: str, signing: Signing, s
     create no task of their own (the task list used to grow by one on every SIGHUP)."""
     policies = policies_copy(tmp_path)
     gw = start_gateway(tmp_path, crm, signing, shared_keys, policies=policies, start=False)
-    app = App(load_settings(gw.config))  # driven here, in this loop, not from the harness's thread
-    await app.startup()
+    async with driven(gw.config) as (app, client):
+        await _fifty_sighups(app, client, policies, signing.token("alice", "counsellor", "TREAT"))
+
+
+async def _fifty_sighups(app: App, client: httpx.AsyncClient, policies: Path, token: str) -> None:
+    alice = {"authorization": f"Bearer {token}"}
+    assert (await client.get("/clients/1", headers=alice)).status_code == 200
     loop = asyncio.get_running_loop()
     created: list[str] = []
     factory = loop.get_task_factory()
@@ -173,7 +179,7 @@ async def test_sighup_reloads_without_adding_tasks(crm: str, signing: Signing, s
         assert created == [] and set(app.runtime.supervisor.tasks) == tasks
     finally:
         loop.set_task_factory(factory)
-        await app.shutdown()
+    assert (await client.get("/clients/1", headers=alice)).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------- the supervisor
