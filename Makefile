@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NPM_STAMP := node_modules/.installed-stamp
+# test workers: one more than the cores, since much of a test is waiting on a process or a socket
+WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) + 1)')
 
 .PHONY: demo test lint unit bench clean setup
 
@@ -29,7 +31,7 @@ lint: $(STAMP)
 
 unit: setup
 	scripts/setup-debian.sh softhsm2
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 test: lint unit
 

@@ -15,6 +15,7 @@ import itertools
 import json
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +65,16 @@ class JsonServer:
     def json(self, path: str) -> Any:
         return self.get(path).json()
 
-    def stored(self, collection: str, record_id: int) -> dict[str, Any] | None:
-        """The record as json-server has written it to its database file."""
-        rows = json.loads(self.db.read_text(encoding="utf-8"))[collection]
-        return next((r for r in rows if r["id"] == record_id), None)
+    def stored(self, collection: str, record_id: int, like: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The record as json-server has written it to its database file. It writes the file after it has
+        answered, so with `like` (what its API now says) wait a little for the file to catch up."""
+        deadline = time.monotonic() + 5
+        while True:
+            rows = json.loads(self.db.read_text(encoding="utf-8"))[collection]
+            found = next((r for r in rows if r["id"] == record_id), None)
+            if like is None or found == like or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
     def total(self, path: str) -> int:
         return int(self.get(path).headers["x-total-count"])
@@ -282,7 +289,7 @@ def test_counsellor_updates_a_note_of_her_client(gw: Gateway, js: JsonServer) ->
     assert r.status_code == 200, r.text
     assert r.json() == {**note, "summary": "Updated after review"}
     stored = js.json(f"/notes/{note['id']}")
-    assert is_sealed(stored["summary"]) and stored == js.stored("notes", note["id"])  # the CRM holds ciphertext
+    assert is_sealed(stored["summary"]) and stored == js.stored("notes", note["id"], stored)  # ciphertext, on disk
     assert gw.get(f"/notes/{note['id']}", gw.as_user("alice", "counsellor")).json()["summary"] == "Updated after review"
 
 
@@ -301,7 +308,7 @@ def test_admin_writes_contact_details_but_not_notes(gw: Gateway, js: JsonServer)
     assert r.status_code == 200, r.text
     assert r.json()["email"] == "new.address@example.org"
     assert js.json("/clients/3")["email"] == "new.address@example.org"
-    assert js.stored("clients", 3)["email"] == "new.address@example.org"  # type: ignore[index]
+    assert js.stored("clients", 3, js.json("/clients/3"))["email"] == "new.address@example.org"  # type: ignore[index]
     note = js.json("/notes?clientId=3")[0]
     r = gw.request("PATCH", f"/notes/{note['id']}", erin, json={"summary": "x"})
     assert r.status_code == 403, r.text
@@ -326,7 +333,7 @@ def test_counsellor_creates_notes_for_her_clients_only(gw: Gateway, js: JsonServ
     created = r.json()
     assert {k: created[k] for k in body} == body
     stored = js.json(f"/notes/{created['id']}")
-    assert stored == js.stored("notes", created["id"])
+    assert stored == js.stored("notes", created["id"], stored)
     assert all(is_sealed(stored[k]) for k in ("date", "summary", "text")) and stored["clientId"] == CASELOAD[1]
     assert gw.get(f"/notes/{created['id']}", alice).json() == created
     assert js.total("/notes?_page=1&_limit=1") == before + 1
