@@ -370,7 +370,7 @@ class Write(Exchange):
 
     body: dict[str, Any]
     client: str | None = None
-    written: set[str]
+    written: frozenset[str] = frozenset()
     orphans: tuple[bytes, ...] = ()  # keys made for a client the CRM has not named yet
 
     async def read(self) -> None:
@@ -396,27 +396,60 @@ class Write(Exchange):
         return self.redactor.client_of(self.resource, self.body) if self.resource.client_field != "id" else None
 
     async def check(self) -> bytes | None:
+        """A create is decided under the relations the new record gives the caller (`create` on its record
+        class, `write` on every class it writes); a change under those held to the client now, and a move (to
+        another client, or a client to another practitioner) under those it will hold afterwards as well."""
         creating = self.route.verb is Verb.CREATE
-        client = self.client
-        out, self.written = check_write(self.resource, self.body, self.view(client),
-                                        replace=self.route.verb is Verb.REPLACE)
+        view = self._established(self.client) if creating else self.view(self.client)
+        if creating and self.resource.record_class not in view.creatable:
+            raise GatewayError(403, f"not allowed to create {self.resource.name} records for this client",
+                               reason=f"no create on {self.resource.record_class} ({view.relations.label})")
+        checked = check_write(self.resource, self.body, view, replace=self.route.verb is Verb.REPLACE)
+        self.written = frozenset(checked.classes)
+        self.record.written, self.record.reclassified = checked.paths, checked.flags
+        if self.route.verb is not Verb.CREATE:
+            self._check_move()
+        self.orphans = tuple(await self._seal(self.body, self.client))
+        return orjson.dumps(self.body)
+
+    def _established(self, client: str | None) -> View:
+        """The view the caller would have of the record the body describes: for a client's own record, the
+        relations its assignment gives them; for any other record, those held to its client."""
+        assigned = self._assigned()
+        if assigned is None:
+            return self.view(client)
+        rels = self.ctx.index.relations_with(self.who.subject, self.who.client_id, client, assigned,
+                                             self.bundle.cover, self.now)
+        return self.bundle.table.view(self.who.role, rels) or View(self.who.role, rels, {}, frozenset(), frozenset())
+
+    def _assigned(self) -> list[str] | None:
+        """The practitioners the body assigns the client to (None: the body does not say)."""
+        source = self.bundle.fieldmap.relations
+        if self.resource.name != source.resource or source.counsellor not in self.body:
+            return None
+        value = self.body[source.counsellor]
+        return [value] if isinstance(value, str) and value else []
+
+    def _check_move(self) -> None:
+        """A change that moves the record to another client, or the client to another practitioner, writes
+        to both sides: each must allow it."""
         target = self._client_in_body()
-        moving = not creating and target is not None and target != client
-        if moving:
-            # moving a record to another client writes to both: each must allow it
-            check_write(self.resource, self.body, self.view(target), replace=False)
-        owners = [client] if creating else [client, target] if moving else []
-        for who in owners:
-            if self.resource.record_class not in self.view(who).writable:
-                raise GatewayError(403, f"not allowed to {'create' if creating else 'move'} "
-                                        f"{self.resource.name} records for this client",
-                                   reason=f"no write on {self.resource.record_class}")
+        moving = target is not None and target != self.client
+        assigned = self._assigned()
+        current = self.ctx.index.counsellor_of.get(self.client) if self.client is not None else None
+        reassigning = assigned is not None and assigned != ([current] if current else [])
+        if not moving and not reassigning:
+            return
+        after = self.view(target) if moving else self._established(self.client)
+        check_write(self.resource, self.body, after, replace=False)
+        for view in (self.view(self.client), after):
+            if self.resource.record_class not in view.writable:
+                raise GatewayError(403, f"not allowed to move {self.resource.name} records for this client",
+                                   reason=f"no write on {self.resource.record_class} ({view.relations.label})")
         classes = self.bundle.fieldmap.classes
         if moving and any(classes[c].key_scope for c in self.resource.classes):
             raise GatewayError(409, f"{self.resource.name} records hold fields sealed with their client's key "
                                     "and cannot move to another client; create a new record instead")
-        self.orphans = tuple(await self._seal(out, client))
-        return orjson.dumps(out)
 
     async def _seal(self, body: dict[str, Any], client: str | None) -> list[bytes]:
         """Seal the fields of encrypted classes with the client's keys; return keys made for a new client."""

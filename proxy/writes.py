@@ -9,6 +9,7 @@ with the client's data keys on the way (`seal_fields`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.errors import GatewayError
@@ -22,77 +23,82 @@ class WriteRefused(GatewayError):
         self.fields = fields
 
 
-def check_write(
-    resource: Resource, body: dict[str, Any], view: View, *, replace: bool
-) -> tuple[dict[str, Any], set[str]]:
-    """Return the body to forward and the classes it writes, or raise naming the first bad fields."""
-    unknown: list[str] = []
-    refused: list[str] = []
-    written: set[str] = set()
+@dataclass(slots=True)
+class Checked:
+    """What a write body writes, once every field of it has been allowed."""
+
+    classes: set[str] = field(default_factory=set)  # field classes written
+    paths: list[str] = field(default_factory=list)  # map paths written, for the audit record
+    flags: list[str] = field(default_factory=list)  # flags set, each of which reclassifies other fields
+
+
+def check_write(resource: Resource, body: dict[str, Any], view: View, *, replace: bool) -> Checked:
+    """Allow every field of the body under `view`, or raise naming the first bad fields.
+
+    A field the map does not know is refused (422); a field whose class the view may not write is refused
+    (403); so is a flag (a field that decides other fields' class, `third_party` on a letter) unless the
+    view may write every class it can select: flipping it is a way to release what it guards."""
+    walk = _Walk(view)
     assert resource.root.children is not None
-    out = _object(resource.root.children, body, body, view, "", unknown, refused, written)
-    if unknown:
-        raise WriteRefused(422, f"unknown field: {', '.join(sorted(unknown)[:5])}", sorted(unknown))
-    if refused:
-        raise WriteRefused(403, f"not allowed to write: {', '.join(sorted(refused)[:5])}", sorted(refused))
+    walk.object(resource.root.children, body, body, "")
+    for flag, selectable in resource.flags.items():
+        if flag in body:
+            walk.flags.append(flag)
+            missing = sorted(selectable - view.writable)
+            if missing:
+                walk.refused.append(f"{flag} (decides the class of other fields; needs write on {', '.join(missing)})")
+    if walk.unknown:
+        raise WriteRefused(422, f"unknown field: {', '.join(sorted(walk.unknown)[:5])}", sorted(walk.unknown))
+    if walk.refused:
+        refused = sorted(set(walk.refused))
+        raise WriteRefused(403, f"not allowed to write: {', '.join(refused[:5])}", refused)
     if replace:
         missing = sorted(c for c in resource.classes if c not in view.writable)
         if missing:
             raise WriteRefused(403, f"a full replace needs write on every class; not allowed: {', '.join(missing)}",
                                missing)
-    return out, written
+    return Checked(walk.classes, sorted(set(walk.paths)), walk.flags)
 
 
-def _object(
-    children: dict[str, Node],
-    value: dict[str, Any],
-    record: dict[str, Any],
-    view: View,
-    prefix: str,
-    unknown: list[str],
-    refused: list[str],
-    written: set[str],
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        child = children.get(key)
-        path = prefix + str(key)
-        if child is None:
-            unknown.append(path)
-            continue
-        out[key] = _node(child, item, record, view, path, unknown, refused, written)
-    return out
+class _Walk:
+    def __init__(self, view: View) -> None:
+        self.view = view
+        self.unknown: list[str] = []
+        self.refused: list[str] = []
+        self.classes: set[str] = set()
+        self.paths: list[str] = []
+        self.flags: list[str] = []
 
+    def object(self, children: dict[str, Node], value: dict[str, Any], record: dict[str, Any], prefix: str) -> None:
+        for key, item in value.items():
+            child = children.get(key)
+            path = prefix + str(key)
+            if child is None:
+                self.unknown.append(path)
+            else:
+                self.node(child, item, record, path)
 
-def _node(
-    node: Node,
-    value: Any,
-    record: dict[str, Any],
-    view: View,
-    path: str,
-    unknown: list[str],
-    refused: list[str],
-    written: set[str],
-) -> Any:
-    if node.spec is not None:
-        cls = node.spec.class_for(record)
-        if cls not in view.writable:
-            refused.append(f"{path} ({cls})")
-            return value
-        written.add(cls)
-        return value
-    if node.children is not None:
-        if not isinstance(value, dict):
-            unknown.append(path)
-            return value
-        return _object(node.children, value, record, view, path + ".", unknown, refused, written)
-    if node.items is not None:
-        if not isinstance(value, list):
-            unknown.append(path)
-            return value
-        return [_node(node.items, v, record, view, path + "[]", unknown, refused, written) for v in value]
-    unknown.append(path)
-    return value
+    def node(self, node: Node, value: Any, record: dict[str, Any], path: str) -> None:
+        if node.spec is not None:
+            cls = node.spec.class_for(record)
+            if cls not in self.view.writable:
+                self.refused.append(f"{path} ({cls})")
+            else:
+                self.classes.add(cls)
+                self.paths.append(node.spec.path)
+        elif node.children is not None:
+            if isinstance(value, dict):
+                self.object(node.children, value, record, path + ".")
+            else:
+                self.unknown.append(path)
+        elif node.items is not None:
+            if isinstance(value, list):
+                for item in value:
+                    self.node(node.items, item, record, path + "[]")
+            else:
+                self.unknown.append(path)
+        else:
+            self.unknown.append(path)
 
 
 def seal_fields(resource: Resource, body: dict[str, Any], classes: Mapping[str, FieldClass],

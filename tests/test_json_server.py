@@ -338,7 +338,8 @@ def test_counsellor_creates_notes_for_her_clients_only(gw: Gateway, js: JsonServ
     assert gw.get(f"/notes/{created['id']}", alice).json() == created
     assert js.total("/notes?_page=1&_limit=1") == before + 1
     r = gw.request("POST", "/notes", alice, json={**body, "clientId": BOBS[0]})
-    assert r.status_code == 403 and "clientId" in r.json()["error"], r.text
+    assert r.status_code == 403 and r.json()["error"] == "not allowed to create note records for this client"
+    assert gw.audit_for(r.headers["x-request-id"])["reason"] == "no create on clinical_notes (any)"
     assert js.total("/notes?_page=1&_limit=1") == before + 1
     assert not any(n["summary"] == "First session" for n in js.json(f"/notes?clientId={BOBS[0]}"))
 
@@ -354,6 +355,43 @@ def test_new_client_created_by_admin_is_visible_to_its_counsellor_at_once(gw: Ga
     assert gw.get(f"/clients/{new_id}", gw.as_user("alice", "counsellor")).json()["firstName"] == "Nia"
     assert gw.get(f"/clients/{new_id}", gw.as_user("bob", "counsellor")).status_code == 403
     assert gw.request("POST", "/clients", gw.as_user("alice", "counsellor"), json=body).status_code == 403
+
+
+def test_counsellors_who_register_clients_do_so_on_their_own_caseload_only(
+        js: JsonServer, signing: Signing, shared_keys: Path, tmp_path: Path) -> None:
+    """A service whose counsellors register their own clients: `create` on identity under caseload, and
+    write on the client's fields under caseload, never under any. Before `create` existed such a bundle had
+    to allow writes under any, and a counsellor's PATCH of another counsellor's client went through."""
+    policies = policies_copy(tmp_path)
+    with (policies / "policy.csv").open("a") as f:
+        f.write("p, counsellor, caseload, identity, create, allow\n"
+                "p, counsellor, caseload, identity, write, allow\n"
+                "p, counsellor, caseload, service, write, allow\n")
+    gw = start_gateway(tmp_path / "gw", js.url, signing, shared_keys, policies=policies, fields_file=FIELDS)
+    try:
+        alice = gw.as_user("alice", "counsellor")
+        mine = {"caseRef": "FG-2026-0998", "firstName": "Ola", "lastName": "Own", "counsellor": "alice",
+                "category": "adult", "status": "waiting"}
+        r = gw.request("POST", "/clients", alice, json=mine)
+        assert r.status_code == 201, r.text  # decided under caseload: the relation the record gives her
+        new_id = r.json()["id"]
+        r = gw.request("POST", "/clients", alice, json={**mine, "caseRef": "FG-2026-0997", "counsellor": "bob"})
+        assert r.status_code == 403 and r.json()["error"] == "not allowed to create client records for this client"
+        assert gw.audit_for(r.headers["x-request-id"])["reason"] == "no create on identity (any)"
+        # another counsellor's client: neither changed nor taken over
+        before = js.json(f"/clients/{BOBS[0]}")
+        for change in ({"firstName": "X"}, {"counsellor": "alice"}):
+            r = gw.request("PATCH", f"/clients/{BOBS[0]}", alice, json=change)
+            assert r.status_code == 403, (change, r.text)
+        assert js.json(f"/clients/{BOBS[0]}") == before
+        # her own client, handed to bob: the move needs write under the relation it leaves her (any)
+        r = gw.request("PATCH", f"/clients/{new_id}", alice, json={"counsellor": "bob"})
+        assert r.status_code == 403, r.text
+        assert gw.audit_for(r.headers["x-request-id"])["refused"] == ["counsellor (service)"]
+        assert js.json(f"/clients/{new_id}")["counsellor"] == "alice"
+        assert gw.request("PATCH", f"/clients/{new_id}", alice, json={"status": "active"}).status_code == 200
+    finally:
+        gw.service.stop()
 
 
 def test_admin_cannot_move_a_clinical_note_to_another_client(gw: Gateway, js: JsonServer) -> None:

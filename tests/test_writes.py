@@ -64,7 +64,8 @@ def test_create_note_for_own_client_and_refuse_for_others(gw: Gateway, crm_w: st
     assert created["body"] == "Talked about sleep." and created["client_id"] == 1
     before = direct(crm_w, "/session-notes?per_page=1")["total"]
     r = gw.request("POST", "/session-notes", alice, json={**body, "client_id": 2})
-    assert r.status_code == 403 and "client_id" in r.json()["error"]
+    assert r.status_code == 403 and r.json()["error"] == "not allowed to create session_note records for this client"
+    assert gw.audit_for(r.headers["x-request-id"])["reason"] == "no create on clinical_notes (any)"
     assert direct(crm_w, "/session-notes?per_page=1")["total"] == before
 
 
@@ -152,3 +153,49 @@ def test_a_record_cannot_be_moved_to_a_client_the_caller_may_not_write(gw: Gatew
     mine = [c["id"] for c in direct(crm_w, "/clients?counsellor=alice&per_page=5")["items"]]
     r = gw.request("PATCH", f"/session-notes/{note['id']}", alice, json={"client_id": mine[1]})
     assert r.status_code == 409 and direct(crm_w, f"/session-notes/{note['id']}")["client_id"] == 1
+
+
+def test_a_flag_that_reclassifies_fields_needs_write_on_every_class_it_selects(gw: Gateway, crm_w: str) -> None:
+    """`third_party` decides whether a letter's text is `letters` or `third_party`: admin may write
+    `reference` (the flag's own class) but neither of those, so admin cannot release a GP's letter to the
+    client by clearing the flag."""
+    third = next(r for r in direct(crm_w, "/clients/1/letters")["items"] if r["third_party"])
+    erin = gw.as_user("erin", "admin")
+    r = gw.request("PATCH", f"/letters/{third['id']}", erin, json={"third_party": False})
+    assert r.status_code == 403, r.text
+    assert "third_party (decides the class of other fields; needs write on letters, third_party)" in r.json()["error"]
+    rec = gw.audit_for(r.headers["x-request-id"])
+    assert rec["outcome"] == "denied" and rec["refused"] == [
+        "third_party (decides the class of other fields; needs write on letters, third_party)"]
+    assert direct(crm_w, f"/letters/{third['id']}")["third_party"] is True
+    client = gw.as_user("client1", "client", client_id="1")
+    assert "body" not in gw.get(f"/letters/{third['id']}", client).json()
+    # the client's own counsellor may write both classes: she may reclassify, and the record says so
+    alice = gw.as_user("alice", "counsellor")
+    r = gw.request("PATCH", f"/letters/{third['id']}", alice, json={"third_party": True})
+    assert r.status_code == 200, r.text
+    rec = gw.audit_for(r.headers["x-request-id"])
+    assert rec["reclassified"] == ["third_party"] and rec["written"] == ["third_party"]
+
+
+def test_a_write_records_the_paths_it_wrote(gw: Gateway, crm_w: str) -> None:
+    note = note_of(crm_w, 1)
+    alice = gw.as_user("alice", "counsellor")
+    r = gw.request("PATCH", f"/session-notes/{note['id']}", alice,
+                   json={"summary": "Reviewed", "risk": {"level": "low", "factors": ["sleep"]}})
+    assert r.status_code == 200, r.text
+    rec = gw.audit_for(r.headers["x-request-id"])
+    assert rec["written"] == ["risk", "summary"] and rec["refused"] == []  # risk is classified as a whole
+    assert "Reviewed" not in str(rec) and "sleep" not in str(rec)  # names, never values
+
+
+def test_a_client_is_created_under_the_relation_its_record_gives(gw: Gateway, crm_w: str) -> None:
+    """`create` is decided under the relation the new record establishes: admin (create on identity under
+    any) may register a client for anyone; a counsellor (no create on identity) may not, even for herself."""
+    body = {"case_number": "FG-NEW-1", "name": {"first": "Nia", "last": "New"}, "counsellor": "alice",
+            "category": "adult", "status": "active"}
+    r = gw.request("POST", "/clients", gw.as_user("alice", "counsellor"), json=body)
+    assert r.status_code == 403 and r.json()["error"] == "not allowed to create client records for this client"
+    assert gw.audit_for(r.headers["x-request-id"])["reason"] == "no create on identity (any+caseload)"
+    r = gw.request("POST", "/clients", gw.as_user("erin", "admin"), json=body)
+    assert r.status_code == 201, r.text

@@ -35,6 +35,8 @@ class AuditRecord:
     pseudonymised: dict[str, list[str]] = field(default_factory=dict)
     masked: dict[str, list[str]] = field(default_factory=dict)
     removed: dict[str, list[str]] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)  # map paths a write changed
+    reclassified: list[str] = field(default_factory=list)  # flags a write set (they decide other fields' class)
     refused: list[str] = field(default_factory=list)  # fields a write was refused for
     unclassified: list[str] = field(default_factory=list)
     rows_dropped: int = 0

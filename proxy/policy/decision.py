@@ -23,11 +23,16 @@ class Outcome(StrEnum):
 
 
 class Action(StrEnum):
-    """Policy actions. The three read levels map to outcomes; write and delete guard changes."""
+    """Policy actions. The three read levels map to outcomes; create, write and delete guard changes.
+
+    `create` is asked of a new record's record class, under the relations the new record gives the caller
+    (a client registered onto one's own caseload is `caseload`); `write` of every class a change writes,
+    under the relations held to the client (and, for a move, to where it moves)."""
 
     READ = "read"
     PSEUDO = "pseudo"
     MASK = "mask"
+    CREATE = "create"
     WRITE = "write"
     DELETE = "delete"
 
@@ -112,6 +117,7 @@ class View:
     classes: Mapping[str, ClassDecision]
     writable: frozenset[str]
     deletable: frozenset[str]
+    creatable: frozenset[str] = frozenset()
 
     def outcome(self, field_class: str) -> Outcome:
         """Unknown classes are removed: fail closed."""
@@ -205,12 +211,15 @@ def build_table(
             deletable = frozenset(
                 c for c in class_list if _combine(grants, role, rels, c, Action.DELETE)[0] is Effect.ALLOW
             )
-            views[(role, rels)] = View(role, rels, decided, writable, deletable)
+            creatable = frozenset(
+                c for c in class_list if _combine(grants, role, rels, c, Action.CREATE)[0] is Effect.ALLOW
+            )
+            views[(role, rels)] = View(role, rels, decided, writable, deletable, creatable)
     relational = frozenset(role for role in role_list if any(
         _differs(views[(role, rels)], views[(role, Relation.ANY)]) for rels in ALL_RELATION_SETS))
     return DecisionTable(views, {r: purposes.get(r, frozenset()) for r in role_list}, dict(grants), relational)
 
 
 def _differs(a: View, b: View) -> bool:
-    return (a.writable != b.writable or a.deletable != b.deletable
+    return (a.writable != b.writable or a.deletable != b.deletable or a.creatable != b.creatable
             or any(a.outcome(c) is not b.outcome(c) for c in a.classes))

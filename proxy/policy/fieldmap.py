@@ -72,6 +72,15 @@ class Resource:
         found = {s.field_class for s in self.specs} | {s.flag_class for s in self.specs if s.flag_class}
         return frozenset(found) | {self.record_class}
 
+    @property
+    def flags(self) -> dict[str, frozenset[str]]:
+        """Each flag field (a top-level field that reclassifies others) and every class it can select."""
+        found: dict[str, set[str]] = {}
+        for s in self.specs:
+            if s.flag is not None:
+                found.setdefault(s.flag, set()).update({s.field_class, s.flag_class or s.field_class})
+        return {flag: frozenset(classes) for flag, classes in found.items()}
+
 
 @dataclass(frozen=True, slots=True)
 class ListFormat:

@@ -104,18 +104,24 @@ class RelationIndex:
     def relations(self, user: str, own_client: str | None, client_id: str, cover: Iterable[CoverGrant],
                   now: datetime) -> Relation:
         """How `user` (as the CRM knows them; `own_client` for a client) stands to `client_id`."""
+        counsellor = self.counsellor_of.get(client_id)
+        return self.relations_with(user, own_client, client_id, [counsellor] if counsellor else [], cover, now)
+
+    def relations_with(self, user: str, own_client: str | None, client_id: str | None, counsellors: Iterable[str],
+                       cover: Iterable[CoverGrant], now: datetime) -> Relation:
+        """How `user` would stand to a client assigned to `counsellors`: what a new client's record, or a
+        reassignment, establishes, decided before the CRM sees it."""
         rels = Relation.ANY
         if own_client is not None and own_client == client_id:
             rels |= Relation.SELF
-        counsellor = self.counsellor_of.get(client_id)
-        if counsellor is None:
-            return rels
-        if counsellor == user:
-            rels |= Relation.CASELOAD
-        if self.supervisor_of.get(counsellor) == user:
-            rels |= Relation.SUPERVISION
-        if any(g.user == user and g.covers == counsellor and g.active(now) for g in cover):
-            rels |= Relation.COVER
+        grants = list(cover)
+        for counsellor in counsellors:
+            if counsellor == user:
+                rels |= Relation.CASELOAD
+            if self.supervisor_of.get(counsellor) == user:
+                rels |= Relation.SUPERVISION
+            if any(g.user == user and g.covers == counsellor and g.active(now) for g in grants):
+                rels |= Relation.COVER
         return rels
 
     def clients_for(
