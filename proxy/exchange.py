@@ -33,7 +33,7 @@ from proxy.policy import Outcome, PolicyBundle, Relation, RelationIndex, Resourc
 from proxy.redact import Disclosure, Plans, Redactor
 from proxy.routes import Route, Shape, Verb, encode_path
 from proxy.upstream import OpenStream, Upstream, UpstreamResponse
-from proxy.writes import check_write, seal_fields
+from proxy.writes import check_write, merged, needs_stored, seal_fields
 
 NEEDS_RELATIONS = (Relation.CASELOAD, Relation.SUPERVISION, Relation.COVER, Relation.SELF)
 
@@ -222,11 +222,13 @@ class Exchange:
         path = encode_path(self.req.segments)
         return f"{path}?{urlencode(query)}" if query else path
 
-    async def _request(self, method: str, query: list[tuple[str, str]], body: bytes | None = None
-                       ) -> UpstreamResponse:
+    async def _request(self, method: str, query: list[tuple[str, str]], body: bytes | None = None,
+                       etag: str | None = None) -> UpstreamResponse:
         headers = self.ctx.forwarded(self.req)
         if body is not None:
             headers["content-type"] = "application/json"
+        if etag is not None:
+            headers["if-match"] = etag
         resp = await self.ctx.upstream.request(method, self._target(query), headers, body)
         self.record.upstream_status = resp.status
         return resp
@@ -238,6 +240,9 @@ class Exchange:
         if answer.status >= 400:
             if answer.status >= 500:
                 raise GatewayError(502, "upstream failed", reason=f"upstream status {answer.status}")
+            if answer.status == 412:
+                raise GatewayError(409, "the record changed while this write was being made; read it and try again",
+                                   reason="upstream status 412")
             raise GatewayError(answer.status, f"upstream refused the request ({answer.status})",
                                reason=f"upstream status {answer.status}")
         if not answer.is_json():
@@ -370,6 +375,8 @@ class Write(Exchange):
 
     body: dict[str, Any]
     client: str | None = None
+    stored: dict[str, Any] | None = None  # the record as the CRM holds it, when a partial body is merged here
+    etag: str | None = None
     written: frozenset[str] = frozenset()
     orphans: tuple[bytes, ...] = ()  # keys made for a client the CRM has not named yet
 
@@ -387,10 +394,24 @@ class Write(Exchange):
         self.body = body
 
     async def locate(self) -> None:
+        if self.route.verb is Verb.UPDATE and needs_stored(self.route.merge, self.body):
+            await self._read_stored()
         if self.route.verb is Verb.CREATE and "client_id" not in self.params:
             self.client = self._client_in_body()
+        elif self.stored is not None and "client_id" not in self.params:
+            self.client = self.redactor.client_of(self.resource, self.stored)
         else:
             self.client = await self._located_client()
+
+    async def _read_stored(self) -> None:
+        """The record as the CRM holds it, to merge a partial body into (with its ETag, when it has one, so that
+        a change made meanwhile is refused by the CRM rather than overwritten)."""
+        path = self.route.render(self.route.locate or self.route.template, self.params)
+        resp = await self.ctx.upstream.request("GET", path, {"accept": "application/json"})
+        stored = self._json(resp)
+        if not isinstance(stored, dict):
+            raise GatewayError(502, "upstream record has an unexpected shape")
+        self.stored, self.etag = stored, resp.headers.get("etag")
 
     def _client_in_body(self) -> str | None:
         return self.redactor.client_of(self.resource, self.body) if self.resource.client_field != "id" else None
@@ -404,12 +425,15 @@ class Write(Exchange):
         if creating and self.resource.record_class not in view.creatable:
             raise GatewayError(403, f"not allowed to create {self.resource.name} records for this client",
                                reason=f"no create on {self.resource.record_class} ({view.relations.label})")
-        checked = check_write(self.resource, self.body, view, replace=self.route.verb is Verb.REPLACE)
+        checked = check_write(self.resource, self.body, view, replace=self.route.verb is Verb.REPLACE,
+                              stored=self.stored)
         self.written = frozenset(checked.classes)
         self.record.written, self.record.reclassified = checked.paths, checked.flags
         if self.route.verb is not Verb.CREATE:
             self._check_move()
         self.orphans = tuple(await self._seal(self.body, self.client))
+        if self.stored is not None:  # sealed first: what is merged in from the CRM is ciphertext already
+            return orjson.dumps(merged(self.route.merge, self.stored, self.body))
         return orjson.dumps(self.body)
 
     def _established(self, client: str | None) -> View:
@@ -463,13 +487,13 @@ class Write(Exchange):
         if not ring.can_encrypt:
             raise GatewayError(503, "field encryption is not available", reason="no KEK")
         keys = {scope: await ring.for_writing(client, scope) for scope in sorted(scopes)}
-        seal_fields(self.resource, body, classes, keys)
+        seal_fields(self.resource, body, classes, keys, self.stored)
         self.disclosure.key_ids |= {k.key.hex_id for k in keys.values()}
         return [k.key.key_id for k in keys.values()] if client is None else []
 
     async def forward(self, body: bytes | None) -> Answer:
         try:
-            return await self._request(self.route.method, self._query(), body)
+            return await self._request(self.route.method, self._query(), body, self.etag)
         except GatewayError:
             await self._settle(None)
             raise

@@ -55,6 +55,7 @@ class Route:
     query: Mapping[str, str | None] = field(default_factory=dict)  # allowed query params -> class revealed
     opaque_field: str | None = None  # opaque routes: the located record's field whose class guards the bytes
     locate: str | None = None  # record routes: template of the GET that finds the record's client
+    merge: str = "shallow"  # PATCH: how the CRM applies a partial body (shallow, deep or replace; see writes)
     public: bool = False
     source: str = ""  # "fields.yaml:40"
     segments: tuple[str, ...] = ()

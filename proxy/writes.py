@@ -32,15 +32,18 @@ class Checked:
     flags: list[str] = field(default_factory=list)  # flags set, each of which reclassifies other fields
 
 
-def check_write(resource: Resource, body: dict[str, Any], view: View, *, replace: bool) -> Checked:
+def check_write(resource: Resource, body: dict[str, Any], view: View, *, replace: bool,
+                stored: dict[str, Any] | None = None) -> Checked:
     """Allow every field of the body under `view`, or raise naming the first bad fields.
 
     A field the map does not know is refused (422); a field whose class the view may not write is refused
     (403); so is a flag (a field that decides other fields' class, `third_party` on a letter) unless the
-    view may write every class it can select: flipping it is a way to release what it guards."""
+    view may write every class it can select: flipping it is a way to release what it guards. A list is
+    replaced whole by every CRM, so writing one needs write on every class its items hold. `stored` is the
+    record as the CRM holds it, when read: flags the body leaves alone keep deciding as they do there."""
     walk = _Walk(view)
     assert resource.root.children is not None
-    walk.object(resource.root.children, body, body, "")
+    walk.object(resource.root.children, body, {**(stored or {}), **body}, "")
     for flag, selectable in resource.flags.items():
         if flag in body:
             walk.flags.append(flag)
@@ -93,6 +96,9 @@ class _Walk:
                 self.unknown.append(path)
         elif node.items is not None:
             if isinstance(value, list):
+                missing = sorted(_classes(node.items) - self.view.writable)
+                if missing:  # the stored list goes, items the caller may not write with it
+                    self.refused.append(f"{path}[] (a list is replaced whole; needs write on {', '.join(missing)})")
                 for item in value:
                     self.node(node.items, item, record, path + "[]")
             else:
@@ -101,11 +107,51 @@ class _Walk:
             self.unknown.append(path)
 
 
+def _classes(node: Node) -> set[str]:
+    """Every class a subtree of the map can hold."""
+    if node.spec is not None:
+        return {node.spec.field_class, node.spec.flag_class or node.spec.field_class}
+    found: set[str] = set()
+    for child in (node.children or {}).values():
+        found |= _classes(child)
+    if node.items is not None:
+        found |= _classes(node.items)
+    return found
+
+
+def needs_stored(merge: str, body: dict[str, Any]) -> bool:
+    """Whether a PATCH must be merged into the stored record here before it goes to the CRM."""
+    return merge == "replace" or (merge == "shallow" and any(isinstance(v, dict) for v in body.values()))
+
+
+def merged(merge: str, stored: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """What to send so that the CRM changes exactly the paths the caller gave, and nothing else.
+
+    `shallow`: a CRM that replaces each top-level value would drop the parts of a nested object the body
+    leaves out (admin patching `contact.email` would delete the phone, which a counsellor may not even
+    write), so each nested object goes merged into the stored one. `replace`: the whole stored record, with
+    the body merged in. `deep`: the CRM merges nested objects itself; the body goes as it is."""
+    if merge == "deep":
+        return body
+    if merge == "replace":
+        return _deep(stored, body)
+    return {k: _deep(stored[k], v) if isinstance(v, dict) and isinstance(stored.get(k), dict) else v
+            for k, v in body.items()}
+
+
+def _deep(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in patch.items():
+        out[key] = _deep(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
 def seal_fields(resource: Resource, body: dict[str, Any], classes: Mapping[str, FieldClass],
-                keys: Mapping[str, OpenKey]) -> dict[str, Any]:
-    """Replace the value of every field of an encrypted class with its ciphertext (in place)."""
+                keys: Mapping[str, OpenKey], stored: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Replace the value of every field of an encrypted class with its ciphertext (in place); flags decide
+    as `check_write` saw them (the body's, else the stored record's)."""
     assert resource.root.children is not None
-    _seal_object(resource.root.children, body, body, resource.name, classes, keys)
+    _seal_object(resource.root.children, body, {**(stored or {}), **body}, resource.name, classes, keys)
     return body
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from proxy.keys.envelope import is_sealed
-from tests.conftest import Gateway, Signing, direct, policies_copy, start_crm, start_gateway
+from proxy.writes import merged, needs_stored
+from tests.conftest import REPO, Gateway, Signing, direct, policies_copy, start_crm, start_gateway
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +72,11 @@ def test_create_note_for_own_client_and_refuse_for_others(gw: Gateway, crm_w: st
 
 def test_admin_writes_contact_details_but_no_notes(gw: Gateway, crm_w: str) -> None:
     erin = gw.as_user("erin", "admin")
+    address = direct(crm_w, "/clients/3")["address"]
     r = gw.request("PATCH", "/clients/3", erin, json={"phone": "07700 900999", "address": {"town": "Leeds"}})
     assert r.status_code == 200, r.text
     stored = direct(crm_w, "/clients/3")
-    assert stored["phone"] == "07700 900999" and stored["address"] == {"town": "Leeds"}
+    assert stored["phone"] == "07700 900999" and stored["address"] == {**address, "town": "Leeds"}  # merged
     r = gw.request("POST", "/clients/3/session-notes", erin, json={"summary": "x"})
     assert r.status_code == 403
 
@@ -199,3 +201,63 @@ def test_a_client_is_created_under_the_relation_its_record_gives(gw: Gateway, cr
     assert gw.audit_for(r.headers["x-request-id"])["reason"] == "no create on identity (any+caseload)"
     r = gw.request("POST", "/clients", gw.as_user("erin", "admin"), json=body)
     assert r.status_code == 201, r.text
+
+
+def test_a_partial_nested_write_changes_only_what_it_names(gw: Gateway, crm_w: str) -> None:
+    """The example CRM, like json-server, replaces a nested object given in a PATCH: the gateway merges the
+    caller's part into the stored object itself, so `address.town` alone leaves the street and postcode."""
+    before = direct(crm_w, "/clients/5")["address"]
+    assert before["line1"] and before["postcode"]
+    r = gw.request("PATCH", "/clients/5", gw.as_user("erin", "admin"), json={"address": {"town": "Derby"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["address"] == {**before, "town": "Derby"}
+    assert direct(crm_w, "/clients/5")["address"] == {**before, "town": "Derby"}
+    assert gw.audit_for(r.headers["x-request-id"])["written"] == ["address.town"]
+
+
+def test_a_nested_write_never_drops_a_field_the_caller_may_not_write(
+        crm_w: str, signing: Signing, shared_keys: Path, tmp_path: Path) -> None:
+    """A map where the postcode is `gp` (which counsellors read but do not write): alice's PATCH of her
+    client's town keeps the postcode; had the object gone to the CRM as given, the postcode would be gone."""
+    policies = policies_copy(tmp_path)
+    fields = policies / "fields.yaml"
+    fields.write_text(fields.read_text().replace("address.postcode: {class: contact, mask: postcode_district}",
+                                                 "address.postcode: {class: gp, mask: postcode_district}"))
+    g = start_gateway(tmp_path / "gw", crm_w, signing, shared_keys, policies=policies)
+    try:
+        alice = g.as_user("alice", "counsellor")
+        before = direct(crm_w, "/clients/1")["address"]
+        r = g.request("PATCH", "/clients/1", alice, json={"address": {"postcode": "DE1 1AA"}})
+        assert r.status_code == 403 and "address.postcode (gp)" in r.json()["error"]
+        r = g.request("PATCH", "/clients/1", alice, json={"address": {"town": "Belper"}})
+        assert r.status_code == 200, r.text
+        assert direct(crm_w, "/clients/1")["address"] == {**before, "town": "Belper"}
+    finally:
+        g.service.stop()
+
+
+@pytest.mark.parametrize(("merge", "sent"), [
+    ("shallow", {"address": {"line1": "1 Road", "town": "Derby", "postcode": "DE1"}, "email": "new@x.org"}),
+    ("deep", {"address": {"town": "Derby"}, "email": "new@x.org"}),
+    ("replace", {"id": 5, "address": {"line1": "1 Road", "town": "Derby", "postcode": "DE1"}, "email": "new@x.org",
+                 "phone": "0"}),
+])
+def test_what_each_merge_sends(merge: str, sent: dict[str, object]) -> None:
+    stored = {"id": 5, "address": {"line1": "1 Road", "town": "Leeds", "postcode": "DE1"}, "email": "a@x.org",
+              "phone": "0"}
+    body = {"address": {"town": "Derby"}, "email": "new@x.org"}
+    assert needs_stored(merge, body) is (merge != "deep")
+    assert merged(merge, stored, body) == sent
+
+
+def test_a_route_declares_how_its_crm_merges(tmp_path: Path) -> None:
+    from proxy.policy import MapError, parse_fieldmap
+
+    text = (REPO / "policies" / "fields.yaml").read_text()
+    deep = text.replace("      - GET PUT PATCH DELETE /clients/{client_id:int}\n",
+                        "      - GET PUT DELETE /clients/{client_id:int}\n"
+                        "      - PATCH /clients/{client_id:int}: {merge: deep}\n")
+    route = next(r for r in parse_fieldmap(deep).routes if r.method == "PATCH" and r.resource == "client")
+    assert route.merge == "deep"
+    with pytest.raises(MapError, match="merge must be one of shallow, deep, replace"):
+        parse_fieldmap(deep.replace("{merge: deep}", "{merge: sideways}"))

@@ -17,6 +17,10 @@ from proxy.policy.yamlfile import MapError, line_of, load_yaml
 from proxy.routes import Route, Shape, compile_route
 
 LABELS = ("N", "R", "V")
+MERGES = ("shallow", "deep", "replace")
+"""How a CRM applies a PATCH body: `shallow` replaces each top-level value it is given (json-server, most
+CRMs: a nested object sent whole replaces the stored one), `deep` merges nested objects too (RFC 7396),
+`replace` replaces the whole record. Lists are replaced whole in all three."""
 KEY_SCOPES = ("record", "process_notes")
 
 
@@ -328,7 +332,7 @@ def _parse_routes(resource: Resource, raw: Any, line: int | None, where: str) ->
         if len(words) < 2:
             raise MapError(entry_line, f"{where}: route {decl!r} needs methods and a path")
         *methods, template = words
-        _known(options, {"list", "filter", "query", "opaque", "locate"}, f"{where} route {decl}")
+        _known(options, {"list", "filter", "query", "opaque", "locate", "merge"}, f"{where} route {decl}")
         for method in methods:
             routes.append(_route(resource, method, template, options, entry_line, where))
     return routes
@@ -356,6 +360,9 @@ def _route(
         locate = template  # learn the record's client from the record itself before changing it
     if shape is Shape.OPAQUE and locate is None:
         raise MapError(line, f"{where}: opaque route {template} needs locate: the record it belongs to")
+    merge = options.get("merge", "shallow")
+    if merge not in MERGES:
+        raise MapError(line, f"{where}: merge must be one of {', '.join(MERGES)} (how the CRM applies a PATCH)")
     try:
         return compile_route(
             method,
@@ -366,6 +373,7 @@ def _route(
             query={str(k): (str(v) if v is not None else None) for k, v in query.items()},
             opaque_field=options.get("opaque") if isinstance(options.get("opaque"), str) else None,
             locate=locate,
+            merge=str(merge),
             source=f"fields.yaml:{line}" if line else "fields.yaml",
         )
     except ValueError as exc:
