@@ -25,9 +25,9 @@ import structlog
 
 from proxy.asgi import Incoming, Receive, Reply, Scope, Send, error_body, send_reply
 from proxy.audit import AuditRecord, AuditUnavailable, Siem
+from proxy.changes import kind_of
 from proxy.config import Settings
 from proxy.errors import GatewayError
-from proxy.exchange import Exchange
 from proxy.identity import Principal
 from proxy.officer import PREFIX, compare_shadow, officer
 from proxy.policy import PolicyBundle
@@ -145,7 +145,7 @@ class Gateway:
         record.route = route.template
         _authorise(bundle, principal)  # 3. authorise
         assert runtime.context is not None
-        exchange = Exchange.of(runtime.context, bundle, principal, route, params, req, record)
+        exchange = kind_of(route)(runtime.context, bundle, principal, route, params, req, record)
         try:
             await exchange.read()  # 4. read
             exchange.require_fresh_relations()  # 5. locate, on facts fresh enough to decide on

@@ -1,7 +1,7 @@
 """One authorised request on its way through the pipeline, step by step (see `proxy.app`).
 
 An `Exchange` is made once the caller is known, the route matched and the role and purpose allowed.
-Each kind of route answers the same steps in its own way:
+Each kind of route answers the same steps in its own way (the reads here, the changes in `proxy.changes`):
 
     read     the write's body, parsed once (writes only)
     locate   whose record this is, and how the caller stands to that client (need to know)
@@ -31,9 +31,8 @@ from proxy.identity import Principal
 from proxy.keys import FieldCipher, KeyRing
 from proxy.policy import Outcome, PolicyBundle, Relation, RelationIndex, Resource, View
 from proxy.redact import Disclosure, Plans, Redactor
-from proxy.routes import Route, Shape, Verb, encode_path
+from proxy.routes import Route, Shape, encode_path
 from proxy.upstream import OpenStream, Upstream, UpstreamResponse
-from proxy.writes import check_write, merged, needs_stored, seal_fields
 
 NEEDS_RELATIONS = (Relation.CASELOAD, Relation.SUPERVISION, Relation.COVER, Relation.SELF)
 
@@ -85,20 +84,6 @@ class Exchange:
         self.cipher = FieldCipher(ctx.ring) if ctx.ring is not None else None
         self.redactor = Redactor(bundle.table, principal.role, self.relations_of, self.pseudonyms.get,
                                  self.disclosure, Plans.of(bundle), cipher=self.cipher, observe=self._observe)
-
-    @staticmethod
-    def of(ctx: Context, bundle: PolicyBundle, principal: Principal, route: Route, params: dict[str, str],
-           req: Incoming, record: AuditRecord) -> Exchange:
-        kind: type[Exchange]
-        if route.shape is Shape.OPAQUE:
-            kind = OpaqueRead
-        elif route.verb is Verb.READ:
-            kind = ListRead if route.shape is Shape.LIST else RecordRead
-        elif route.verb is Verb.DELETE:
-            kind = Delete
-        else:
-            kind = Write
-        return kind(ctx, bundle, principal, route, params, req, record)
 
     # ------------------------------------------------------------------ the steps
     async def read(self) -> None:
@@ -368,186 +353,6 @@ class ListRead(Exchange):
                                reason="no relation gives access")
         return self.ctx.index.clients_for(self.who.subject, self.who.client_id, wanted, self.bundle.cover,
                                           self.now)
-
-
-class Write(Exchange):
-    """`POST`, `PATCH`, `PUT`: every field known and writable for this client, sealed, before the CRM sees it."""
-
-    body: dict[str, Any]
-    client: str | None = None
-    stored: dict[str, Any] | None = None  # the record as the CRM holds it, when a partial body is merged here
-    etag: str | None = None
-    written: frozenset[str] = frozenset()
-    orphans: tuple[bytes, ...] = ()  # keys made for a client the CRM has not named yet
-
-    async def read(self) -> None:
-        content_type = self.req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if content_type != "application/json":
-            raise GatewayError(415, "request body must be application/json")
-        raw = await self.req.body(self.ctx.max_body_bytes)
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise GatewayError(400, "request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise GatewayError(422, "request body must be a JSON object")
-        self.body = body
-
-    async def locate(self) -> None:
-        if self.route.verb is Verb.UPDATE and needs_stored(self.route.merge, self.body):
-            await self._read_stored()
-        if self.route.verb is Verb.CREATE and "client_id" not in self.params:
-            self.client = self._client_in_body()
-        elif self.stored is not None and "client_id" not in self.params:
-            self.client = self.redactor.client_of(self.resource, self.stored)
-        else:
-            self.client = await self._located_client()
-
-    async def _read_stored(self) -> None:
-        """The record as the CRM holds it, to merge a partial body into (with its ETag, when it has one, so that
-        a change made meanwhile is refused by the CRM rather than overwritten)."""
-        path = self.route.render(self.route.locate or self.route.template, self.params)
-        resp = await self.ctx.upstream.request("GET", path, {"accept": "application/json"})
-        stored = self._json(resp)
-        if not isinstance(stored, dict):
-            raise GatewayError(502, "upstream record has an unexpected shape")
-        self.stored, self.etag = stored, resp.headers.get("etag")
-
-    def _client_in_body(self) -> str | None:
-        return self.redactor.client_of(self.resource, self.body) if self.resource.client_field != "id" else None
-
-    async def check(self) -> bytes | None:
-        """A create is decided under the relations the new record gives the caller (`create` on its record
-        class, `write` on every class it writes); a change under those held to the client now, and a move (to
-        another client, or a client to another practitioner) under those it will hold afterwards as well."""
-        creating = self.route.verb is Verb.CREATE
-        view = self._established(self.client) if creating else self.view(self.client)
-        if creating and self.resource.record_class not in view.creatable:
-            raise GatewayError(403, f"not allowed to create {self.resource.name} records for this client",
-                               reason=f"no create on {self.resource.record_class} ({view.relations.label})")
-        checked = check_write(self.resource, self.body, view, replace=self.route.verb is Verb.REPLACE,
-                              stored=self.stored)
-        self.written = frozenset(checked.classes)
-        self.record.written, self.record.reclassified = checked.paths, checked.flags
-        if self.route.verb is not Verb.CREATE:
-            self._check_move()
-        self.orphans = tuple(await self._seal(self.body, self.client))
-        if self.stored is not None:  # sealed first: what is merged in from the CRM is ciphertext already
-            return orjson.dumps(merged(self.route.merge, self.stored, self.body))
-        return orjson.dumps(self.body)
-
-    def _established(self, client: str | None) -> View:
-        """The view the caller would have of the record the body describes: for a client's own record, the
-        relations its assignment gives them; for any other record, those held to its client."""
-        assigned = self._assigned()
-        if assigned is None:
-            return self.view(client)
-        rels = self.ctx.index.relations_with(self.who.subject, self.who.client_id, client, assigned,
-                                             self.bundle.cover, self.now)
-        return self.bundle.table.view(self.who.role, rels) or View(self.who.role, rels, {}, frozenset(), frozenset())
-
-    def _assigned(self) -> list[str] | None:
-        """The practitioners the body assigns the client to (None: the body does not say)."""
-        source = self.bundle.fieldmap.relations
-        if self.resource.name != source.resource or source.counsellor not in self.body:
-            return None
-        value = self.body[source.counsellor]
-        return [value] if isinstance(value, str) and value else []
-
-    def _check_move(self) -> None:
-        """A change that moves the record to another client, or the client to another practitioner, writes
-        to both sides: each must allow it."""
-        target = self._client_in_body()
-        moving = target is not None and target != self.client
-        assigned = self._assigned()
-        current = self.ctx.index.counsellor_of.get(self.client) if self.client is not None else None
-        reassigning = assigned is not None and assigned != ([current] if current else [])
-        if not moving and not reassigning:
-            return
-        after = self.view(target) if moving else self._established(self.client)
-        check_write(self.resource, self.body, after, replace=False)
-        for view in (self.view(self.client), after):
-            if self.resource.record_class not in view.writable:
-                raise GatewayError(403, f"not allowed to move {self.resource.name} records for this client",
-                                   reason=f"no write on {self.resource.record_class} ({view.relations.label})")
-        classes = self.bundle.fieldmap.classes
-        if moving and any(classes[c].key_scope for c in self.resource.classes):
-            raise GatewayError(409, f"{self.resource.name} records hold fields sealed with their client's key "
-                                    "and cannot move to another client; create a new record instead")
-
-    async def _seal(self, body: dict[str, Any], client: str | None) -> list[bytes]:
-        """Seal the fields of encrypted classes with the client's keys; return keys made for a new client."""
-        if self.cipher is None:
-            raise GatewayError(503, "field encryption is not available", reason="keyring not open")
-        classes = self.bundle.fieldmap.classes
-        scopes = {s for c in self.written if (s := classes[c].key_scope) is not None}
-        if not scopes:
-            return []
-        ring = self.cipher.ring
-        if not ring.can_encrypt:
-            raise GatewayError(503, "field encryption is not available", reason="no KEK")
-        keys = {scope: await ring.for_writing(client, scope) for scope in sorted(scopes)}
-        seal_fields(self.resource, body, classes, keys, self.stored)
-        self.disclosure.key_ids |= {k.key.hex_id for k in keys.values()}
-        return [k.key.key_id for k in keys.values()] if client is None else []
-
-    async def forward(self, body: bytes | None) -> Answer:
-        try:
-            return await self._request(self.route.method, self._query(), body, self.etag)
-        except GatewayError:
-            await self._settle(None)
-            raise
-
-    async def rewrite(self, answer: Answer) -> Reply:
-        try:
-            document = self._json(answer)
-        except GatewayError:
-            await self._settle(None)
-            raise
-        await self._settle(self.redactor.client_of(self.resource, document) if isinstance(document, dict) else None)
-        assert isinstance(answer, UpstreamResponse)
-        if not isinstance(document, dict):
-            return Reply(answer.status, b"{}", [(b"content-type", JSON)])
-        await self._prepare(answer.body, [document])
-        shown = self.redactor.record(self.resource, document)
-        return self._reply(answer.status, shown if shown is not None else {})
-
-    async def _settle(self, new_client: str | None) -> None:
-        """Keys made before the CRM named a new client: link them to it, or destroy them if it refused."""
-        orphans, self.orphans = self.orphans, ()
-        if not orphans or self.cipher is None:
-            return
-        if new_client is None:
-            await self.cipher.ring.discard(orphans, "the CRM did not create the record")
-        else:
-            for key_id in orphans:
-                await self.cipher.ring.link(key_id, new_client)
-
-
-class Delete(Exchange):
-    """`DELETE`: allowed by the delete rule on the record class, for the record's own client."""
-
-    client: str | None = None
-
-    async def locate(self) -> None:
-        self.client = await self._located_client()
-
-    async def check(self) -> bytes | None:
-        if self.resource.record_class not in self.view(self.client).deletable:
-            raise GatewayError(403, f"not allowed to delete {self.resource.name} records",
-                               reason=f"no delete on {self.resource.record_class}")
-        return None
-
-    async def forward(self, body: bytes | None) -> Answer:
-        return await self._request("DELETE", self._query())
-
-    async def rewrite(self, answer: Answer) -> Reply:
-        assert isinstance(answer, UpstreamResponse)
-        if answer.status >= 400:
-            self._json(answer)
-        if self.client is not None and self.resource.name == self.bundle.fieldmap.relations.resource:
-            self.ctx.index.forget(self.client)
-        return Reply(answer.status if answer.status != 200 else 204, b"")
 
 
 class OpaqueRead(Exchange):

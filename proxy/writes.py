@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from proxy.errors import GatewayError
@@ -43,7 +44,11 @@ def check_write(resource: Resource, body: dict[str, Any], view: View, *, replace
     record as the CRM holds it, when read: flags the body leaves alone keep deciding as they do there."""
     walk = _Walk(view)
     assert resource.root.children is not None
-    walk.object(resource.root.children, body, {**(stored or {}), **body}, "")
+    for path in resource.gateway_set:
+        if path in body:
+            walk.refused.append(f"{path} (set by the gateway)")
+    walk.object(resource.root.children, {k: v for k, v in body.items() if k not in resource.gateway_set},
+                {**(stored or {}), **body}, "")
     for flag, selectable in resource.flags.items():
         if flag in body:
             walk.flags.append(flag)
@@ -117,6 +122,14 @@ def _classes(node: Node) -> set[str]:
     if node.items is not None:
         found |= _classes(node.items)
     return found
+
+
+def fill_gateway_set(resource: Resource, body: dict[str, Any], user: str, now: datetime) -> list[str]:
+    """On create, the fields the gateway fills (after `check_write` has refused any the caller gave)."""
+    values = {"user": user, "now": now.isoformat(timespec="seconds")}
+    for path, source in resource.gateway_set.items():
+        body[path] = values[source]
+    return sorted(resource.gateway_set)
 
 
 def needs_stored(merge: str, body: dict[str, Any]) -> bool:

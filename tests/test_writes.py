@@ -54,15 +54,19 @@ def test_counsellor_cannot_touch_another_counsellors_client(gw: Gateway, crm_w: 
 
 def test_create_note_for_own_client_and_refuse_for_others(gw: Gateway, crm_w: str) -> None:
     alice = gw.as_user("alice", "counsellor")
-    body = {"author": "alice", "session_date": "2026-11-20", "summary": "First session",
+    body = {"author": "bob", "session_date": "2026-11-20", "summary": "First session",
             "body": "Talked about sleep.", "risk": {"level": "low", "factors": []}}
     r = gw.request("POST", "/clients/1/session-notes", alice, json=body)
-    assert r.status_code == 403, r.text  # author is class `service`: counsellors do not write it
+    assert r.status_code == 403 and "author (set by the gateway)" in r.json()["error"], r.text
     del body["author"]
     r = gw.request("POST", "/clients/1/session-notes", alice, json=body)
     assert r.status_code == 201, r.text
     created = r.json()
     assert created["body"] == "Talked about sleep." and created["client_id"] == 1
+    assert created["author"] == "alice" == direct(crm_w, f"/session-notes/{created['id']}")["author"]  # the writer
+    assert "author" in gw.audit_for(r.headers["x-request-id"])["written"]
+    r = gw.request("PATCH", f"/session-notes/{created['id']}", alice, json={"author": "bob"})
+    assert r.status_code == 403 and "author (set by the gateway)" in r.json()["error"]
     before = direct(crm_w, "/session-notes?per_page=1")["total"]
     r = gw.request("POST", "/session-notes", alice, json={**body, "client_id": 2})
     assert r.status_code == 403 and r.json()["error"] == "not allowed to create session_note records for this client"

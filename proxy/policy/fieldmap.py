@@ -17,6 +17,9 @@ from proxy.policy.yamlfile import MapError, line_of, load_yaml
 from proxy.routes import Route, Shape, compile_route
 
 LABELS = ("N", "R", "V")
+GATEWAY_SETS = ("user", "now")
+"""Fields the gateway fills on create, from the caller (`user`: their id in the CRM) or the clock (`now`),
+and that no caller may set: a note's author is whoever wrote it, not whoever the body says."""
 MERGES = ("shallow", "deep", "replace")
 """How a CRM applies a PATCH body: `shallow` replaces each top-level value it is given (json-server, most
 CRMs: a nested object sent whole replaces the stored one), `deep` merges nested objects too (RFC 7396),
@@ -45,6 +48,7 @@ class FieldSpec:
     flag: str | None = None  # a record field that, unless exactly false, reclassifies this one
     flag_class: str | None = None
     line: int | None = None
+    set_by_gateway: str | None = None  # "user" or "now": filled by the gateway on create, set by no caller
 
     def class_for(self, record: Mapping[str, Any]) -> str:
         if self.flag is not None and record.get(self.flag) is not False:
@@ -75,6 +79,11 @@ class Resource:
     def classes(self) -> frozenset[str]:
         found = {s.field_class for s in self.specs} | {s.flag_class for s in self.specs if s.flag_class}
         return frozenset(found) | {self.record_class}
+
+    @property
+    def gateway_set(self) -> dict[str, str]:
+        """Top-level fields the gateway fills, and from what."""
+        return {s.path: s.set_by_gateway for s in self.specs if s.set_by_gateway is not None}
 
     @property
     def flags(self) -> dict[str, frozenset[str]]:
@@ -267,7 +276,7 @@ def _parse_spec(
         raw = {"class": raw}
     if not isinstance(raw, dict):
         raise MapError(line, f"{where}: field {path}: expected a class name or a mapping")
-    _known(raw, {"class", "pseudonym", "mask", "when"}, f"{where} field {path}")
+    _known(raw, {"class", "pseudonym", "mask", "when", "set"}, f"{where} field {path}")
     cls = raw.get("class")
     if cls not in classes:
         raise MapError(line, f"{where}: field {path}: unknown class {cls!r}")
@@ -282,7 +291,12 @@ def _parse_spec(
         flag, flag_class = str(when["flag"]), str(when["class"])
         if flag_class not in classes:
             raise MapError(line, f"{where}: field {path}: unknown class {flag_class!r} in when")
-    return FieldSpec(path, str(cls), bool(raw.get("pseudonym", False)), mask, flag, flag_class, line)
+    set_by = raw.get("set")
+    if set_by is not None and (set_by not in GATEWAY_SETS or "." in path or "[" in path):
+        raise MapError(line, f"{where}: field {path}: set must be one of {', '.join(GATEWAY_SETS)}, "
+                             "on a top-level field")
+    return FieldSpec(path, str(cls), bool(raw.get("pseudonym", False)), mask, flag, flag_class, line,
+                     str(set_by) if set_by is not None else None)
 
 
 def _insert(root: Node, spec: FieldSpec, where: str) -> None:
