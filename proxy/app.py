@@ -32,7 +32,7 @@ from proxy.identity import Principal
 from proxy.officer import PREFIX, compare_shadow, officer
 from proxy.policy import PolicyBundle
 from proxy.probes import PROBES, probe
-from proxy.routes import Route, encode_path, normalise_path
+from proxy.routes import PSEUDONYM, Route, encode_path, normalise_path
 from proxy.runtime import Runtime
 from proxy.writes import WriteRefused
 
@@ -144,6 +144,7 @@ class Gateway:
         route, params = matched
         record.route = route.template
         _authorise(bundle, principal)  # 3. authorise
+        await self._unpseudonymise(route, params, req)
         assert runtime.context is not None
         exchange = kind_of(route)(runtime.context, bundle, principal, route, params, req, record)
         try:
@@ -156,6 +157,19 @@ class Gateway:
         finally:
             await exchange.finish()
             compare_shadow(runtime, exchange, record)
+
+    async def _unpseudonymise(self, route: Route, params: dict[str, str], req: Incoming) -> None:
+        """A client addressed by their pseudonym: resolved to the CRM id here, which never reaches the caller."""
+        given = params.get("client_id")
+        if given is None or not PSEUDONYM.match(given):
+            return
+        ring = self.runtime.ring
+        client = await ring.store.client_of_pseudonym(given) if ring is not None else None
+        if client is None:
+            raise GatewayError(404, "no such client", reason="unknown pseudonym")
+        params["client_id"] = client
+        index = next(i for i, name, _ in route.params if name == "client_id")
+        req.segments = (*req.segments[:index], client, *req.segments[index + 1:])
 
     async def _public(self, route: Route, req: Incoming, record: AuditRecord) -> Reply:
         """An explicitly public route: forwarded without identity, JSON only, audited as anonymous."""

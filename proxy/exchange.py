@@ -32,6 +32,7 @@ from proxy.keys import FieldCipher, KeyRing
 from proxy.policy import Outcome, PolicyBundle, Relation, RelationIndex, Resource, View
 from proxy.redact import Disclosure, Plans, Redactor
 from proxy.routes import Route, Shape, encode_path
+from proxy.scrub import ClientNames
 from proxy.upstream import OpenStream, Upstream, UpstreamResponse
 
 NEEDS_RELATIONS = (Relation.CASELOAD, Relation.SUPERVISION, Relation.COVER, Relation.SELF)
@@ -48,6 +49,7 @@ class Context:
     max_body_bytes: int
     relations_max_age: float  # seconds: older facts refuse decisions that need them
     refresh_soon: Callable[[], None]  # a client the facts do not know: re-read them soon
+    names: ClientNames  # clients' names, to scrub from what pseudonymising views are shown
 
     def forwarded(self, req: Incoming) -> dict[str, str]:
         """The headers the CRM receives: the allowed few, the forwarding chain, our request id."""
@@ -82,8 +84,10 @@ class Exchange:
         self.disclosure = Disclosure()
         self.pseudonyms: dict[str, str] = {}
         self.cipher = FieldCipher(ctx.ring) if ctx.ring is not None else None
+        self.plans = Plans.of(bundle)
         self.redactor = Redactor(bundle.table, principal.role, self.relations_of, self.pseudonyms.get,
-                                 self.disclosure, Plans.of(bundle), cipher=self.cipher, observe=self._observe)
+                                 self.disclosure, self.plans, cipher=self.cipher, observe=self._observe,
+                                 names=ctx.names.pattern)
 
     # ------------------------------------------------------------------ the steps
     async def read(self) -> None:
@@ -157,11 +161,29 @@ class Exchange:
             self.pseudonyms.update(await self.ctx.ring.pseudonyms(missing))
 
     async def _prepare(self, body: bytes, rows: list[Any]) -> None:
-        """Before a response is rewritten: its keystore rows and its clients' pseudonyms, in one go each."""
+        """Before a response is rewritten: its keystore rows, its clients' pseudonyms, and, for the clients the
+        caller may not identify, their names to scrub from the text."""
         if self.cipher is not None:
             await self.cipher.prefetch(body)
-        await self._resolve({c for row in rows if isinstance(row, dict)
-                             and (c := self.redactor.client_of(self.resource, row)) is not None})
+        clients = {c: row for row in rows if isinstance(row, dict)
+                   and (c := self.redactor.client_of(self.resource, row)) is not None}
+        await self._resolve(set(clients))
+        anonymous = [c for c in clients if self.plans.anonymous(self.view(c))]
+        if anonymous:
+            fm = self.bundle.fieldmap
+            if self.resource.name == fm.relations.resource:  # the client's own record: their names are here
+                for client in anonymous:
+                    self.ctx.names.observe(client, clients[client], fm.client_names)
+            await self.ctx.names.fetch(anonymous, self._client_record_path(), fm.client_names)
+
+    def _client_record_path(self) -> Callable[[str], str] | None:
+        """How to read a client's own record (the field map's GET of one client)."""
+        fm = self.bundle.fieldmap
+        route = next((r for r in fm.routes if r.resource == fm.relations.resource and r.method == "GET"
+                      and r.shape is Shape.RECORD and [p[1] for p in r.params] == ["client_id"]), None)
+        if route is None:
+            return None
+        return lambda client: route.render(route.template, {"client_id": client})
 
     # ------------------------------------------------------------------ the CRM
     def _query(self, extra: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:

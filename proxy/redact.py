@@ -13,6 +13,7 @@ over a row does no policy work at all: one dictionary lookup and one set inserti
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,7 +116,8 @@ _DROP = object()
 _SEALED = "fg1."
 
 # What a step does. Leaves carry the outcome their class has in the plan's view; the others recurse.
-CLEAR, PSEUDONYM, MASK, REMOVE, OBJECT, ARRAY, NOTHING = range(7)
+# SCRUB is CLEAR for a view that does not identify the client: the client's names leave the text.
+CLEAR, PSEUDONYM, MASK, REMOVE, OBJECT, ARRAY, NOTHING, SCRUB = range(8)
 _KIND = {Outcome.CLEAR: CLEAR, Outcome.PSEUDONYM: PSEUDONYM, Outcome.MASK: MASK, Outcome.REMOVE: REMOVE}
 
 
@@ -141,33 +143,45 @@ class Step:
         self.items: Step | None = None
 
 
+UNNAMED = "[client]"  # the client's name in a text whose record does not link to them (anonymised feedback)
+
+
 class Plan:
     """A resource's classification tree compiled against one view."""
 
-    __slots__ = ("resource", "root", "view", "visible")
+    __slots__ = ("resource", "root", "stand_in", "view", "visible")
 
-    def __init__(self, resource: Resource, view: View, classes: Mapping[str, FieldClass]) -> None:
+    def __init__(self, resource: Resource, view: View, classes: Mapping[str, FieldClass],
+                 anonymous: bool = False) -> None:
         self.resource = resource
         self.view = view
         self.visible = view.shows(resource.record_class)
         assert resource.root.children is not None
-        self.root = _Compiler(resource.name, view, classes).children(resource.root.children, "")
+        self.root = _Compiler(resource, view, classes, anonymous).children(resource.root.children, "")
+        linked = resource.client_field is not None and self.root.get(resource.client_field) is not None and \
+            self.root[resource.client_field].kind != REMOVE
+        self.stand_in = None if linked else UNNAMED  # None: the client's pseudonym stands in for their name
 
 
 class _Compiler:
-    def __init__(self, resource: str, view: View, classes: Mapping[str, FieldClass]) -> None:
-        self.resource = resource
+    def __init__(self, resource: Resource, view: View, classes: Mapping[str, FieldClass], anonymous: bool) -> None:
+        self.resource = resource.name
+        self.client_field = resource.client_field
         self.view = view
         self.classes = classes
+        self.anonymous = anonymous  # the view pseudonymises the client: no CRM id, no name, anywhere
 
     def leaf(self, spec: FieldSpec, field_class: str) -> Step:
         outcome = self.view.outcome(field_class)
-        if outcome is Outcome.PSEUDONYM and not spec.pseudonym:
+        if self.anonymous and spec.path == self.client_field and outcome is not Outcome.REMOVE:
+            outcome = Outcome.PSEUDONYM  # the client's CRM id links records to the client: their pseudonym instead
+        elif outcome is Outcome.PSEUDONYM and not spec.pseudonym:
             outcome = Outcome.REMOVE
         if outcome is Outcome.MASK and spec.mask is None:
             outcome = Outcome.REMOVE
         known = self.classes.get(field_class)
-        return Step(_KIND[outcome], spec.path, field_class, outcome,
+        kind = SCRUB if self.anonymous and outcome is Outcome.CLEAR else _KIND[outcome]
+        return Step(kind, spec.path, field_class, outcome,
                     MASKS[spec.mask] if outcome is Outcome.MASK and spec.mask is not None else None,
                     scope=(known.key_scope or "") if known is not None else "",
                     where=associated_where(self.resource, spec.path))
@@ -198,8 +212,10 @@ class Plans:
     """One bundle's compiled redaction: a plan per (resource, role, relations) and the audit summary of
     each set of notes a response produced, both made on first use. A new bundle starts a new `Plans`."""
 
-    def __init__(self, classes: Mapping[str, FieldClass]) -> None:
+    def __init__(self, classes: Mapping[str, FieldClass], identifying: frozenset[str] = frozenset()) -> None:
         self.classes = classes
+        self.identifying = identifying  # see FieldMap.identifying
+        self._anonymous: dict[tuple[str, Relation], bool] = {}
         self._plans: dict[tuple[str, str, Relation], Plan] = {}
         self._summaries: dict[tuple[str, frozenset[Relation], frozenset[Note]], Summary] = {}
 
@@ -208,14 +224,24 @@ class Plans:
         """The bundle's plans, kept with it: made on its first request, gone with it."""
         found = bundle.memo.get(cls)
         if found is None:
-            found = bundle.memo[cls] = cls(bundle.fieldmap.classes)
+            found = bundle.memo[cls] = cls(bundle.fieldmap.classes, bundle.fieldmap.identifying)
+        return found
+
+    def anonymous(self, view: View) -> bool:
+        """Whether the view pseudonymises the client: then no field may identify them (their CRM id, their
+        names in free text), whatever class it has."""
+        key = (view.role, view.relations)
+        found = self._anonymous.get(key)
+        if found is None:
+            found = self._anonymous[key] = any(view.outcome(c) is Outcome.PSEUDONYM for c in self.identifying)
         return found
 
     def plan(self, resource: Resource, view: View) -> Plan:
         key = (resource.name, view.role, view.relations)
         plan = self._plans.get(key)
         if plan is None or plan.view is not view:
-            plan = self._plans[key] = Plan(resource, view, self.classes)
+            plan = self._plans[key] = Plan(resource, view, self.classes,
+                                           resource.client_field is not None and self.anonymous(view))
         return plan
 
     def summary(self, role: str, views: dict[Relation, View], d: Disclosure) -> Summary:
@@ -245,7 +271,9 @@ class Redactor:
         plans: Plans,
         cipher: FieldCipher | None = None,
         observe: Observe | None = None,
+        names: Callable[[str], re.Pattern[str] | None] | None = None,
     ) -> None:
+        self.names = names or (lambda _client: None)  # the client's names, to scrub; None: not known
         self.table = table
         self.role = role
         self.relations_of = relations_of
@@ -259,6 +287,7 @@ class Redactor:
         self._record: dict[str, Any] = {}
         self._client: str | None = None
         self._resource = ""
+        self._stand_in: str | None = None
 
     def client_of(self, resource: Resource, record: dict[str, Any]) -> str | None:
         if resource.client_field is None:
@@ -298,7 +327,7 @@ class Redactor:
         plan = self.plans.plan(resource, self.view_for(client_id))
         if not plan.visible:
             return None
-        self._record, self._client, self._resource = record, client_id, resource.name
+        self._record, self._client, self._resource, self._stand_in = record, client_id, resource.name, plan.stand_in
         return self._object(plan.root, record, "")
 
     def rows(self, resource: Resource, rows: list[Any]) -> list[dict[str, Any]]:
@@ -341,6 +370,23 @@ class Redactor:
                     d.failures.add(f"{self._resource}.{step.path}: {exc}")
                     d.notes.add(step.removed)
                     return _DROP
+            d.notes.add(step.note)
+            return value
+        if kind == SCRUB:
+            if type(value) is str and value.startswith(_SEALED) and self.cipher is not None:
+                try:
+                    value = self.cipher.open(value, self._client, step.scope, step.where, d.key_ids)
+                except CipherFailure as exc:
+                    d.failures.add(f"{self._resource}.{step.path}: {exc}")
+                    d.notes.add(step.removed)
+                    return _DROP
+            if type(value) is str:
+                names = self.names(self._client) if self._client is not None else None
+                stand_in = self._stand_in or (self.pseudonym(self._client) if self._client is not None else None)
+                if names is None or stand_in is None:  # names not known: the text is not shown
+                    d.notes.add(step.removed)
+                    return _DROP
+                value = names.sub(stand_in, value)
             d.notes.add(step.note)
             return value
         if kind == PSEUDONYM and self._client is not None:

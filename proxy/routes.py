@@ -16,6 +16,9 @@ from urllib.parse import quote, unquote_to_bytes
 from proxy.errors import GatewayError
 
 _PARAM = re.compile(r"^\{([a-z_][a-z0-9_]*)(?::(int|str))?\}$")
+PSEUDONYM = re.compile(r"^P-[0-9A-F]{16}$")
+"""A client's pseudonym, as a caller who may not know the client's CRM id gives it in its place
+(`GET /clients/P-7Q2M...`); the gateway resolves it to the CRM id before anything else."""
 _SAFE_SEGMENT = "-._~!$&'()*+,=:@"
 
 
@@ -190,7 +193,8 @@ def _bind(route: Route, segments: tuple[str, ...]) -> dict[str, str] | None:
     for i, (pattern, actual) in enumerate(zip(route.segments, segments, strict=True)):
         if i in param_at:
             name, kind = param_at[i]
-            if kind == "int" and not (actual.isascii() and actual.isdigit()):
+            if kind == "int" and not (actual.isascii() and actual.isdigit()) and not (
+                    name == "client_id" and PSEUDONYM.match(actual)):
                 return None
             values[name] = actual
         elif pattern != actual:

@@ -23,6 +23,7 @@ from proxy.identity import TokenVerifier
 from proxy.keys import KeyEncryptionKey, KeyRing, open_kek, open_keyring
 from proxy.metrics import Metrics
 from proxy.policy import BundleSource, PolicyBundle, PolicyError, PolicyWatcher, RelationIndex, load_bundle
+from proxy.scrub import ClientNames
 from proxy.supervisor import Supervisor, Task
 from proxy.upstream import Upstream
 
@@ -73,7 +74,7 @@ class Runtime:
             upstream=self.upstream, index=self.index, ring=self.ring,
             forward_headers=tuple(h.lower() for h in s.upstream.forward_headers),
             max_body_bytes=s.server.max_body_bytes, relations_max_age=s.relations.max_age_seconds,
-            refresh_soon=self._refresh_soon)
+            refresh_soon=self._refresh_soon, names=ClientNames(self.upstream))
         sup = self.supervisor
         poll = s.policy.poll_seconds
         self._policy = sup.add("policy", self._poll_policy, poll, stale_after=max(10 * poll, 60.0))

@@ -12,7 +12,7 @@ def test_a_read_is_recorded_with_classes_rules_and_pseudonyms(gateway: Gateway, 
     assert rec["method"] == "GET" and rec["route"] == "/clients/{client_id:int}" and rec["status"] == 200
     assert rec["outcome"] == "allowed" and rec["relations"] == ["any+supervision"]
     assert rec["clients"] == [r.json()["name"]["first"]]  # the pseudonym, never the CRM id
-    assert rec["pseudonymised"] == {"identity": ["name.first"]}
+    assert rec["pseudonymised"] == {"identity": ["name.first"], "reference": ["id"]}  # no CRM id for a supervisor
     assert "contact" in rec["removed"] and "service" in rec["shown"]
     assert rec["rules"] and all(rule.startswith("policy.csv:") for rule in rec["rules"])
     assert len(rec["policy"]) == 64 and rec["token_id"]

@@ -8,6 +8,7 @@ absent. The expected outcomes below are the services' confidentiality rules, wri
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -71,14 +72,41 @@ def test_compiled_table_matches_the_written_rules() -> None:
         assert got == expected, f"{role}/{relation}"
 
 
-def check(raw: dict[str, Any], shown: dict[str, Any], resource: Resource, expected: dict[str, str], where: str
-          ) -> None:
+def anonymous(expected: dict[str, str]) -> bool:
+    """The view pseudonymises the client (their id or their name is a pseudonym): then nothing in it may
+    identify them: their CRM id is their pseudonym in every field that holds it, and their names are
+    their pseudonym in every text."""
+    return PSEUDO in (expected["identity"], expected["reference"])
+
+
+def scrubbed(value: Any, names: list[str], pseudonym: str) -> Any:
+    """The documented scrubbing: each name, and each word of two letters or more in it, as a whole word in
+    any case, becomes the pseudonym."""
+    if not isinstance(value, str):
+        return value
+    words = {n for n in names if n} | {w for n in names for w in re.findall(r"\w{2,}", n)}
+    for word in sorted(words, key=len, reverse=True):
+        value = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", pseudonym, value, flags=re.IGNORECASE)
+    return value
+
+
+def check(raw: dict[str, Any], shown: dict[str, Any], resource: Resource, expected: dict[str, str], where: str,
+          names: list[str] | None = None) -> None:
+    """`names`: the client's names, when the view is anonymous (the test reads them from the CRM)."""
+    pseudonym = next((v for s in resource.specs if s.path == resource.client_field
+                      for v in values_at(shown, s.path)), None)
+    if names is not None and pseudonym is not None:
+        assert isinstance(pseudonym, str) and PSEUDONYM.match(pseudonym), f"{where}: client id {pseudonym!r} shown"
     for spec in resource.specs:
         cls = spec.class_for(raw)
         outcome = expected[cls]
         have, want = values_at(shown, spec.path), values_at(raw, spec.path)
         label = f"{where}: {spec.path} ({cls}, {outcome})"
-        if outcome == CLEAR:
+        if names is not None and spec.path == resource.client_field and outcome != "remove":
+            assert have == [pseudonym], label
+        elif outcome == CLEAR:
+            if names is not None:  # a record that does not link to its client names them "[client]"
+                want = [scrubbed(v, names, pseudonym or "[client]") for v in want]
             assert have == want, label
         elif outcome == PSEUDO and spec.pseudonym:
             assert have and all(isinstance(v, str) and PSEUDONYM.match(v) for v in have), label
@@ -122,6 +150,8 @@ def test_every_class_outcome_through_the_gateway(
     client = _clients(crm)[whose]
     expected = EXPECTED[(role, relation)]
     token = gateway.as_user(sub, role, client_id=client_claim)
+    record = direct(crm, f"/clients/{client}")
+    names = [record["name"]["first"], record["name"]["last"]] if anonymous(expected) else None
     checked = 0
     # the client record itself
     resource = FIELDMAP.resources["client"]
@@ -129,7 +159,7 @@ def test_every_class_outcome_through_the_gateway(
     visible = expected[resource.record_class] != "remove"
     assert r.status_code == (200 if visible else 403), r.text
     if visible:
-        check(direct(crm, f"/clients/{client}"), r.json(), resource, expected, f"{role} /clients/{client}")
+        check(record, r.json(), resource, expected, f"{role} /clients/{client}", names)
         checked += 1
     # every kind of sub-record: nested list, flat list filtered by client, and the item route
     for path, name in SUB_RESOURCES.items():
@@ -148,10 +178,10 @@ def test_every_class_outcome_through_the_gateway(
         assert len(shown_rows) == len(raw_rows)
         assert nested.json()["total"] == len(raw_rows)
         for raw, shown in zip(raw_rows, shown_rows, strict=True):
-            check(raw, shown, resource, expected, f"{role} /clients/{client}/{path}")
+            check(raw, shown, resource, expected, f"{role} /clients/{client}/{path}", names)
             checked += 1
         assert item.status_code == 200, (path, item.text)
-        check(raw_rows[0], item.json(), resource, expected, f"{role} /{path}/{raw_rows[0]['id']}")
+        check(raw_rows[0], item.json(), resource, expected, f"{role} /{path}/{raw_rows[0]['id']}", names)
     if any(v != "remove" for k, v in expected.items() if k != "staff"):
         assert checked > 0
 
@@ -239,3 +269,31 @@ def test_outcome_enum_covers_every_expectation() -> None:
     assert {v for e in EXPECTED.values() for v in e.values()} <= {o.value for o in Outcome}
     assert all(isinstance(s, FieldSpec) for r in FIELDMAP.resources.values() for s in r.specs)
     assert Path(REPO / "policies" / "policy.csv").exists()
+
+
+def test_a_supervisor_sees_no_crm_id_and_no_name_of_the_client_and_may_address_them_by_pseudonym(
+        gateway: Gateway, crm: str) -> None:
+    carol, alice = gateway.as_user("carol", "supervisor"), gateway.as_user("alice", "counsellor")
+    record = direct(crm, "/clients/1")
+    first, last = record["name"]["first"], record["name"]["last"]
+    client = gateway.get("/clients/1", carol).json()
+    pseudonym = client["id"]
+    assert PSEUDONYM.match(pseudonym) and client["name"] == {"first": pseudonym}
+    theirs = gateway.get("/clients/1/session-notes", alice).json()["items"]
+    named = [n for n in theirs if re.search(rf"\b{first}\b", n["body"], re.IGNORECASE)]
+    assert named, "the seed names the client in some of their notes (as counsellors write them)"
+    shown = gateway.get("/clients/1/session-notes", carol).json()
+    text = json.dumps(shown)
+    assert not re.search(rf"\b({first}|{last})\b", text, re.IGNORECASE) and '"client_id": 1' not in text
+    by_id = {n["id"]: n for n in shown["items"]}
+    for note in named:
+        assert by_id[note["id"]]["body"] == re.sub(rf"\b{first}\b", pseudonym, note["body"], flags=re.IGNORECASE)
+        assert by_id[note["id"]]["client_id"] == pseudonym
+    # the pseudonym is an address: the CRM id is resolved inside the gateway, never shown
+    assert gateway.get(f"/clients/{pseudonym}", carol).json() == client
+    assert gateway.get(f"/clients/{pseudonym}/session-notes", carol).json() == shown
+    r = gateway.get("/clients/P-0000000000000000", carol)
+    assert r.status_code == 404 and r.json()["error"] == "no such client"
+    assert gateway.audit_for(r.headers["x-request-id"])["reason"] == "unknown pseudonym"
+    # the counsellor, who knows her client, still reads her own words
+    assert gateway.get("/clients/1/session-notes", alice).json()["items"] == theirs

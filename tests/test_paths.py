@@ -70,3 +70,18 @@ def test_normalise_path_unit() -> None:
     for bad in (b"a", b"/a%2fb", b"/a;b", b"/%252e", b"/..", b"/a/%ff", b"/a%0a"):
         with pytest.raises(GatewayError):
             normalise_path(bad)
+
+
+def test_a_pseudonym_is_a_client_address_and_nothing_else_is() -> None:
+    from proxy.keys.store import new_pseudonym
+    from proxy.policy import load_fieldmap
+    from proxy.routes import PSEUDONYM, RouteTable
+    from tests.conftest import REPO
+
+    routes = RouteTable(list(load_fieldmap(REPO / "policies" / "fields.yaml").routes))
+    made = new_pseudonym()
+    assert PSEUDONYM.match(made)
+    matched = routes.match("GET", ("clients", made, "session-notes"))
+    assert matched is not None and matched[1] == {"client_id": made}
+    assert routes.match("GET", ("session-notes", made)) is None  # only where the route names a client
+    assert routes.match("GET", ("clients", "P-123")) is None

@@ -9,6 +9,7 @@ both, and the whole outputs must be equal (types included: True is not 1).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from proxy.policy import (
     values_at,
 )
 from proxy.redact import Disclosure, Plans, Redactor
+from proxy.scrub import names_pattern
 from tests.conftest import REPO, shipped_bundle
 
 RESOURCES = load_fieldmap(REPO / "policies" / "fields.yaml").resources  # the trees records are made from
@@ -36,6 +38,7 @@ RESOURCES = load_fieldmap(REPO / "policies" / "fields.yaml").resources  # the tr
 def roles() -> list[str]:
     return sorted(shipped_bundle().table.roles)
 PSEUDONYMS = {str(c): f"P-{c:016X}" for c in (0, 1, 2, 4)}  # clients 3, 5 and 6 have no pseudonym
+NAMES = {"0": ["Ada", "Lovelace"], "1": ["Mary Ann", "Evans"], "3": ["Jo"]}  # the others' names are not known
 EXAMPLES = 300  # records per resource; each is checked for 8 roles x 16 relation sets
 
 
@@ -51,7 +54,7 @@ def reference_record(resource: Resource, record: dict[str, Any], role: str, rels
     if not view.shows(resource.record_class):
         return None
     assert resource.root.children is not None
-    return reference_object(resource.root.children, record, Context(view, record, client))
+    return reference_object(resource.root.children, record, Context(view, record, client, resource))
 
 
 def reference_client(resource: Resource, record: dict[str, Any]) -> str | None:
@@ -65,8 +68,15 @@ def reference_client(resource: Resource, record: dict[str, Any]) -> str | None:
 
 
 class Context:
-    def __init__(self, view: View, record: dict[str, Any], client: str | None) -> None:
-        self.view, self.record, self.client = view, record, client
+    def __init__(self, view: View, record: dict[str, Any], client: str | None, resource: Resource) -> None:
+        self.view, self.record, self.client, self.resource = view, record, client, resource
+        identifying = {s.field_class for s in RESOURCES["client"].specs if s.pseudonym}
+        # a view that pseudonymises the client: no CRM id, no name of theirs, in a record about a client
+        self.anonymous = resource.client_field is not None and any(
+            view.outcome(c) is Outcome.PSEUDONYM for c in identifying)
+        field = next((s for s in resource.specs if s.path == resource.client_field), None)
+        linked = field is not None and view.outcome(field.field_class) is not Outcome.REMOVE
+        self.stand_in = (PSEUDONYMS.get(client) if client is not None else None) if linked else "[client]"
 
 
 def reference_object(children: dict[str, Node], value: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -99,7 +109,18 @@ def reference_node(node: Node, value: Any, ctx: Context) -> Any:
 
 def reference_leaf(spec: FieldSpec, value: Any, ctx: Context) -> Any:
     outcome = ctx.view.outcome(spec.class_for(ctx.record))  # `when: {flag, class}` switches unless flag is False
+    if ctx.anonymous and spec.path == ctx.resource.client_field and outcome is not Outcome.REMOVE:
+        outcome = Outcome.PSEUDONYM  # the CRM id is the pseudonym there, whatever its class
+        pseudonym = PSEUDONYMS.get(ctx.client) if ctx.client is not None else None
+        return pseudonym if pseudonym is not None else DROP
     if outcome is Outcome.CLEAR:
+        if ctx.anonymous and isinstance(value, str):  # the client's names leave the text, or the text goes
+            names = NAMES.get(ctx.client) if ctx.client is not None else None
+            if names is None or ctx.stand_in is None:
+                return DROP
+            words = set(names) | {w for n in names for w in re.findall(r"\w{2,}", n)}
+            for word in sorted(words, key=len, reverse=True):
+                value = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", ctx.stand_in, value, flags=re.IGNORECASE)
         return value
     if outcome is Outcome.PSEUDONYM:
         pseudonym = PSEUDONYMS.get(ctx.client) if spec.pseudonym and ctx.client is not None else None
@@ -111,9 +132,12 @@ def reference_leaf(spec: FieldSpec, value: Any, ctx: Context) -> Any:
 
 
 # --------------------------------------------------------------------------------------- comparison
+PATTERNS = {client: names_pattern(names) for client, names in NAMES.items()}
+
 def fast_record(resource: Resource, record: dict[str, Any], role: str, rels: Relation) -> dict[str, Any] | None:
     bundle = shipped_bundle()
-    r = Redactor(bundle.table, role, lambda _cid: rels, PSEUDONYMS.get, Disclosure(), Plans.of(bundle), cipher=None)
+    r = Redactor(bundle.table, role, lambda _cid: rels, PSEUDONYMS.get, Disclosure(), Plans.of(bundle), cipher=None,
+                 names=PATTERNS.get)
     return r.record(resource, record)
 
 
@@ -149,6 +173,7 @@ SHAPED = st.sampled_from([
     "\uff11\uff19\uff18\uff17-\uff10\uff14-\uff11\uff12",  # full-width digits
     "jane@example.org", "a@b@c", "jane@", "jane@example.org (Jane Smith)",
     "SW1A 1AA", "sw1a1aa", "SW1A", "  M1 1AE ", "12345", "07700 900123", "", " ", "P-0000000000000000",
+    "Ada reported a better week", "mary ann said so", "Jo's week", "EVANS-LOVELACE", "Adam and Joanna",
 ])
 SCALAR = st.one_of(TEXT, SHAPED, st.integers(-3, 10**6), st.booleans(), st.none(),
                    st.floats(allow_nan=False, allow_infinity=False))

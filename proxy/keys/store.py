@@ -74,6 +74,8 @@ class Keystore(Protocol):
 
     async def known_pseudonym(self, client_id: str) -> str | None: ...
 
+    async def client_of_pseudonym(self, pseudonym: str) -> str | None: ...
+
     async def summary(self) -> dict[str, object]: ...
 
     async def next_version(self, client_id: str | None, scope: str) -> int: ...
@@ -300,6 +302,12 @@ class SqliteKeystore:
     async def known_pseudonym(self, client_id: str) -> str | None:
         """The client's pseudonym if they have one (never made here: a lookup must not create one)."""
         async with self._db.execute("SELECT pseudonym FROM client_pseudonyms WHERE client_id = ?", (client_id,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def client_of_pseudonym(self, pseudonym: str) -> str | None:
+        """The client a pseudonym stands for (none once the client is shredded: the link is gone)."""
+        async with self._db.execute("SELECT client_id FROM client_pseudonyms WHERE pseudonym = ?", (pseudonym,)) as cur:
             row = await cur.fetchone()
         return str(row[0]) if row else None
 

@@ -49,6 +49,7 @@ class FieldSpec:
     flag_class: str | None = None
     line: int | None = None
     set_by_gateway: str | None = None  # "user" or "now": filled by the gateway on create, set by no caller
+    client_name: bool = False  # one of the client's own names: scrubbed from free text for pseudonymising views
 
     def class_for(self, record: Mapping[str, Any]) -> str:
         if self.flag is not None and record.get(self.flag) is not False:
@@ -131,6 +132,22 @@ class FieldMap:
     list_format: ListFormat
     relations: RelationSource
 
+    @property
+    def client_resource(self) -> Resource:
+        """The client's own record (relations.resource): where the client's identity lives."""
+        return self.resources[self.relations.resource]
+
+    @property
+    def identifying(self) -> frozenset[str]:
+        """The classes of the client's record that name the client (its fields marked pseudonym: a view
+        that shows one of them as a pseudonym does not identify the client, anywhere)."""
+        return frozenset(s.field_class for s in self.client_resource.specs if s.pseudonym)
+
+    @property
+    def client_names(self) -> tuple[str, ...]:
+        """Paths of the client's own names in their record (client_name: true)."""
+        return tuple(s.path for s in self.client_resource.specs if s.client_name)
+
 
 def load_fieldmap(path: Path) -> FieldMap:
     return parse_fieldmap(path.read_text(encoding="utf-8"))
@@ -155,6 +172,11 @@ def parse_fieldmap(text: str) -> FieldMap:
         resources[resource.name] = resource
         routes.extend(resource_routes)
     relations = _parse_relations(doc.get("relations") or {}, resources)
+    for resource in resources.values():
+        for spec in resource.specs:
+            if spec.client_name and resource.name != relations.resource:
+                raise MapError(spec.line, f"resource {resource.name}: field {spec.path}: client_name marks the "
+                                          f"client's names in their own record ({relations.resource})")
     routes.extend(_parse_public(doc.get("public") or [], line_of(doc, "public")))
     return FieldMap(classes, resources, tuple(routes), list_format, relations)
 
@@ -276,7 +298,7 @@ def _parse_spec(
         raw = {"class": raw}
     if not isinstance(raw, dict):
         raise MapError(line, f"{where}: field {path}: expected a class name or a mapping")
-    _known(raw, {"class", "pseudonym", "mask", "when", "set"}, f"{where} field {path}")
+    _known(raw, {"class", "pseudonym", "mask", "when", "set", "client_name"}, f"{where} field {path}")
     cls = raw.get("class")
     if cls not in classes:
         raise MapError(line, f"{where}: field {path}: unknown class {cls!r}")
@@ -296,7 +318,7 @@ def _parse_spec(
         raise MapError(line, f"{where}: field {path}: set must be one of {', '.join(GATEWAY_SETS)}, "
                              "on a top-level field")
     return FieldSpec(path, str(cls), bool(raw.get("pseudonym", False)), mask, flag, flag_class, line,
-                     str(set_by) if set_by is not None else None)
+                     str(set_by) if set_by is not None else None, bool(raw.get("client_name", False)))
 
 
 def _insert(root: Node, spec: FieldSpec, where: str) -> None:
