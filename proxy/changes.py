@@ -15,7 +15,7 @@ import orjson
 from proxy.asgi import JSON, Reply
 from proxy.errors import GatewayError
 from proxy.exchange import Answer, Exchange, ListRead, OpaqueRead, RecordRead
-from proxy.policy import View
+from proxy.policy import View, assigned_ids
 from proxy.routes import Route, Shape, Verb
 from proxy.upstream import UpstreamResponse
 from proxy.writes import check_write, fill_gateway_set, merged, needs_stored, seal_fields
@@ -90,7 +90,9 @@ class Write(Exchange):
         self.written = frozenset(checked.classes)
         self.record.written, self.record.reclassified = checked.paths, checked.flags
         if creating:
-            filled = fill_gateway_set(self.resource, self.body, self.who.subject, self.now)
+            filled = fill_gateway_set(self.resource, self.body,
+                                      self.ctx.index.staff_id(self.who.staff) or self.who.staff or self.who.subject,
+                                      self.now)
             self.record.written = sorted({*checked.paths, *filled})
             self.written |= {s.field_class for s in self.resource.specs if s.path in filled}
         else:
@@ -106,17 +108,16 @@ class Write(Exchange):
         assigned = self._assigned()
         if assigned is None:
             return self.view(client)
-        rels = self.ctx.index.relations_with(self.who.subject, self.who.client_id, client, assigned,
+        rels = self.ctx.index.relations_with(self.who.staff, self.who.client_id, client, assigned,
                                              self.bundle.cover, self.now)
         return self.bundle.table.view(self.who.role, rels) or View(self.who.role, rels, {}, frozenset(), frozenset())
 
     def _assigned(self) -> list[str] | None:
         """The practitioners the body assigns the client to (None: the body does not say)."""
         source = self.bundle.fieldmap.relations
-        if self.resource.name != source.resource or source.counsellor not in self.body:
+        if self.resource.name != source.resource or not source.counsellor or source.counsellor not in self.body:
             return None
-        value = self.body[source.counsellor]
-        return [value] if isinstance(value, str) and value else []
+        return assigned_ids(self.body[source.counsellor])
 
     def _check_move(self) -> None:
         """A change that moves the record to another client, or the client to another practitioner, writes
@@ -124,8 +125,8 @@ class Write(Exchange):
         target = self._client_in_body()
         moving = target is not None and target != self.client
         assigned = self._assigned()
-        current = self.ctx.index.counsellor_of.get(self.client) if self.client is not None else None
-        reassigning = assigned is not None and assigned != ([current] if current else [])
+        current = self.ctx.index.counsellor_of.get(self.client, frozenset()) if self.client is not None else frozenset()
+        reassigning = assigned is not None and frozenset(assigned) != current
         if not moving and not reassigning:
             return
         after = self.view(target) if moving else self._established(self.client)

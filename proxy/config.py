@@ -68,6 +68,7 @@ class IdentitySection:
     roles_claim: str = "roles"
     purpose_claim: str = "purpose_of_use"
     client_claim: str = "client_id"
+    user_claim: str = "sub"  # the claim naming the caller as the CRM knows them (see relations.staff_match)
     leeway_seconds: int = 30
     token_cache_size: int = 10_000  # verified tokens remembered (by hash) until they expire
 

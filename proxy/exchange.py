@@ -115,7 +115,7 @@ class Exchange:
         index = self.ctx.index
         if client_id not in index.counsellor_of:
             self.ctx.refresh_soon()
-        return index.relations(self.who.subject, self.who.client_id, client_id, self.bundle.cover, self.now)
+        return index.relations(self.who.staff, self.who.client_id, client_id, self.bundle.cover, self.now)
 
     def require_fresh_relations(self) -> None:
         """Decisions that depend on relations are refused, never guessed, while the facts are missing or old."""
@@ -373,7 +373,7 @@ class ListRead(Exchange):
         if not wanted:
             raise GatewayError(403, f"role {self.who.role} has no access to {self.resource.name} records",
                                reason="no relation gives access")
-        return self.ctx.index.clients_for(self.who.subject, self.who.client_id, wanted, self.bundle.cover,
+        return self.ctx.index.clients_for(self.who.staff, self.who.client_id, wanted, self.bundle.cover,
                                           self.now)
 
 

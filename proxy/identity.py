@@ -38,7 +38,7 @@ _SUBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 class Principal:
     """The caller of one request: verified claims plus the role and purpose chosen for it."""
 
-    subject: str  # as the CRM knows the user ("alice")
+    subject: str  # the token's subject, for the audit record ("u:alice")
     roles: frozenset[str]
     role: str  # the active role (NIST RBAC: one at a time)
     purpose: str  # HL7 PurposeOfUse
@@ -46,6 +46,12 @@ class Principal:
     break_glass: str | None = None
     token_id: str | None = None  # jti, for the audit record (never the token itself)
     issuer: str = ""
+    crm_user: str | None = None  # who the CRM knows them as (identity.user_claim), matched to a staff row
+
+    @property
+    def staff(self) -> str | None:
+        """What the need-to-know facts are matched against (see RelationIndex.staff_id)."""
+        return self.crm_user
 
     @property
     def user(self) -> str:
@@ -62,6 +68,7 @@ class Claims:
     token_id: str | None
     issuer: str
     expires: float
+    crm_user: str | None = None
 
 
 class TokenVerifier:
@@ -149,6 +156,7 @@ class TokenVerifier:
             raise GatewayError(401, "token purpose of use not valid", reason="bad purpose claim")
         client_id = payload.get(s.client_claim)
         jti = payload.get("jti")
+        crm_user = payload.get(s.user_claim)
         return Claims(
             subject=subject,
             roles=frozenset(roles),
@@ -157,6 +165,7 @@ class TokenVerifier:
             token_id=str(jti)[:64] if jti is not None else None,
             issuer=str(payload.get("iss", "")),
             expires=float(payload["exp"]),
+            crm_user=crm_user if isinstance(crm_user, str) and crm_user else None,
         )
 
     def _principal(self, claims: Claims, headers: Mapping[str, str]) -> Principal:
@@ -194,6 +203,7 @@ class TokenVerifier:
             break_glass=glass.strip()[:500] if glass else None,
             token_id=claims.token_id,
             issuer=claims.issuer,
+            crm_user=claims.crm_user,
         )
 
 

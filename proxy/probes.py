@@ -35,8 +35,9 @@ async def readiness(runtime: Runtime) -> Reply:
                    "reload_failures": status.failures, "last_reload_error": status.last_error,
                    "shadow": runtime.shadow.bundle.digest if runtime.shadow else None},
         "upstream": {"ok": upstream},
-        "relations": {"ok": relations_ok, "clients": len(index.counsellor_of), "staff": len(index.supervisor_of),
-                      "synced_at": index.synced_at, "last_error": relations.get("last_error")},
+        "relations": {"ok": relations_ok, "clients": len(index.counsellor_of), "staff": index.staff_rows,
+                      "supervision_links": index.supervision_links, "synced_at": index.synced_at,
+                      "last_error": relations.get("last_error")},
     }
     audit = runtime.trail.health()
     free = audit.get("free_bytes")

@@ -26,6 +26,7 @@ def mint_token(
     client_id: str | None = None,
     ttl_seconds: int = 3600,
     kid: str | None = None,
+    claims: dict[str, Any] | None = None,
 ) -> str:
     """A signed demo token (ES256 or RS256 by key type). Tests and `fieldguard token` use it."""
     key = serialization.load_pem_private_key(private_key_pem, password=None)
@@ -40,6 +41,7 @@ def mint_token(
         payload["purpose_of_use"] = purposes
     if client_id is not None:
         payload["client_id"] = client_id
+    payload.update(claims or {})
     headers = {"kid": kid} if kid else None
     return jwt.encode(payload, key, algorithm=alg, headers=headers)  # type: ignore[arg-type]
 

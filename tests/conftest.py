@@ -137,7 +137,7 @@ class Signing:
         purposes = [purpose] if isinstance(purpose, str) else purpose
         return mint_token(self.private_pem, subject=sub, roles=roles, issuer=kw.get("issuer", ISSUER),
                           audience=kw.get("audience", AUDIENCE), purposes=purposes, client_id=client_id,
-                          ttl_seconds=ttl)
+                          ttl_seconds=ttl, claims=kw.get("claims"))
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ from proxy.policy.fieldmap import (
     values_at,
 )
 from proxy.policy.lint import Finding, PolicyError, Severity
-from proxy.policy.relations import CoverGrant, RelationIndex
+from proxy.policy.relations import CoverGrant, RelationIndex, assigned_ids
 from proxy.policy.reload import PolicyWatcher
 from proxy.policy.yamlfile import MapError
 
@@ -47,6 +47,6 @@ __all__ = [
     "ALL_RELATION_SETS", "KEY_SCOPES", "PURPOSES", "SIGNATURE_FILE", "Action", "BundleSource", "ClassDecision",
     "CoverGrant", "DecisionTable", "Effect", "FieldClass", "FieldMap", "FieldSpec", "Finding", "ListFormat",
     "MapError", "Node", "Outcome", "PolicyBundle", "PolicyError", "PolicyWatcher", "Relation", "RelationIndex",
-    "RelationSource", "Resource", "Rule", "Severity", "View", "bundle_digest", "compile_bundle", "load_bundle",
-    "load_fieldmap", "parse_fieldmap", "read_bundle_files", "sign_bundle", "values_at",
+    "RelationSource", "Resource", "Rule", "Severity", "View", "assigned_ids", "bundle_digest", "compile_bundle",
+    "load_bundle", "load_fieldmap", "parse_fieldmap", "read_bundle_files", "sign_bundle", "values_at",
 ]

@@ -110,7 +110,14 @@ class ListFormat:
 
 @dataclass(frozen=True, slots=True)
 class RelationSource:
-    """Where the gateway reads the need-to-know facts: who is assigned to whom."""
+    """Where the gateway reads the need-to-know facts (who is assigned to whom), wherever the CRM keeps them.
+
+    Caseload: on each client's row (`counsellor`: one practitioner or a list), or in a resource of links
+    of its own (`caseload_path`, rows of `caseload_client`, `caseload_practitioner`). Supervision: on the
+    supervisee's staff row (`supervisor`), on the supervisor's (`supervises`), each one or a list, or in a
+    resource of links (`supervision_path`, rows of `supervision_supervisor`, `supervision_supervisee`).
+    An empty name turns a source off. A caller is matched to their staff row by `staff_match` (default:
+    `staff_user`, the staff id) against the token's `identity.user_claim`."""
 
     clients_path: str = "/clients"
     client_id: str = "id"
@@ -118,10 +125,21 @@ class RelationSource:
     staff_path: str = "/staff"
     staff_user: str = "username"
     supervisor: str = "supervisor"
+    supervises: str = ""
+    staff_match: str = ""
+    caseload_path: str = ""
+    caseload_client: str = "client_id"
+    caseload_practitioner: str = "practitioner"
+    supervision_path: str = ""
+    supervision_supervisor: str = "supervisor"
+    supervision_supervisee: str = "supervisee"
     page_param: str = "page"
     size_param: str = "per_page"
     page_size: int = 500
     resource: str = "client"  # records of this resource refresh the facts as they pass
+
+
+_REQUIRED_RELATION_KEYS = frozenset({"client_id", "staff_user", "page_param", "size_param", "resource"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,12 +263,20 @@ def _parse_relations(raw: Any, resources: Mapping[str, Resource]) -> RelationSou
     _known(raw, {f.name for f in fields(RelationSource)}, "relations")
     for key, value in raw.items():
         expected = type(getattr(defaults, key))
-        if type(value) is not expected or (expected is str and not value) or (expected is int and value < 1):
-            what = "a positive whole number" if expected is int else "a non-empty name"
+        empty = expected is str and not value and key in _REQUIRED_RELATION_KEYS
+        if type(value) is not expected or empty or (expected is int and value < 1):
+            what = "a positive whole number" if expected is int else "a name" if key not in \
+                _REQUIRED_RELATION_KEYS else "a non-empty name"
             raise MapError(line_of(raw, key), f"relations.{key} must be {what}")
     source = RelationSource(**{k: raw[k] for k in raw})
     if source.resource not in resources:
         raise MapError(line_of(raw, "resource"), f"relations.resource names unknown resource {source.resource}")
+    if not source.caseload_path and not (source.clients_path and source.counsellor):
+        raise MapError(None, "relations: say where caseloads are kept: clients_path and counsellor (on the "
+                             "client's row), or caseload_path (a resource of links)")
+    if (source.supervisor or source.supervises or source.staff_match) and not source.staff_path:
+        raise MapError(line_of(raw, "staff_path"), "relations.staff_path is needed to read supervisor, supervises "
+                                                   "or staff_match from the staff rows")
     return source
 
 

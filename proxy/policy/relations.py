@@ -74,70 +74,93 @@ def _when(value: Any, line: int | None, file: str) -> datetime:
     return moment.astimezone(UTC)
 
 
+def assigned_ids(value: Any) -> list[str]:
+    """One id or a list of ids, as the CRM keeps them; anything else is no id (fail closed)."""
+    values = value if isinstance(value, list) else [value]
+    return [str(v) for v in values if (isinstance(v, str) and v) or (isinstance(v, int) and not isinstance(v, bool))]
+
+
 @dataclass(slots=True)
 class RelationIndex:
-    """Client -> assigned counsellor and counsellor -> supervisor, read from the CRM."""
+    """The need-to-know facts read from the CRM: each client's practitioners (their caseload), each
+    practitioner's supervisors, and, where callers are matched to staff by another key (an e-mail), that
+    key's staff id."""
 
-    counsellor_of: dict[str, str] = field(default_factory=dict)
-    supervisor_of: dict[str, str] = field(default_factory=dict)
-    caseloads: dict[str, set[str]] = field(default_factory=dict)
+    counsellor_of: dict[str, frozenset[str]] = field(default_factory=dict)  # client -> practitioners
+    supervisors_of: dict[str, frozenset[str]] = field(default_factory=dict)  # practitioner -> supervisors
+    caseloads: dict[str, set[str]] = field(default_factory=dict)  # practitioner -> clients
+    staff_ids: dict[str, str] | None = None  # staff_match value -> staff id (None: the caller's id is it)
+    staff_rows: int = 0
+    supervision_links: int = 0
     synced_at: float | None = None
-    last_error: str | None = None
 
-    def observe(self, client_id: str, counsellor: Any) -> bool:
+    def observe(self, client_id: str, practitioners: Any) -> bool:
         """Refresh one client's assignment from a record the CRM just returned; True if it changed."""
-        new = counsellor if isinstance(counsellor, str) and counsellor else None
-        old = self.counsellor_of.get(client_id)
+        new = frozenset(assigned_ids(practitioners))
+        old = self.counsellor_of.get(client_id, frozenset())
         if old == new:
             return False
-        if old is not None:
-            self.caseloads.get(old, set()).discard(client_id)
-            del self.counsellor_of[client_id]
-        if new is not None:
+        for who in old - new:
+            self.caseloads.get(who, set()).discard(client_id)
+        for who in new - old:
+            self.caseloads.setdefault(who, set()).add(client_id)
+        if new:
             self.counsellor_of[client_id] = new
-            self.caseloads.setdefault(new, set()).add(client_id)
+        else:
+            self.counsellor_of.pop(client_id, None)
         return True
 
     def forget(self, client_id: str) -> None:
         self.observe(client_id, None)
 
-    def relations(self, user: str, own_client: str | None, client_id: str, cover: Iterable[CoverGrant],
+    def staff_id(self, user: str | None) -> str | None:
+        """The caller's staff id in the CRM (None: no staff row matches them; they hold no staff relation)."""
+        if user is None:
+            return None
+        return user if self.staff_ids is None else self.staff_ids.get(user)
+
+    def relations(self, user: str | None, own_client: str | None, client_id: str, cover: Iterable[CoverGrant],
                   now: datetime) -> Relation:
         """How `user` (as the CRM knows them; `own_client` for a client) stands to `client_id`."""
-        counsellor = self.counsellor_of.get(client_id)
-        return self.relations_with(user, own_client, client_id, [counsellor] if counsellor else [], cover, now)
+        return self.relations_with(user, own_client, client_id, self.counsellor_of.get(client_id, ()), cover, now)
 
-    def relations_with(self, user: str, own_client: str | None, client_id: str | None, counsellors: Iterable[str],
-                       cover: Iterable[CoverGrant], now: datetime) -> Relation:
+    def relations_with(self, user: str | None, own_client: str | None, client_id: str | None,
+                       counsellors: Iterable[str], cover: Iterable[CoverGrant], now: datetime) -> Relation:
         """How `user` would stand to a client assigned to `counsellors`: what a new client's record, or a
         reassignment, establishes, decided before the CRM sees it."""
         rels = Relation.ANY
         if own_client is not None and own_client == client_id:
             rels |= Relation.SELF
+        staff = self.staff_id(user)
+        if staff is None:
+            return rels
         grants = list(cover)
         for counsellor in counsellors:
-            if counsellor == user:
+            if counsellor == staff:
                 rels |= Relation.CASELOAD
-            if self.supervisor_of.get(counsellor) == user:
+            if staff in self.supervisors_of.get(counsellor, ()):
                 rels |= Relation.SUPERVISION
-            if any(g.user == user and g.covers == counsellor and g.active(now) for g in grants):
+            if any(g.user == staff and g.covers == counsellor and g.active(now) for g in grants):
                 rels |= Relation.COVER
         return rels
 
     def clients_for(
-        self, user: str, own_client: str | None, wanted: Relation, cover: Iterable[CoverGrant], now: datetime
+        self, user: str | None, own_client: str | None, wanted: Relation, cover: Iterable[CoverGrant], now: datetime
     ) -> set[str]:
         """Every client to whom `user` holds one of the `wanted` relations: the rows a list may show."""
         found: set[str] = set()
         if Relation.SELF in wanted and own_client is not None:
             found.add(own_client)
+        staff = self.staff_id(user)
+        if staff is None:
+            return found
         counsellors: set[str] = set()
         if Relation.CASELOAD in wanted:
-            counsellors.add(user)
+            counsellors.add(staff)
         if Relation.SUPERVISION in wanted:
-            counsellors.update(c for c, s in self.supervisor_of.items() if s == user)
+            counsellors.update(c for c, s in self.supervisors_of.items() if staff in s)
         if Relation.COVER in wanted:
-            counsellors.update(g.covers for g in cover if g.user == user and g.active(now))
+            counsellors.update(g.covers for g in cover if g.user == staff and g.active(now))
         for c in counsellors:
             found.update(self.caseloads.get(c, ()))
         return found
@@ -145,26 +168,57 @@ class RelationIndex:
     async def sync(self, source: RelationSource, items_key: str, fetch: FetchJson) -> None:
         """Re-read every assignment from the CRM; swap in the new facts only when the walk completes."""
         started = time.monotonic()
-        counsellor_of: dict[str, str] = {}
-        supervisor_of: dict[str, str] = {}
-        async for row in _walk(source, source.clients_path, items_key, fetch):
-            cid, who = row.get(source.client_id), row.get(source.counsellor)
-            if cid is not None and isinstance(who, str) and who:
-                counsellor_of[str(cid)] = who
-        async for row in _walk(source, source.staff_path, items_key, fetch):
-            user, sup = row.get(source.staff_user), row.get(source.supervisor)
-            if isinstance(user, str) and isinstance(sup, str) and sup:
-                supervisor_of[user] = sup
+        counsellor_of: dict[str, set[str]] = {}
+        if source.caseload_path:
+            async for row in _walk(source, source.caseload_path, items_key, fetch):
+                practitioners = assigned_ids(row.get(source.caseload_practitioner))
+                for cid in assigned_ids(row.get(source.caseload_client)):
+                    counsellor_of.setdefault(cid, set()).update(practitioners)
+        if source.clients_path and source.counsellor:
+            async for row in _walk(source, source.clients_path, items_key, fetch):
+                for cid in assigned_ids(row.get(source.client_id)):
+                    counsellor_of.setdefault(cid, set()).update(assigned_ids(row.get(source.counsellor)))
+        supervisors_of: dict[str, set[str]] = {}
+        staff_ids: dict[str, str] | None = {} if source.staff_match and source.staff_match != source.staff_user \
+            else None
+        staff_rows = 0
+        if source.staff_path and (source.supervisor or source.supervises or staff_ids is not None):
+            async for row in _walk(source, source.staff_path, items_key, fetch):
+                staff_rows += 1
+                me = assigned_ids(row.get(source.staff_user))
+                if not me:
+                    continue
+                if staff_ids is not None:
+                    for key in assigned_ids(row.get(source.staff_match)):
+                        staff_ids[key] = me[0]
+                if source.supervisor:
+                    supervisors_of.setdefault(me[0], set()).update(assigned_ids(row.get(source.supervisor)))
+                if source.supervises:
+                    for supervisee in assigned_ids(row.get(source.supervises)):
+                        supervisors_of.setdefault(supervisee, set()).add(me[0])
+        if source.supervision_path:
+            async for row in _walk(source, source.supervision_path, items_key, fetch):
+                supervisors = assigned_ids(row.get(source.supervision_supervisor))
+                for supervisee in assigned_ids(row.get(source.supervision_supervisee)):
+                    supervisors_of.setdefault(supervisee, set()).update(supervisors)
+        assigned = {c: frozenset(p) for c, p in counsellor_of.items() if p}
+        supervised = {s: frozenset(p) for s, p in supervisors_of.items() if p}
         caseloads: dict[str, set[str]] = {}
-        for cid, who in counsellor_of.items():
-            caseloads.setdefault(who, set()).add(cid)
-        changed = (len(counsellor_of), len(supervisor_of)) != (len(self.counsellor_of), len(self.supervisor_of))
-        (log.info if changed or self.synced_at is None else log.debug)(
-            "relations synced", clients=len(counsellor_of), staff=len(supervisor_of),
-            seconds=round(time.monotonic() - started, 3))
-        self.counsellor_of, self.supervisor_of, self.caseloads = counsellor_of, supervisor_of, caseloads
+        for cid, assignees in assigned.items():
+            for who in assignees:
+                caseloads.setdefault(who, set()).add(cid)
+        links = sum(len(s) for s in supervised.values())
+        counts = (len(assigned), staff_rows, links)
+        first = self.synced_at is None
+        (log.info if first or counts != (len(self.counsellor_of), self.staff_rows, self.supervision_links)
+         else log.debug)("relations synced", clients=len(assigned), staff=staff_rows, supervision_links=links,
+                         seconds=round(time.monotonic() - started, 3))
+        if first and not assigned:
+            log.warning("relations matched no client: every decision that needs a relation is refused; "
+                        "check relations.clients_path and relations.counsellor (or caseload_path)")
+        self.counsellor_of, self.supervisors_of, self.caseloads = assigned, supervised, caseloads
+        self.staff_ids, self.staff_rows, self.supervision_links = staff_ids, staff_rows, links
         self.synced_at = time.time()
-        self.last_error = None
 
 
 async def _walk(source: RelationSource, path: str, items_key: str, fetch: FetchJson) -> Any:
