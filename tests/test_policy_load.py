@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,45 @@ async def test_a_crm_that_ignores_the_page_parameter_is_an_error_not_a_walk_for_
     with pytest.raises(ValueError, match="page 2 repeats page 1"):
         await RelationIndex().sync(source, "items", same_page_always)
     assert asked == ["1", "2"]
+
+
+async def test_relations_from_resources_of_links_and_from_either_side() -> None:
+    """Caseload links in a resource of their own, supervision on both sides and in links: all add up."""
+    data = {
+        "/clients": [{"id": 1, "counsellor": "s1"}, {"id": 2, "counsellor": ["s2", "s5"]}, {"id": 3}],
+        "/assignments": [{"client_id": 3, "practitioner": "s4"}, {"client_id": 1, "practitioner": "s9"}],
+        "/staff": [{"username": "s1", "supervisor": "s3"}, {"username": "s3", "supervises": ["s2"]},
+                   {"username": "s6", "supervises": "s4"}],
+        "/supervision": [{"supervisor": "s7", "supervisee": "s5"}],
+    }
+
+    async def fetch(path: str, params: Mapping[str, str]) -> Any:
+        return {"items": data[path] if params["page"] == "1" else []}
+
+    source = RelationSource(caseload_path="/assignments", supervises="supervises", supervision_path="/supervision")
+    index = RelationIndex()
+    await index.sync(source, "items", fetch)
+    assert index.counsellor_of == {"1": {"s1", "s9"}, "2": {"s2", "s5"}, "3": {"s4"}}
+    assert index.supervisors_of == {"s1": {"s3"}, "s2": {"s3"}, "s4": {"s6"}, "s5": {"s7"}}
+    assert (index.staff_rows, index.supervision_links) == (3, 4)
+    now = datetime.now(UTC)
+    assert index.relations("s3", None, "2", (), now) == Relation.ANY | Relation.SUPERVISION
+    assert index.relations("s5", None, "2", (), now) == Relation.ANY | Relation.CASELOAD
+    assert index.clients_for("s3", None, Relation.SUPERVISION, (), now) == {"1", "2"}
+    assert index.clients_for("s6", None, Relation.SUPERVISION, (), now) == {"3"}
+
+
+@pytest.mark.parametrize(("relations", "words"), [
+    ("relations:\n  counsellor: \"\"\n", "say where caseloads are kept"),
+    ("relations:\n  staff_path: \"\"\n  supervises: supervises\n", "staff_path is needed"),
+    ("relations:\n  client_id: \"\"\n", "relations.client_id must be a non-empty name"),
+    ("relations:\n  page_size: \"500\"\n", "relations.page_size must be a positive whole number"),
+])
+def test_a_relation_source_that_cannot_work_is_refused(bundle_dir: Path, relations: str, words: str) -> None:
+    fields = bundle_dir / "fields.yaml"
+    text = fields.read_text()
+    start = text.index("relations:\n")
+    end = text.index("\nresources:")
+    fields.write_text(text[:start] + relations + "  resource: client\n" + text[end:])
+    findings = refused(bundle_dir).findings
+    assert any(words in f.message for f in findings), [str(f) for f in findings]
