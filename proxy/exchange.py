@@ -30,6 +30,7 @@ from proxy.errors import GatewayError
 from proxy.identity import Principal
 from proxy.keys import FieldCipher, KeyRing
 from proxy.policy import Outcome, PolicyBundle, Relation, RelationIndex, Resource, View
+from proxy.policy.review import explain_class
 from proxy.redact import Disclosure, Plans, Redactor
 from proxy.routes import Route, Shape, encode_path
 from proxy.scrub import ClientNames
@@ -141,7 +142,13 @@ class Exchange:
 
     def _require_visible(self, view: View) -> None:
         if not self.redactor.visible(view, self.resource):
-            raise GatewayError(403, "no access to this client's records", reason="no relation to the client")
+            raise self._hidden(view, "no access to this client's records")
+
+    def _hidden(self, view: View, message: str) -> GatewayError:
+        """A refusal with its true reason: an explicit deny (and where it is written), a relation the caller
+        does not hold, or no rule at all; the same words `policy explain` gives."""
+        why = explain_class(self.bundle.table, self.who.role, view.relations, None, self.resource.record_class)
+        return GatewayError(403, f"{message}: {why.reason}", reason=why.reason)
 
     async def _located_client(self) -> str | None:
         """The client a change is about: from the path, or from the record as the CRM holds it."""
@@ -283,7 +290,7 @@ class RecordRead(Exchange):
         await self._prepare(answer.body, [document])
         shown = self.redactor.record(self.resource, document)
         if shown is None:
-            raise GatewayError(403, "no access to this record", reason="no relation to the record's client")
+            raise self._hidden(self.view(self.redactor.client_of(self.resource, document)), "no access to this record")
         return self._reply(answer.status, shown)
 
 
@@ -371,8 +378,7 @@ class ListRead(Exchange):
             if view is not None and view.shows(self.resource.record_class):
                 wanted |= rel
         if not wanted:
-            raise GatewayError(403, f"role {self.who.role} has no access to {self.resource.name} records",
-                               reason="no relation gives access")
+            raise self._hidden(self.view(None), f"role {self.who.role} has no access to {self.resource.name} records")
         return self.ctx.index.clients_for(self.who.staff, self.who.client_id, wanted, self.bundle.cover,
                                           self.now)
 

@@ -12,13 +12,23 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, Signing, policies_copy, start_gateway
+from tests.conftest import REPO, Gateway, Signing, policies_copy, start_gateway
 from tests.harness import driven
 
 
 @pytest.fixture
 def config(crm: str, signing: Signing, shared_keys: Path, tmp_path: Path) -> Gateway:
     return start_gateway(tmp_path, crm, signing, shared_keys, policies=policies_copy(tmp_path), start=False)
+
+
+def _line(row: str) -> int:
+    """Where a row sits in the shipped policy.csv (the reasons name it)."""
+    lines = (REPO / "policies" / "policy.csv").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.strip() == row)
+
+
+CASELOAD_NOTES, ADMIN_DENY = _line("p, counsellor, caseload, clinical_notes, read, allow"), \
+    _line("p, admin, any, clinical_notes, read, deny")
 
 
 def _auth(token: str, **extra: str) -> dict[str, str]:
@@ -54,7 +64,10 @@ STEPS: list[tuple[str, dict[str, Any], int, str, str, str]] = [
      "must be a JSON object", "denied", "request body must be a JSON object"),
     # 5. locate (need to know)
     ("another counsellor's client", {"path": "/clients/2/session-notes"}, 403, "no access to this client",
-     "denied", "no relation to the client"),
+     "denied", f"not on the caseload: policy.csv:{CASELOAD_NOTES} grants counsellor clinical_notes only through "
+     "caseload; the caller holds any"),
+    ("an explicit deny", {"path": "/clients/1/session-notes", "role": "admin", "purpose": "HOPERAT"}, 403,
+     f"explicit deny at policy.csv:{ADMIN_DENY}", "denied", f"explicit deny at policy.csv:{ADMIN_DENY}"),
     ("a query that is not allowed", {"path": "/clients?email=a@b.c"}, 400, "query parameter not allowed",
      "denied", "query parameter not allowed: email"),
     # 6. check
