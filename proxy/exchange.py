@@ -110,6 +110,11 @@ class Exchange:
     async def finish(self) -> None:
         await self._resolve(set(self.disclosure.clients))
         self.disclosure.into(self.record, self.redactor.summary(), self.pseudonyms)
+        covered = [c for c, rels in self.disclosure.clients.items() if Relation.COVER in rels]
+        if covered:
+            grants = {g.name: g.reason for c in covered
+                      for g in self.ctx.index.cover_grants(self.who.staff, c, self.bundle.cover, self.now)}
+            self.record.cover = [{"grant": name, "reason": reason} for name, reason in sorted(grants.items())]
 
     # ------------------------------------------------------------------ facts
     def relations_of(self, client_id: str) -> Relation:

@@ -39,3 +39,15 @@ def test_no_values_reach_the_audit_log(gateway: Gateway, crm: str) -> None:
                   notes[0]["body"][:30], client["case_number"]):
         assert value not in text
     assert '"clients":["1"]' not in text
+
+
+def test_a_cover_grant_is_named_with_its_reason_in_every_record_it_decides(gateway: Gateway) -> None:
+    """tests/conftest.py gives dana a live grant to cover bob ("test cover while bob is away")."""
+    dana = gateway.as_user("dana", "service_manager")
+    r = gateway.get("/clients/2", dana)  # bob's client: dana sees it in full through the cover grant
+    assert r.status_code == 200 and "email" in r.json()
+    rec = gateway.audit_for(r.headers["x-request-id"])
+    assert rec["relations"] == ["any+cover"]
+    assert rec["cover"] == [{"grant": "cover.yaml:2", "reason": "test cover while bob is away"}]
+    other = gateway.get("/clients/1", dana)  # alice's client: no grant decides it
+    assert gateway.audit_for(other.headers["x-request-id"])["cover"] == []

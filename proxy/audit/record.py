@@ -43,6 +43,7 @@ class AuditRecord:
     rules: list[str] = field(default_factory=list)
     policy: str = ""
     break_glass: str | None = None
+    cover: list[dict[str, str]] = field(default_factory=list)  # cover grants that decided: id and reason
     key_ids: list[str] = field(default_factory=list)
     decrypt_failures: list[str] = field(default_factory=list)  # "resource.path: reason", never the ciphertext
     counts: dict[str, int] = field(default_factory=dict)  # operations on many records (keys, migration)

@@ -34,10 +34,15 @@ class CoverGrant:
     start: datetime
     until: datetime
     reason: str
-    source: str
+    source: str  # "cover.yaml:12"
+    grant_id: str = ""  # the officer's reference for it (`id:`), else its source
 
     def active(self, now: datetime) -> bool:
         return self.start <= now < self.until
+
+    @property
+    def name(self) -> str:
+        return self.grant_id or self.source
 
 
 def parse_cover(text: str, file: str = "cover.yaml") -> tuple[CoverGrant, ...]:
@@ -50,14 +55,15 @@ def parse_cover(text: str, file: str = "cover.yaml") -> tuple[CoverGrant, ...]:
     out: list[CoverGrant] = []
     for g in grants:
         line = g.line if hasattr(g, "line") else None
-        if not isinstance(g, dict) or set(g) != {"user", "covers", "from", "until", "reason"}:
-            raise MapError(line, "a grant needs exactly user, covers, from, until, reason", file)
+        if not isinstance(g, dict) or set(g) - {"id"} != {"user", "covers", "from", "until", "reason"}:
+            raise MapError(line, "a grant needs exactly user, covers, from, until, reason (and may have an id)", file)
         start, until = _when(g["from"], line, file), _when(g["until"], line, file)
         if until <= start:
             raise MapError(line, "grant ends before it starts", file)
         if not str(g["reason"]).strip():
             raise MapError(line, "a grant needs a reason", file)
-        out.append(CoverGrant(str(g["user"]), str(g["covers"]), start, until, str(g["reason"]), f"{file}:{line}"))
+        out.append(CoverGrant(str(g["user"]), str(g["covers"]), start, until, str(g["reason"]), f"{file}:{line}",
+                              str(g.get("id") or "")))
     return tuple(out)
 
 
@@ -143,6 +149,13 @@ class RelationIndex:
             if any(g.user == staff and g.covers == counsellor and g.active(now) for g in grants):
                 rels |= Relation.COVER
         return rels
+
+    def cover_grants(self, user: str | None, client_id: str, cover: Iterable[CoverGrant],
+                     now: datetime) -> list[CoverGrant]:
+        """The active grants through which `user` covers `client_id`: named in the audit record they decide."""
+        staff = self.staff_id(user)
+        practitioners = self.counsellor_of.get(client_id, frozenset())
+        return [g for g in cover if g.user == staff and g.covers in practitioners and g.active(now)]
 
     def clients_for(
         self, user: str | None, own_client: str | None, wanted: Relation, cover: Iterable[CoverGrant], now: datetime
