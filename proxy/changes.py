@@ -80,6 +80,7 @@ class Write(Exchange):
         """A create is decided under the relations the new record gives the caller (`create` on its record
         class, `write` on every class it writes); a change under those held to the client now, and a move (to
         another client, or a client to another practitioner) under those it will hold afterwards as well."""
+        await self._refuse_erased()
         creating = self.route.verb is Verb.CREATE
         view = self._established(self.client) if creating else self.view(self.client)
         if creating and self.resource.record_class not in view.creatable:
@@ -101,6 +102,14 @@ class Write(Exchange):
         if self.stored is not None:  # sealed first: what is merged in from the CRM is ciphertext already
             return orjson.dumps(merged(self.route.merge, self.stored, self.body))
         return orjson.dumps(self.body)
+
+    async def _refuse_erased(self) -> None:
+        """An erased client is a tombstone: nothing more is written about them, no key made for them."""
+        named = {c for c in (self.client, self._client_in_body()) if c is not None}
+        ring = self.ctx.ring
+        if named and ring is not None and await ring.store.tombstoned(named):
+            raise GatewayError(410, "this client's records were erased; nothing more can be written for them",
+                               reason="client erased")
 
     def _established(self, client: str | None) -> View:
         """The view the caller would have of the record the body describes: for a client's own record, the

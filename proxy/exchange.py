@@ -84,6 +84,7 @@ class Exchange:
         self.now = datetime.now(UTC)
         self.disclosure = Disclosure()
         self.pseudonyms: dict[str, str] = {}
+        self.erased: set[str] = set()  # clients in this response whose keys and pseudonym were destroyed
         self.cipher = FieldCipher(ctx.ring) if ctx.ring is not None else None
         self.plans = Plans.of(bundle)
         self.redactor = Redactor(bundle.table, principal.role, self.relations_of, self.pseudonyms.get,
@@ -109,7 +110,8 @@ class Exchange:
 
     async def finish(self) -> None:
         await self._resolve(set(self.disclosure.clients))
-        self.disclosure.into(self.record, self.redactor.summary(), self.pseudonyms)
+        self.disclosure.into(self.record, self.redactor.summary(), {**{c: "erased" for c in self.erased},
+                                                                      **self.pseudonyms})
         covered = [c for c, rels in self.disclosure.clients.items() if Relation.COVER in rels]
         if covered:
             grants = {g.name: g.reason for c in covered
@@ -168,9 +170,12 @@ class Exchange:
 
     async def _resolve(self, client_ids: set[str]) -> None:
         """Fetch the pseudonyms of these clients (one keystore query for those not cached)."""
-        missing = client_ids - self.pseudonyms.keys()
+        missing = client_ids - self.pseudonyms.keys() - self.erased
         if missing and self.ctx.ring is not None:
             self.pseudonyms.update(await self.ctx.ring.pseudonyms(missing))
+            unknown = missing - self.pseudonyms.keys()  # none is made for an erased client
+            if unknown:
+                self.erased |= await self.ctx.ring.store.tombstoned(unknown)
 
     async def _prepare(self, body: bytes, rows: list[Any]) -> None:
         """Before a response is rewritten: its keystore rows, its clients' pseudonyms, and, for the clients the

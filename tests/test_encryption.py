@@ -256,11 +256,24 @@ def test_shred_makes_a_clients_fields_unreadable_everywhere(setup: dict[str, Any
     assert "gp" not in gw.get(f"/clients/{victim}", erin).json()
     # other clients unaffected
     assert gw.get(f"/clients/{other}/session-notes", alice).json()["items"][0]["body"] == MARKERS["body"]
-    # the audit trail no longer links the client: a new pseudonym, the old one gone from the keystore
+    # the audit trail no longer links the client: the pseudonym is gone, and none is made for them again
     pseudonym_after = gw.audit_for(gw.get(f"/clients/{victim}", erin).headers["x-request-id"])["clients"]
-    assert pseudonym_after != pseudonym_before
-    shred = [x for x in gw.audit_records() if x["route"] == "keys shred" and x["outcome"] == "allowed"][-1]
-    assert shred["reason"] == "Art.17 request T-1" and shred["clients"] == pseudonym_before
+    assert pseudonym_after == ["erased"] != pseudonym_before
+    # a tombstone: nothing more is written about them, and no key is made for them
+    note_id = r.json()["items"][0]["id"]
+    for method, path, body in (("PATCH", f"/session-notes/{note_id}", {"summary": "x"}),
+                               ("POST", f"/clients/{victim}/session-notes", {"summary": "x", "body": "y"})):
+        refused = gw.request(method, path, alice, json=body)
+        assert refused.status_code == 410, refused.text
+        assert refused.json()["error"] == "this client's records were erased; nothing more can be written for them"
+        assert gw.audit_for(refused.headers["x-request-id"])["reason"] == "client erased"
+    again = fieldguard(gw, "keys", "shred", "--client", str(victim), "--reason", "Art.17 request T-1", "--yes")
+    assert again.returncode == 0 and json.loads(again.stdout)["destroyed"] == 0
+    never = fieldguard(gw, "keys", "shred", "--client", "987654", "--reason", "typo", "--yes")
+    assert never.returncode == 1 and "not known to the keystore" in never.stderr
+    shreds = [x for x in gw.audit_records() if x["route"] == "keys shred" and x["outcome"] == "allowed"]
+    assert shreds[-2]["reason"] == "Art.17 request T-1" and shreds[-2]["clients"] == pseudonym_before
+    assert shreds[-2]["counts"]["destroyed"] >= 2 and shreds[-1]["clients"] == ["erased"]
     # a copy of the CRM taken before the shred is no help
     port = free_port()
     copy_crm = Service([sys.executable, "-m", "examples.crm", "--db", str(backup / "crm.sqlite3"), "--port",

@@ -110,10 +110,14 @@ async def rotate_client(config: KeysSection, client_id: str, scope: str | None, 
     """A new data-key version for the client; the old one only decrypts from now on."""
     ring = await open_keyring(config, open_kek(config))
     try:
+        if await ring.store.tombstoned([client_id]):
+            raise ValueError(f"client {client_id} was erased: their keys are destroyed and none is made again")
         keys = await ring.store.keys_of(client_id)
+        if not keys:
+            raise ValueError(f"client {client_id} has no data key to rotate; check the id")
         scopes = [s for s in _scopes(scope) if any(k.scope == s and k.status is KeyStatus.ACTIVE for k in keys)]
         outcome = KeyReport("keys rotate", dry_run, {"scopes": len(scopes)})
-        outcome.detail["pseudonym"] = (await ring.pseudonyms([client_id]))[client_id]
+        outcome.detail["pseudonym"] = await ring.store.known_pseudonym(client_id) or "none yet"
         if dry_run:
             return outcome
         ids: list[str] = []
@@ -133,11 +137,17 @@ async def shred(config: KeysSection, client_id: str, scope: str | None, reason: 
         raise ValueError("a shred needs a reason (the legal basis, a ticket)")
     ring = await open_keyring(config, None)
     try:
-        keys = [k for k in await ring.store.keys_of(client_id)
-                if k.status is not KeyStatus.DESTROYED and (scope is None or k.scope == scope)]
         _scopes(scope)
+        known = await ring.store.keys_of(client_id)
+        pseudonym = await ring.store.known_pseudonym(client_id)
+        erased = bool(await ring.store.tombstoned([client_id]))
+        if not known and pseudonym is None and not erased:
+            raise ValueError(f"client {client_id} is not known to the keystore (no key, no pseudonym): nothing to "
+                             "shred; check the id")
+        keys = [k for k in known if k.status is not KeyStatus.DESTROYED and (scope is None or k.scope == scope)]
         outcome = KeyReport("keys shred", dry_run, {"keys": len(keys)})
-        outcome.detail["pseudonym"] = (await ring.pseudonyms([client_id]))[client_id]
+        outcome.detail["pseudonym"] = pseudonym or "erased"
+        outcome.detail["already_erased"] = erased
         outcome.detail["key_ids"] = [k.hex_id for k in keys]
         if not dry_run:
             destroyed = await ring.store.destroy(client_id, scope, reason)

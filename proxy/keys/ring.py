@@ -61,6 +61,10 @@ class BoundedCache(Generic[K, V]):
         return len(self._data)
 
 
+class Erased(Exception):
+    """The client was erased: no key is ever made for them again."""
+
+
 @dataclass(frozen=True, slots=True)
 class OpenKey:
     key: DataKey
@@ -149,6 +153,8 @@ class KeyRing:
         return await self.create(client_id, scope)
 
     async def create(self, client_id: str | None, scope: str) -> OpenKey:
+        if client_id is not None and await self.store.tombstoned([client_id]):
+            raise Erased(client_id)
         key_id = os.urandom(16)
         dek = AESGCM.generate_key(256)
         wrapped, kek_id = self.kek.wrap(dek, wrap_aad(key_id, scope))

@@ -76,6 +76,8 @@ class Keystore(Protocol):
 
     async def client_of_pseudonym(self, pseudonym: str) -> str | None: ...
 
+    async def tombstoned(self, client_ids: Iterable[str]) -> set[str]: ...
+
     async def summary(self) -> dict[str, object]: ...
 
     async def next_version(self, client_id: str | None, scope: str) -> int: ...
@@ -110,6 +112,11 @@ CREATE TABLE IF NOT EXISTS revocations (
     key_id BLOB,
     client_id TEXT,
     at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tombstones (
+    client_id TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    reason TEXT NOT NULL
 );
 """
 
@@ -226,8 +233,10 @@ class SqliteKeystore:
                     "WHERE key_id = ?", (now, reason, key_id))
                 await self._db.execute("INSERT INTO revocations (key_id, client_id, at) VALUES (?, ?, ?)",
                                        (key_id, client_id, now))
-            if client_id is not None and scope is None:
+            if client_id is not None and scope is None:  # erased: a tombstone, and no new key or pseudonym ever
                 await self._db.execute("DELETE FROM client_pseudonyms WHERE client_id = ?", (client_id,))
+                await self._db.execute("INSERT OR IGNORE INTO tombstones (client_id, at, reason) VALUES (?, ?, ?)",
+                                       (client_id, now, reason))
                 await self._db.execute("INSERT INTO revocations (key_id, client_id, at) VALUES (NULL, ?, ?)",
                                        (client_id, now))
             await self._db.execute("COMMIT")
@@ -287,6 +296,8 @@ class SqliteKeystore:
                 found.update({str(c): str(p) for c, p in await cur.fetchall()})
         missing = [c for c in wanted if c not in found]
         if missing:
+            missing = [c for c in missing if c not in await self.tombstoned(missing)]
+        if missing:
             now = time.time()
             fresh = {c: new_pseudonym() for c in missing}
             await self._db.executemany(
@@ -304,6 +315,18 @@ class SqliteKeystore:
         async with self._db.execute("SELECT pseudonym FROM client_pseudonyms WHERE client_id = ?", (client_id,)) as cur:
             row = await cur.fetchone()
         return str(row[0]) if row else None
+
+    async def tombstoned(self, client_ids: Iterable[str]) -> set[str]:
+        """Which of these clients were erased (their keys and pseudonym link destroyed for good)."""
+        wanted = list(set(client_ids))
+        found: set[str] = set()
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            async with self._db.execute(
+                    f"SELECT client_id FROM tombstones WHERE client_id IN ({marks})", chunk) as cur:  # noqa: S608
+                found.update(str(r[0]) for r in await cur.fetchall())
+        return found
 
     async def client_of_pseudonym(self, pseudonym: str) -> str | None:
         """The client a pseudonym stands for (none once the client is shredded: the link is gone)."""
