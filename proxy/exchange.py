@@ -15,6 +15,7 @@ It sees the running gateway only through a `Context`: the CRM, the relation fact
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,6 +151,9 @@ class Exchange:
     def _require_visible(self, view: View) -> None:
         if not self.redactor.visible(view, self.resource):
             raise self._hidden(view, "no access to this client's records")
+        if self.plans.plan(self.resource, view).unlinkable:
+            raise GatewayError(403, f"{self.resource.name} records are anonymised for role {self.who.role}: they are "
+                                    "not served per client", reason="unlinkable for this role")
 
     def _hidden(self, view: View, message: str) -> GatewayError:
         """A refusal with its true reason: an explicit deny (and where it is written), a relation the caller
@@ -341,9 +345,13 @@ class ListRead(Exchange):
             raise GatewayError(502, "upstream list has an unexpected shape")
         await self._prepare(answer.body, rows)
         shown = self.redactor.rows(self.resource, rows)
+        if self.redactor.unlinked:  # anonymised rows: no order that would follow the clients' own
+            secrets.SystemRandom().shuffle(shown)
         dropped = self.disclosure.dropped_rows
         extra_headers: list[tuple[bytes, bytes]] = []
-        if fmt.total_header and fmt.total_header.lower() in answer.headers:
+        if not self._counted():  # the CRM counted rows the caller may not see: no total, rather than a wrong one
+            document = {k: v for k, v in document.items() if k != fmt.total} if isinstance(document, dict) else document
+        elif fmt.total_header and fmt.total_header.lower() in answer.headers:
             total = _int(answer.headers[fmt.total_header.lower()])
             if total is not None:
                 extra_headers.append((fmt.total_header.encode(), str(max(total - dropped, 0)).encode()))
@@ -358,6 +366,12 @@ class ListRead(Exchange):
             out[fmt.total] = max(out[fmt.total] - dropped, 0)
         out[fmt.items] = shown
         return self._reply(answer.status, out, extra_headers)
+
+    def _counted(self) -> bool:
+        """Whether the CRM's total counts only rows the caller may see: the rows of one client, a filter pushed
+        down to the caller's clients, or a view that shows every row."""
+        return ("client_id" in self.params or self.extra is not None
+                or self.view(None).shows(self.resource.record_class))
 
     def _empty(self) -> Reply:
         fmt = self.bundle.fieldmap.list_format

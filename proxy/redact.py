@@ -149,7 +149,7 @@ UNNAMED = "[client]"  # the client's name in a text whose record does not link t
 class Plan:
     """A resource's classification tree compiled against one view."""
 
-    __slots__ = ("resource", "root", "stand_in", "view", "visible")
+    __slots__ = ("resource", "root", "stand_in", "unlinkable", "view", "visible")
 
     def __init__(self, resource: Resource, view: View, classes: Mapping[str, FieldClass],
                  anonymous: bool = False) -> None:
@@ -161,6 +161,8 @@ class Plan:
         linked = resource.client_field is not None and self.root.get(resource.client_field) is not None and \
             self.root[resource.client_field].kind != REMOVE
         self.stand_in = None if linked else UNNAMED  # None: the client's pseudonym stands in for their name
+        # records shown without whom they are about (anonymised feedback): never served per client
+        self.unlinkable = self.visible and resource.client_field is not None and not linked
 
 
 class _Compiler:
@@ -197,15 +199,32 @@ class _Compiler:
         if node.children is not None:
             step = Step(OBJECT, path + ".")
             step.children = self.children(node.children, path + ".")
-            return step
-        if node.items is not None:
+        elif node.items is not None:
             step = Step(ARRAY, path)
             step.items = self.step(node.items, path + "[]")
-            return step
-        return Step(NOTHING, path)
+        else:
+            return Step(NOTHING, path)
+        if not _shows(step):  # an object or list the view shows nothing of: gone, even empty (`[]` says "none")
+            return Step(REMOVE, path, _first_class(node), Outcome.REMOVE)
+        return step
 
     def children(self, children: dict[str, Node], prefix: str) -> dict[str, Step]:
         return {key: self.step(node, prefix + key) for key, node in children.items()}
+
+
+def _shows(step: Step) -> bool:
+    """Whether anything under a step can be shown."""
+    if step.kind in (OBJECT, ARRAY):
+        return any(_shows(s) for s in (step.children or {}).values()) or (step.items is not None and _shows(step.items))
+    return step.kind not in (REMOVE, NOTHING) or step.alt.kind not in (REMOVE, NOTHING)
+
+
+def _first_class(node: Node) -> str:
+    if node.spec is not None:
+        return node.spec.field_class
+    for child in [*(node.children or {}).values(), *([node.items] if node.items else [])]:
+        return _first_class(child)
+    return ""
 
 
 class Plans:
@@ -288,6 +307,7 @@ class Redactor:
         self._client: str | None = None
         self._resource = ""
         self._stand_in: str | None = None
+        self.unlinked = False  # a row was shown by an unlinkable plan: a list of them is shuffled
 
     def client_of(self, resource: Resource, record: dict[str, Any]) -> str | None:
         if resource.client_field is None:
@@ -328,6 +348,7 @@ class Redactor:
         if not plan.visible:
             return None
         self._record, self._client, self._resource, self._stand_in = record, client_id, resource.name, plan.stand_in
+        self.unlinked = self.unlinked or plan.unlinkable
         return self._object(plan.root, record, "")
 
     def rows(self, resource: Resource, rows: list[Any]) -> list[dict[str, Any]]:

@@ -129,3 +129,24 @@ def _on_disk(crm: tuple[str, Path], collection: str, record_id: int) -> dict[str
         if found == want or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
+
+
+def test_a_total_the_crm_counted_over_hidden_rows_is_not_passed_on(
+        crm: tuple[str, Path], signing: Signing, shared_keys: Path, tmp_path: Path) -> None:
+    """A list route declared without a client filter: the CRM pages and counts every client, and the
+    gateway drops the rows alice may not see. Its X-Total-Count (4, or 4 less this page's dropped rows)
+    would tell her how many clients there are: the header goes."""
+    fields = tmp_path / "fields.yaml"
+    fields.write_text((EXAMPLE / "fields.yaml").read_text().replace(
+        "      - GET /clients: {list: true, filter: id, query: {status: service}}",
+        "      - GET /clients: {list: true, query: {status: service}}"))
+    g = start_gateway(tmp_path / "gw", crm[0], signing, shared_keys, policies=policies_copy(tmp_path, cover_for=None),
+                      fields_file=fields, identity=f'public_key_file = "{signing.public_file}"\nuser_claim = "email"')
+    try:
+        r = g.get("/clients?_page=1&_limit=2", token(g, "alice", "counsellor"))
+        assert r.status_code == 200 and [c["id"] for c in r.json()] == [1]
+        assert "x-total-count" not in r.headers
+        erin = g.signing.token("erin", "admin", "HOPERAT", claims={"email": "erin@service.example"})
+        assert g.get("/clients?_page=1&_limit=2", erin).headers["x-total-count"] == "4"  # she sees every row
+    finally:
+        g.service.stop()

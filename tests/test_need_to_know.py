@@ -173,6 +173,14 @@ def test_every_class_outcome_through_the_gateway(
             assert nested.status_code == 403, (path, nested.text)
             assert item.status_code == 403, (path, item.text)
             continue
+        locator = next(s for s in resource.specs if s.path == resource.client_field)
+        if expected[locator.field_class] == "remove":  # shown without whom it is about: never per client
+            assert nested.status_code == 403, (path, nested.text)
+            assert nested.json()["error"].endswith(f"anonymised for role {role}: they are not served per client")
+            assert item.status_code == 200, (path, item.text)
+            check(raw_rows[0], item.json(), resource, expected, f"{role} /{path}/{raw_rows[0]['id']}", names)
+            checked += 1
+            continue
         assert nested.status_code == 200, (path, nested.text)
         shown_rows = nested.json()["items"]
         assert len(shown_rows) == len(raw_rows)
@@ -297,3 +305,26 @@ def test_a_supervisor_sees_no_crm_id_and_no_name_of_the_client_and_may_address_t
     assert gateway.audit_for(r.headers["x-request-id"])["reason"] == "unknown pseudonym"
     # the counsellor, who knows her client, still reads her own words
     assert gateway.get("/clients/1/session-notes", alice).json()["items"] == theirs
+
+
+def test_an_empty_list_of_a_class_the_view_removes_is_removed_too(gateway: Gateway, crm: str) -> None:
+    """`emergency_contacts: []` would tell a supervisor, who sees no contact details, that the client gave none."""
+    clients = direct(crm, "/clients?per_page=500")["items"]
+    none_given = next(c for c in clients if c["emergency_contacts"] == [] and c["counsellor"] in ("alice", "bob"))
+    some_given = next(c for c in clients if c["emergency_contacts"] and c["counsellor"] in ("alice", "bob"))
+    carol = gateway.as_user("carol", "supervisor")
+    for client in (none_given, some_given):
+        shown = gateway.get(f"/clients/{client['id']}", carol).json()
+        assert "emergency_contacts" not in shown and "address" not in shown
+    admin = gateway.get(f"/clients/{none_given['id']}", gateway.as_user("erin", "admin")).json()
+    assert admin["emergency_contacts"] == []  # a view that shows contacts still sees that there are none
+
+
+def test_anonymised_rows_are_shuffled_and_never_served_per_client(gateway: Gateway, crm: str) -> None:
+    dana = gateway.as_user("dana", "service_manager")
+    stored = [r["id"] for r in direct(crm, "/feedback?per_page=100")["items"]]
+    orders = [[r["id"] for r in gateway.get("/feedback?per_page=100", dana).json()["items"]] for _ in range(3)]
+    assert all(sorted(o) == sorted(stored) for o in orders) and any(o != stored for o in orders)
+    assert all("client_id" not in r for r in gateway.get("/feedback?per_page=100", dana).json()["items"])
+    r = gateway.get("/clients/1/feedback", dana)
+    assert r.status_code == 403 and gateway.audit_for(r.headers["x-request-id"])["reason"] == "unlinkable for this role"

@@ -91,9 +91,28 @@ def reference_object(children: dict[str, Node], value: dict[str, Any], ctx: Cont
     return out
 
 
+def can_show(node: Node, ctx: Context) -> bool:
+    """Whether the view can show anything under a node (else an object or list goes, even empty: `[]` would
+    tell that the client gave none)."""
+    if node.spec is not None:
+        spec = node.spec
+        for cls in {spec.field_class, spec.flag_class or spec.field_class}:
+            outcome = ctx.view.outcome(cls)
+            if ctx.anonymous and spec.path == ctx.resource.client_field and outcome is not Outcome.REMOVE:
+                return True
+            if outcome is Outcome.CLEAR or (outcome is Outcome.PSEUDONYM and spec.pseudonym) or (
+                    outcome is Outcome.MASK and spec.mask is not None):
+                return True
+        return False
+    return any(can_show(child, ctx) for child in [*(node.children or {}).values(), *([node.items] if node.items
+                                                                                    else [])])
+
+
 def reference_node(node: Node, value: Any, ctx: Context) -> Any:
     if node.spec is not None:
         return reference_leaf(node.spec, value, ctx)
+    if not can_show(node, ctx):
+        return DROP
     if node.children is not None:
         if not isinstance(value, dict):  # not the shape the map expects
             return DROP
