@@ -17,7 +17,7 @@ from proxy.errors import GatewayError
 from proxy.exchange import Exchange
 from proxy.identity import Principal
 from proxy.policy import Outcome, PolicyBundle, Relation
-from proxy.policy.review import explain_class, explain_resource
+from proxy.policy.review import explain_class, explain_resource, explain_write
 from proxy.routes import normalise_path
 from proxy.runtime import Runtime
 
@@ -63,6 +63,10 @@ def explain(runtime: Runtime, req: Incoming, bundle: PolicyBundle) -> Reply:
     if user and "client_id" in params:
         rels = runtime.index.relations(user, query.get("client_id"), params["client_id"], bundle.cover,
                                        datetime.now(UTC))
+    if route.method in ("POST", "PATCH", "PUT"):
+        writes = explain_write(bundle.table, bundle.fieldmap, route.resource, route.method, role, rels, purpose)
+        return Reply.json(200, {"route": f"{route.method} {route.template}", "relations": rels.label,
+                                "fields": [e.as_dict() for e in writes]})
     items = explain_resource(bundle.table, bundle.fieldmap, route.resource, role, rels, purpose)
     resource = bundle.fieldmap.resources[route.resource]
     visible = explain_class(bundle.table, role, rels, purpose, resource.record_class).outcome != "remove"

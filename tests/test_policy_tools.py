@@ -121,6 +121,21 @@ def test_explain_with_the_crms_facts(crm: str, tmp_path: Path) -> None:
     assert code == 0 and "holding any+caseload" in out and "NOT visible" not in out
 
 
+def test_explain_says_field_by_field_what_a_write_may_change() -> None:
+    code, out = fieldguard("policy", "explain", str(REPO / "policies"), "--role", "admin", "--purpose", "HOPERAT",
+                           "--method", "PATCH", "--path", "/letters/3", "--format", "json")
+    assert code == 0, out
+    fields = {f["path"]: f for f in json.loads(out)["fields"]}
+    assert fields["third_party"]["outcome"] == "allow"  # the flag's own class, reference
+    assert fields["third_party (as a flag)"]["outcome"] == "deny"
+    assert fields["third_party (as a flag)"]["reason"].endswith("needs write on letters, third_party")
+    assert fields["body"]["reason"] == "no rule lets admin write letters"
+    code, out = fieldguard("policy", "explain", str(REPO / "policies"), "--role", "counsellor", "--purpose", "TREAT",
+                           "--relation", "caseload", "--method", "POST", "--path", "/clients/1/session-notes")
+    assert code == 0 and "(a new session_note record)" in out and "allowed by policy.csv:" in out
+    assert "author" in out and "set by the gateway (user); no caller writes it" in out
+
+
 def test_signed_bundles(bundle: Path, tmp_path: Path, crm: str, signing: Signing, shared_keys: Path) -> None:
     key = tmp_path / "officer.pem"
     assert fieldguard("policy", "keygen", "--out", str(key))[0] == 0

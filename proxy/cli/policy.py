@@ -119,7 +119,7 @@ def policy_explain(role: str, purpose: str | None, relations: tuple[str, ...], u
                    client_id: str | None, method: str, target: str | None, field_class: str | None,
                    config: Path | None, directory: Path | None, fmt: str) -> None:
     """Why each field of a route (or one class) is shown, pseudonymised, masked or removed for a role."""
-    from proxy.policy.review import explain_class, explain_resource, render_explanations
+    from proxy.policy.review import explain_class, explain_resource, explain_write, render_explanations, render_writes
     from proxy.routes import normalise_path
 
     source = _source(directory, None, config)
@@ -149,6 +149,15 @@ def policy_explain(role: str, purpose: str | None, relations: tuple[str, ...], u
             raise click.ClickException("--user works on routes with the client in the path (e.g. /clients/7)")
         rels = run(_relations_from_crm(settings_of(config), user, client_id, client, bundle))
     resource = bundle.fieldmap.resources[route.resource]
+    if route.method in ("POST", "PATCH", "PUT"):
+        writes = explain_write(table, bundle.fieldmap, route.resource, route.method, role, rels, purpose)
+        if fmt == "json":
+            click.echo(json.dumps({"route": f"{route.method} {route.template}", "relations": rels.label,
+                                   "purpose": purpose, "fields": [e.as_dict() for e in writes]}, indent=2))
+        else:
+            click.echo(f"{role} ({purpose or 'no purpose'}) holding {rels.label}: {route.method} {route.template}")
+            click.echo(render_writes(writes))
+        return
     items = explain_resource(table, bundle.fieldmap, route.resource, role, rels, purpose)
     visible = explain_class(table, role, rels, purpose, resource.record_class).outcome != "remove"
     if fmt == "json":

@@ -138,6 +138,62 @@ def explain_resource(table: DecisionTable, fieldmap: FieldMap, resource_name: st
     return out
 
 
+def explain_action(table: DecisionTable, role: str, relations: Relation, purpose: str | None, field_class: str,
+                   action: Action, path: str = "") -> Explanation:
+    """A write, create or delete decision on one class, with the reason in the same words as for reads."""
+    if role not in table.roles:
+        return Explanation(path, field_class, "deny", None, None, f"role {role!r} is not known to the policy")
+    if purpose is not None and not table.purpose_allowed(role, purpose):
+        return Explanation(path, field_class, "deny", None, None,
+                           f"purpose of use {purpose} is not allowed for role {role}")
+    held = [table.grants.get((role, rel, field_class, action)) for rel in RELATIONS if rel in relations]
+    denied = next((hit[1] for hit in held if hit is not None and hit[0] is Effect.DENY), None)
+    if denied is not None:
+        return Explanation(path, field_class, "deny", str(denied), denied.relation.label,
+                           f"explicit deny at {denied.source}")
+    allowed = next((hit[1] for hit in held if hit is not None and hit[0] is Effect.ALLOW), None)
+    if allowed is not None:
+        return Explanation(path, field_class, "allow", str(allowed), allowed.relation.label,
+                           f"allowed by {allowed.source} through relation {allowed.relation.label}")
+    needed = sorted((rule for (r, rel, cls, act), (effect, rule) in table.grants.items()
+                     if r == role and cls == field_class and act is action and effect is Effect.ALLOW),
+                    key=lambda rule: rule.source)
+    if needed:
+        rels = sorted({r.relation.label for r in needed})
+        return Explanation(path, field_class, "deny", None, None,
+                           f"{needed[0].source} allows {role} to {action} {field_class} only through "
+                           f"{' or '.join(rels)}; the caller holds {relations.label}")
+    return Explanation(path, field_class, "deny", None, None, f"no rule lets {role} {action} {field_class}")
+
+
+def explain_write(table: DecisionTable, fieldmap: FieldMap, resource_name: str, method: str, role: str,
+                  relations: Relation, purpose: str | None) -> list[Explanation]:
+    """What a POST, PATCH or PUT may write, field by field: `create` on the record class first for a POST, every
+    class for a PUT; a flag needs write on every class it selects; fields the gateway sets are nobody's."""
+    resource = fieldmap.resources[resource_name]
+    out: list[Explanation] = []
+    if method == "POST":
+        out.append(explain_action(table, role, relations, purpose, resource.record_class, Action.CREATE,
+                                  f"(a new {resource.name} record)"))
+    flags = resource.flags
+    for spec in resource.specs:
+        if spec.set_by_gateway is not None:
+            out.append(Explanation(spec.path, spec.field_class, "deny", None, None,
+                                   f"set by the gateway ({spec.set_by_gateway}); no caller writes it"))
+            continue
+        for cls in sorted({spec.field_class, spec.flag_class or spec.field_class}):
+            label = spec.path if cls == spec.field_class else f"{spec.path} (when {spec.flag} is set)"
+            out.append(explain_action(table, role, relations, purpose, cls, Action.WRITE, label))
+        if spec.path in flags:
+            selects = [explain_action(table, role, relations, purpose, c, Action.WRITE)
+                       for c in sorted(flags[spec.path])]
+            refused = [e.field_class for e in selects if e.outcome != "allow"]
+            out.append(Explanation(f"{spec.path} (as a flag)", spec.field_class, "deny" if refused else "allow", None,
+                                   None, f"setting it reclassifies other fields: needs write on {', '.join(refused)}"
+                                   if refused else "may reclassify: write on every class it selects"))
+    return out
+
+
 def render_explanations(items: list[Explanation], visible: bool, resource: str, record_class: str) -> str:
     head = (f"{resource} records are {'visible' if visible else 'NOT visible'} "
             f"(record class {record_class})")
@@ -146,3 +202,8 @@ def render_explanations(items: list[Explanation], visible: bool, resource: str, 
     for e in items:
         lines.append(f"  {e.path.ljust(width)}  {e.field_class:<16} {e.outcome:<9} {e.reason}")
     return "\n".join(lines)
+
+
+def render_writes(items: list[Explanation]) -> str:
+    width = max((len(e.path) for e in items), default=4)
+    return "\n".join(f"  {e.path.ljust(width)}  {e.field_class:<16} {e.outcome:<6} {e.reason}" for e in items)
