@@ -118,7 +118,7 @@ class Write(Exchange):
         if assigned is None:
             return self.view(client)
         rels = self.ctx.index.relations_with(self.who.staff, self.who.client_id, client, assigned,
-                                             self.bundle.cover, self.now)
+                                             self.cover, self.now)
         return self.bundle.table.view(self.who.role, rels) or View(self.who.role, rels, {}, frozenset(), frozenset())
 
     def _assigned(self) -> list[str] | None:

@@ -83,6 +83,7 @@ class Exchange:
         self.record = record
         self.resource: Resource = bundle.fieldmap.resources[route.resource]
         self.now = datetime.now(UTC)
+        self.cover = (*bundle.cover, *ctx.index.cover)  # the officers' grants and the CRM's
         self.disclosure = Disclosure()
         self.pseudonyms: dict[str, str] = {}
         self.erased: set[str] = set()  # clients in this response whose keys and pseudonym were destroyed
@@ -116,7 +117,7 @@ class Exchange:
         covered = [c for c, rels in self.disclosure.clients.items() if Relation.COVER in rels]
         if covered:
             grants = {g.name: g.reason for c in covered
-                      for g in self.ctx.index.cover_grants(self.who.staff, c, self.bundle.cover, self.now)}
+                      for g in self.ctx.index.cover_grants(self.who.staff, c, self.cover, self.now)}
             self.record.cover = [{"grant": name, "reason": reason} for name, reason in sorted(grants.items())]
 
     # ------------------------------------------------------------------ facts
@@ -124,7 +125,7 @@ class Exchange:
         index = self.ctx.index
         if client_id not in index.counsellor_of:
             self.ctx.refresh_soon()
-        return index.relations(self.who.staff, self.who.client_id, client_id, self.bundle.cover, self.now)
+        return index.relations(self.who.staff, self.who.client_id, client_id, self.cover, self.now)
 
     def require_fresh_relations(self) -> None:
         """Decisions that depend on relations are refused, never guessed, while the facts are missing or old."""
@@ -403,7 +404,7 @@ class ListRead(Exchange):
                 wanted |= rel
         if not wanted:
             raise self._hidden(self.view(None), f"role {self.who.role} has no access to {self.resource.name} records")
-        return self.ctx.index.clients_for(self.who.staff, self.who.client_id, wanted, self.bundle.cover,
+        return self.ctx.index.clients_for(self.who.staff, self.who.client_id, wanted, self.cover,
                                           self.now)
 
 

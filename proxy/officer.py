@@ -61,7 +61,8 @@ def explain(runtime: Runtime, req: Incoming, bundle: PolicyBundle) -> Reply:
     route, params = matched
     user = query.get("user")
     if user and "client_id" in params:
-        rels = runtime.index.relations(user, query.get("client_id"), params["client_id"], bundle.cover,
+        rels = runtime.index.relations(user, query.get("client_id"), params["client_id"],
+                                       (*bundle.cover, *runtime.index.cover),
                                        datetime.now(UTC))
     if route.method in ("POST", "PATCH", "PUT"):
         writes = explain_write(bundle.table, bundle.fieldmap, route.resource, route.method, role, rels, purpose)

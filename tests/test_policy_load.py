@@ -230,12 +230,17 @@ async def test_relations_from_resources_of_links_and_from_either_side() -> None:
         "/staff": [{"username": "s1", "supervisor": "s3"}, {"username": "s3", "supervises": ["s2"]},
                    {"username": "s6", "supervises": "s4"}],
         "/supervision": [{"supervisor": "s7", "supervisee": "s5"}],
+        "/cover": [{"id": 9, "user": "s8", "covers": "s1", "from": "2020-01-01T00:00:00Z",
+                    "until": "2099-01-01T00:00:00Z", "reason": "s1 on leave"},
+                   {"user": "s8", "covers": "s2", "from": "2020-01-01", "until": "2099-01-01", "reason": "no zone"},
+                   {"user": "s8", "covers": "s4", "from": "2020-01-01T00:00:00Z", "until": "2099-01-01T00:00:00Z"}],
     }
 
     async def fetch(path: str, params: Mapping[str, str]) -> Any:
         return {"items": data[path] if params["page"] == "1" else []}
 
-    source = RelationSource(caseload_path="/assignments", supervises="supervises", supervision_path="/supervision")
+    source = RelationSource(caseload_path="/assignments", supervises="supervises", supervision_path="/supervision",
+                            cover_path="/cover")
     index = RelationIndex()
     await index.sync(source, "items", fetch)
     assert index.counsellor_of == {"1": {"s1", "s9"}, "2": {"s2", "s5"}, "3": {"s4"}}
@@ -246,6 +251,10 @@ async def test_relations_from_resources_of_links_and_from_either_side() -> None:
     assert index.relations("s5", None, "2", (), now) == Relation.ANY | Relation.CASELOAD
     assert index.clients_for("s3", None, Relation.SUPERVISION, (), now) == {"1", "2"}
     assert index.clients_for("s6", None, Relation.SUPERVISION, (), now) == {"3"}
+    # cover kept in the CRM: one good grant; one without a time zone and one without a reason are no grant
+    assert [(g.user, g.covers, g.source, g.reason) for g in index.cover] == [("s8", "s1", "/cover/9", "s1 on leave")]
+    assert index.relations("s8", None, "1", index.cover, now) == Relation.ANY | Relation.COVER
+    assert index.relations("s8", None, "2", index.cover, now) == Relation.ANY
 
 
 @pytest.mark.parametrize(("relations", "words"), [

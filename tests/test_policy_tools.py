@@ -226,3 +226,16 @@ def test_reload_command_and_officer_endpoints(tmp_path: Path, crm: str, signing:
         assert r.status_code == 409 and "comment after a rule" in r.json()["error"]
     finally:
         gw.service.stop()
+
+
+def test_check_with_a_config_reads_the_relation_sources_and_warns_of_one_that_matches_nothing(
+        crm: str, signing: Signing, shared_keys: Path, tmp_path: Path) -> None:
+    policies = policies_copy(tmp_path)
+    gw = start_gateway(tmp_path / "gw", crm, signing, shared_keys, policies=policies, start=False)
+    code, out = fieldguard("policy", "check", "--config", str(gw.config))
+    assert code == 0, out
+    assert "relations: 200 clients with a practitioner, 12 staff rows, 8 supervision links" in out
+    assert "warning:" not in out
+    edit(policies / "fields.yaml", "  counsellor: counsellor\n", "  counsellor: assignedTo\n")
+    code, out = fieldguard("policy", "check", "--config", str(gw.config))
+    assert code == 0 and "warning: the relation source matched no client (/clients assignedTo)" in out

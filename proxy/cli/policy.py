@@ -13,7 +13,7 @@ import click
 
 from proxy.cli.options import CONFIG, run, settings_of
 from proxy.config import Settings
-from proxy.policy import BundleSource, PolicyBundle, PolicyError, Relation, load_bundle
+from proxy.policy import BundleSource, PolicyBundle, PolicyError, Relation, RelationIndex, load_bundle
 
 
 @click.group()
@@ -66,6 +66,30 @@ def policy_check(directory: Path | None, fields_file: Path | None, config: Path 
     click.echo(f"ok: {len(bundle.rules)} rules, {len(bundle.table.roles)} roles, {len(bundle.fieldmap.classes)} "
                f"classes, {len(bundle.routes.routes)} routes; proved equal to Casbin on {bundle.proof_checks} "
                f"requests; {len(bundle.warnings)} warning(s); hash {bundle.short_hash}")
+    if config is not None:  # the relation sources, read from the CRM as the gateway will read them
+        index = run(_read_relations(settings_of(config), bundle))
+        click.echo(f"relations: {len(index.counsellor_of)} clients with a practitioner, {index.staff_rows} staff "
+                   f"rows, {index.supervision_links} supervision links, {len(index.cover)} cover grants from the CRM")
+        source_of = bundle.fieldmap.relations
+        if not index.counsellor_of:
+            click.echo(f"warning: the relation source matched no client ({source_of.clients_path or ''} "
+                       f"{source_of.counsellor or source_of.caseload_path}): every decision that needs a relation "
+                       "will be refused")
+        if (source_of.supervisor or source_of.supervises or source_of.supervision_path) and not index.supervision_links:
+            click.echo("warning: the supervision source matched no link: no one will hold supervision")
+
+
+async def _read_relations(settings: Settings, bundle: PolicyBundle) -> RelationIndex:
+    from proxy.upstream import Upstream
+
+    upstream = Upstream(settings.upstream)
+    await upstream.start()
+    try:
+        index = RelationIndex()
+        await index.sync(bundle.fieldmap.relations, bundle.fieldmap.list_format.items, upstream.get_json)
+        return index
+    finally:
+        await upstream.close()
 
 
 @policy.command("test")
@@ -173,18 +197,8 @@ async def _relations_from_crm(settings: Settings, user: str, own_client: str | N
                               bundle: PolicyBundle) -> Relation:
     from datetime import UTC, datetime
 
-    from proxy.policy import RelationIndex
-    from proxy.upstream import Upstream
-
-    upstream = Upstream(settings.upstream)
-    await upstream.start()
-    try:
-        index = RelationIndex()
-        fm = bundle.fieldmap
-        await index.sync(fm.relations, fm.list_format.items, upstream.get_json)
-    finally:
-        await upstream.close()
-    return index.relations(user, own_client, client, bundle.cover, datetime.now(UTC))
+    index = await _read_relations(settings, bundle)
+    return index.relations(user, own_client, client, (*bundle.cover, *index.cover), datetime.now(UTC))
 
 
 @policy.command("record")

@@ -116,6 +116,7 @@ class RelationSource:
     of its own (`caseload_path`, rows of `caseload_client`, `caseload_practitioner`). Supervision: on the
     supervisee's staff row (`supervisor`), on the supervisor's (`supervises`), each one or a list, or in a
     resource of links (`supervision_path`, rows of `supervision_supervisor`, `supervision_supervisee`).
+    Cover: `cover.yaml`, and grants the CRM keeps (`cover_path`, rows of user, covers, from, until, reason).
     An empty name turns a source off. A caller is matched to their staff row by `staff_match` (default:
     `staff_user`, the staff id) against the token's `identity.user_claim`."""
 
@@ -133,6 +134,12 @@ class RelationSource:
     supervision_path: str = ""
     supervision_supervisor: str = "supervisor"
     supervision_supervisee: str = "supervisee"
+    cover_path: str = ""  # cover grants kept in the CRM (besides cover.yaml): rows of these fields
+    cover_user: str = "user"
+    cover_covers: str = "covers"
+    cover_from: str = "from"
+    cover_until: str = "until"
+    cover_reason: str = "reason"
     page_param: str = "page"
     size_param: str = "per_page"
     page_size: int = 500

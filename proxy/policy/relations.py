@@ -98,6 +98,7 @@ class RelationIndex:
     staff_ids: dict[str, str] | None = None  # staff_match value -> staff id (None: the caller's id is it)
     staff_rows: int = 0
     supervision_links: int = 0
+    cover: tuple[CoverGrant, ...] = ()  # grants the CRM keeps (relations.cover_path), besides cover.yaml
     synced_at: float | None = None
 
     def observe(self, client_id: str, practitioners: Any) -> bool:
@@ -214,6 +215,12 @@ class RelationIndex:
                 supervisors = assigned_ids(row.get(source.supervision_supervisor))
                 for supervisee in assigned_ids(row.get(source.supervision_supervisee)):
                     supervisors_of.setdefault(supervisee, set()).update(supervisors)
+        cover: list[CoverGrant] = []
+        if source.cover_path:
+            async for row in _walk(source, source.cover_path, items_key, fetch):
+                grant = _cover_row(source, row)
+                if grant is not None:
+                    cover.append(grant)
         assigned = {c: frozenset(p) for c, p in counsellor_of.items() if p}
         supervised = {s: frozenset(p) for s, p in supervisors_of.items() if p}
         caseloads: dict[str, set[str]] = {}
@@ -231,7 +238,25 @@ class RelationIndex:
                         "check relations.clients_path and relations.counsellor (or caseload_path)")
         self.counsellor_of, self.supervisors_of, self.caseloads = assigned, supervised, caseloads
         self.staff_ids, self.staff_rows, self.supervision_links = staff_ids, staff_rows, links
+        self.cover = tuple(cover)
         self.synced_at = time.time()
+
+
+def _cover_row(source: RelationSource, row: dict[str, Any]) -> CoverGrant | None:
+    """A cover grant as the CRM keeps it; a row without a user, a covered practitioner, a reason, or valid
+    times with a zone is no grant (fail closed)."""
+    user, covers = assigned_ids(row.get(source.cover_user)), assigned_ids(row.get(source.cover_covers))
+    reason = row.get(source.cover_reason)
+    try:
+        start = _when(row.get(source.cover_from), None, source.cover_path)
+        until = _when(row.get(source.cover_until), None, source.cover_path)
+    except MapError:
+        return None
+    if not user or not covers or not isinstance(reason, str) or not reason.strip() or until <= start:
+        return None
+    ref = row.get("id")
+    where = f"{source.cover_path}/{ref}" if ref else source.cover_path
+    return CoverGrant(user[0], covers[0], start, until, reason, where)
 
 
 async def _walk(source: RelationSource, path: str, items_key: str, fetch: FetchJson) -> Any:
