@@ -91,8 +91,9 @@ def commit_costs(directory: Path, rec: AuditRecord, label: str) -> dict[str, flo
                          siem=JsonLinesTrail(str(directory / "audit.jsonl")))
     trail._open_sync()  # the writer thread's own calls, run here without the event loop
     try:
-        one = best_of(lambda: trail._commit_sync([rec]), min_seconds=0.2)
-        batch = best_of(lambda: trail._commit_sync([rec] * 64), min_seconds=0.2)
+        encoded = rec.encode()  # done on the event loop before queueing; the writer takes bytes
+        one = best_of(lambda: trail._commit_sync([encoded]), min_seconds=0.2)
+        batch = best_of(lambda: trail._commit_sync([encoded] * 64), min_seconds=0.2)
     finally:
         trail._close_sync()
     return {f"audit commit, batch of 1 (WAL, synchronous=FULL, {label})": one,

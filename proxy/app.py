@@ -61,6 +61,20 @@ class Gateway:
             await self._http(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """No route is a WebSocket: the upgrade is refused (403 before accepting), and audited."""
+        req = Incoming.of(scope, receive)
+        record = AuditRecord(request_id=req.request_id, method="WEBSOCKET", policy=self.runtime.bundle.digest,
+                             caller_request_id=req.caller_request_id, peer=req.peer or None, status=403,
+                             outcome="denied", reason="websocket refused")
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1008})
+        with contextlib.suppress(AuditUnavailable):
+            await self.runtime.trail.append(record)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -86,7 +100,8 @@ class Gateway:
             await send_reply(send, await probe(runtime, scope["path"]), req.request_id)
             return
         bundle = runtime.bundle  # one policy decides the request and is named in its record
-        record = AuditRecord(request_id=req.request_id, method=req.method, policy=bundle.digest)
+        record = AuditRecord(request_id=req.request_id, method=req.method, policy=bundle.digest,
+                             caller_request_id=req.caller_request_id, peer=req.peer or None)
         runtime.coming += 1
         try:
             reply = await self._answer(req, bundle, record)
@@ -134,6 +149,8 @@ class Gateway:
         if matched is not None and matched[0].public:
             record.route = matched[0].template
             return await self._public(matched[0], req, record)
+        if "authorization" in req.repeated:  # which one would count? neither
+            raise GatewayError(400, "send one Authorization header", reason="repeated authorization header")
         principal = runtime.verifier.authenticate(req.headers)  # 1. authenticate
         _record_caller(record, principal)
         if req.segments[:1] == (PREFIX,):

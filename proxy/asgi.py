@@ -52,15 +52,23 @@ class Incoming:
     receive: Receive
     method: str
     headers: dict[str, str]
-    request_id: str
+    request_id: str  # ours, always: a caller's id could collide with another's record
+    caller_request_id: str | None = None  # the caller's X-Request-Id, kept beside ours when well formed
+    repeated: frozenset[str] = frozenset()  # header names the caller sent more than once
     segments: tuple[str, ...] = ()  # the normalised path, once the app has checked it
 
     @classmethod
     def of(cls, scope: Scope, receive: Receive) -> Incoming:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers: dict[str, str] = {}
+        repeated: set[str] = set()
+        for k, v in scope.get("headers", []):
+            name = k.decode("latin-1").lower()
+            if name in headers:
+                repeated.add(name)
+            headers[name] = v.decode("latin-1")
         given = headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(12)
-        return cls(scope, receive, str(scope["method"]).upper(), headers, request_id)
+        return cls(scope, receive, str(scope.get("method", "GET")).upper(), headers, secrets.token_hex(12),
+                   given if _REQUEST_ID.match(given) else None, frozenset(repeated))
 
     @property
     def raw_path(self) -> bytes:

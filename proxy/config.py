@@ -29,6 +29,7 @@ class ServerSection:
     max_body_bytes: int = 1024 * 1024
     log_level: str = "info"
     pid_file: str = _path()  # written at start, so `fieldguard policy reload` can signal the gateway
+    trusted_proxies: list[str] = field(default_factory=list)  # peers whose X-Forwarded-For is passed on
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,8 @@ class IdentitySection:
     user_claim: str = "sub"  # the claim naming the caller as the CRM knows them (see relations.staff_match)
     leeway_seconds: int = 30
     token_cache_size: int = 10_000  # verified tokens remembered (by hash) until they expire
+    max_token_bytes: int = 16_384  # a longer bearer token is refused before it is parsed
+    max_token_lifetime_seconds: int = 86_400  # exp - iat above this is refused (a token that never ends)
 
 
 @dataclass(frozen=True, slots=True)

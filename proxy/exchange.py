@@ -52,11 +52,12 @@ class Context:
     relations_max_age: float  # seconds: older facts refuse decisions that need them
     refresh_soon: Callable[[], None]  # a client the facts do not know: re-read them soon
     names: ClientNames  # clients' names, to scrub from what pseudonymising views are shown
+    trusted_proxies: frozenset[str] = frozenset()  # peers whose X-Forwarded-For is believed
 
     def forwarded(self, req: Incoming) -> dict[str, str]:
         """The headers the CRM receives: the allowed few, the forwarding chain, our request id."""
         out = {name: req.headers[name] for name in self.forward_headers if name in req.headers}
-        prior = req.headers.get("x-forwarded-for")
+        prior = req.headers.get("x-forwarded-for") if req.peer in self.trusted_proxies else None
         out["x-forwarded-for"] = f"{prior}, {req.peer}" if prior else req.peer
         out["x-forwarded-proto"] = str(req.scope.get("scheme", "http"))
         if "host" in req.headers:

@@ -7,6 +7,7 @@ by its SHA-256 until it expires, so the signature is checked once per token, not
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -84,11 +85,14 @@ class TokenVerifier:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise GatewayError(401, "bearer token required", reason="no token")
-        claims = self.verify(token.strip())
+        token = token.strip()
+        if len(token) > self.settings.max_token_bytes:  # before any parsing: a huge token costs the loop
+            raise GatewayError(401, "token too large", reason="token too large")
+        claims = self.verify(token)
         return self._principal(claims, headers)
 
     def verify(self, token: str) -> Claims:
-        digest = hashlib.sha256(token.encode()).digest()
+        digest = hashlib.sha256(_canonical(token).encode()).digest()
         cached = self._cache.get(digest)
         now = time.time()
         if cached is not None:
@@ -141,14 +145,17 @@ class TokenVerifier:
 
     def _claims(self, payload: Mapping[str, Any]) -> Claims:
         s = self.settings
+        for name in ("exp", "iat", "nbf"):  # numbers, not numeric strings a lenient parser converts
+            if name in payload and (isinstance(payload[name], bool) or not isinstance(payload[name], int | float)):
+                raise GatewayError(401, "token not valid", reason=f"claim {name} is not a number")
+        if payload["exp"] - payload["iat"] > s.max_token_lifetime_seconds:
+            raise GatewayError(401, "token lives too long", reason="token lifetime above identity.max_token_lifetime")
         subject = payload.get("sub")
-        if not isinstance(subject, str) or not _SUBJECT.match(subject):
+        if not isinstance(subject, str) or not _SUBJECT.fullmatch(subject):
             raise GatewayError(401, "token subject not valid", reason="bad sub")
         roles = payload.get(s.roles_claim)
-        if isinstance(roles, str):
-            roles = [roles]
         if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
-            raise GatewayError(403, "token carries no roles", reason="no roles claim")
+            raise GatewayError(403, "token carries no roles", reason="no roles claim (a list of names)")
         purposes = payload.get(s.purpose_claim, [])
         if isinstance(purposes, str):
             purposes = [purposes]
@@ -159,13 +166,13 @@ class TokenVerifier:
         crm_user = payload.get(s.user_claim)
         return Claims(
             subject=subject,
-            roles=frozenset(roles),
-            purposes=tuple(purposes),
-            client_id=str(client_id) if client_id is not None else None,
-            token_id=str(jti)[:64] if jti is not None else None,
+            roles=frozenset(_text(r) for r in roles),
+            purposes=tuple(_text(p) for p in purposes),
+            client_id=_text(client_id) if client_id is not None else None,
+            token_id=_text(jti) if jti is not None else None,
             issuer=str(payload.get("iss", "")),
             expires=float(payload["exp"]),
-            crm_user=crm_user if isinstance(crm_user, str) and crm_user else None,
+            crm_user=_text(crm_user) if isinstance(crm_user, str) and crm_user else None,
         )
 
     def _principal(self, claims: Claims, headers: Mapping[str, str]) -> Principal:
@@ -247,3 +254,33 @@ def _algorithms_for(key: Any) -> frozenset[str]:
     if isinstance(key, ec.EllipticCurvePublicKey):
         return frozenset({{"secp256r1": "ES256", "secp384r1": "ES384"}.get(key.curve.name, "ES256")})
     raise ValueError("public keys must be RSA or EC")
+
+
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def _canonical(token: str) -> str:
+    """ECDSA signatures are malleable: (r, s) and (r, n - s) both verify, so one signed token has two
+    spellings. Refusing the high-S one would refuse half of every IdP's genuine ES256 tokens; instead both
+    spellings are one token here: one cache entry, one verification, one identity in the trail."""
+    head, _, sig = token.rpartition(".")
+    try:
+        raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+    except ValueError:
+        return token
+    if len(raw) != 64:  # not an ES256 signature (RS256 is not malleable this way)
+        return token
+    s = int.from_bytes(raw[32:], "big")
+    if s <= _P256_ORDER // 2:
+        return token
+    low = raw[:32] + (_P256_ORDER - s).to_bytes(32, "big")
+    return f"{head}.{base64.urlsafe_b64encode(low).rstrip(b'=').decode()}"
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def _text(value: Any, limit: int = 128) -> str:
+    """A claim value as the audit record may carry it: printable, encodable, bounded. A signed token can
+    carry anything its issuer put in it; none of it may stop the audit trail."""
+    return _UNPRINTABLE.sub("\ufffd", str(value))[:limit]

@@ -74,7 +74,8 @@ class Runtime:
             upstream=self.upstream, index=self.index, ring=self.ring,
             forward_headers=tuple(h.lower() for h in s.upstream.forward_headers),
             max_body_bytes=s.server.max_body_bytes, relations_max_age=s.relations.max_age_seconds,
-            refresh_soon=self._refresh_soon, names=ClientNames(self.upstream))
+            refresh_soon=self._refresh_soon, names=ClientNames(self.upstream),
+            trusted_proxies=frozenset(s.server.trusted_proxies))
         sup = self.supervisor
         poll = s.policy.poll_seconds
         self._policy = sup.add("policy", self._poll_policy, poll, stale_after=max(10 * poll, 60.0))

@@ -183,10 +183,10 @@ def test_rewritten_records_under_the_original_checkpoints_are_placed(run: dict[s
     rows = db.execute("SELECT seq, body FROM audit_records ORDER BY seq").fetchall()
     head = bytes(32)
     for seq, body in rows:
-        record = json.loads(body)
-        if seq == 27:  # a refusal (403) rewritten as a success
-            record["status"] = 200
-        new = canonical(record)
+        new = bytes(body)
+        if seq == 27:  # a refusal (403) rewritten as a success, the rest as stored, the chain re-linked
+            assert b'"status":403' in new
+            new = new.replace(b'"status":403', b'"status":200')
         head = link_hash(head, leaf_hash(new))
         db.execute("UPDATE audit_records SET body = ?, leaf = ?, link = ? WHERE seq = ?",
                    (new, leaf_hash(new), head, seq))
@@ -393,3 +393,28 @@ def test_commits_group_concurrent_requests_and_never_hold_a_lone_one(
         gw.service.stop()
     out = cli(gw, "audit", "verify", "--public-key", str(keys / "audit-signing.pub.pem"))
     assert verdict(out)["ok"] and verdict(out)["records"] == 29
+
+
+def test_a_replaced_store_is_noticed_and_nothing_is_released(crm: str, signing: Signing, tmp_path: Path) -> None:
+    """A store swapped for a copy would take the records into the deleted file, released with no record on
+    disk: the writer checks before each commit that the file is the one it opened, and fails closed."""
+    keys = make_keys(tmp_path / "keys")
+    gw = start_gateway(tmp_path / "gw", crm, signing, keys, policies=policies_copy(tmp_path / "gw"))
+    store = tmp_path / "gw" / "audit.sqlite3"
+    alice = gw.as_user("alice", "counsellor")
+    try:
+        assert gw.get("/clients/1", alice).status_code == 200
+        copy = tmp_path / "copy.sqlite3"
+        src, dst = sqlite3.connect(store), sqlite3.connect(copy)
+        src.backup(dst)
+        src.close()
+        dst.close()
+        assert gw.get("/clients/1", alice).status_code == 200  # the copy is now one record behind
+        os.replace(copy, store)
+        r = gw.get("/clients/1", alice)
+        assert r.status_code == 503 and "name" not in r.text
+        audit = HTTP.get(gw.url + "/readyz").json()["checks"]["audit"]
+        assert audit["ok"] is False and "the audit store file was replaced since it was opened" in audit["last_error"]
+        assert gw.get("/clients/1", alice).status_code == 503  # and stays closed until someone looks
+    finally:
+        gw.service.stop()

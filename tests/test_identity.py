@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import AUDIENCE, ISSUER, Gateway, Signing, start_gateway
+from tests.conftest import AUDIENCE, HTTP, ISSUER, Gateway, Signing, start_gateway
 
 
 def _b64(data: dict[str, object]) -> str:
@@ -166,3 +166,75 @@ def test_token_command_mints_a_working_token(gateway: Gateway, tmp_path: Path) -
     token = out.stdout.strip()
     assert jwt.decode(token, options={"verify_signature": False})["purpose_of_use"] == ["TREAT"]
     assert status(gateway, token) == 200
+
+
+def _refused(gw: Gateway, token: str, status_code: int, reason: str, **headers: str) -> None:
+    r = gw.get("/clients/1", token, headers=headers)
+    assert r.status_code == status_code, r.text
+    assert gw.audit_for(r.headers["x-request-id"])["reason"] == reason
+
+
+def _high_s(token: str) -> str:
+    """The same ES256 signature with S replaced by n - S: it still verifies, and is refused."""
+    head, body, sig = token.split(".")
+    raw = base64.urlsafe_b64decode(sig + "==")
+    n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+    s = int.from_bytes(raw[32:], "big")
+    other = raw[:32] + (n - s).to_bytes(32, "big")
+    return f"{head}.{body}." + base64.urlsafe_b64encode(other).rstrip(b"=").decode()
+
+
+def test_signed_tokens_a_lenient_parser_would_take_are_refused(gateway: Gateway, signing: Signing) -> None:
+    """Each needs the IdP's signature, and is refused all the same, with its reason in the audit record."""
+    now = int(time.time())
+    _refused(gateway, sign(signing, exp=str(now + 600)), 401, "claim exp is not a number")
+    _refused(gateway, sign(signing, iat=now, exp=now + 40 * 86_400), 401,
+             "token lifetime above identity.max_token_lifetime")
+    _refused(gateway, sign(signing, roles="counsellor"), 403, "no roles claim (a list of names)")
+    _refused(gateway, sign(signing, sub="alice\n"), 401, "bad sub")
+    _refused(gateway, "x" * 20_000, 401, "token too large")
+
+
+def test_both_spellings_of_one_es256_signature_are_one_token(gateway: Gateway, signing: Signing) -> None:
+    """(r, s) and (r, n - s) both verify: they are the same token, with the same identity in the trail (a
+    refusal of high S would refuse half of every IdP's genuine tokens); a forged S is not either."""
+    token = sign(signing, jti="malleable-1")
+    other = _high_s(token)
+    assert other != token
+    records = [gateway.audit_for(gateway.get("/clients/1", t).headers["x-request-id"]) for t in (token, other)]
+    assert [r["status"] for r in records] == [200, 200] and {r["token_id"] for r in records} == {"malleable-1"}
+    head, body, sig = token.split(".")
+    forged = f"{head}.{body}.{sig[:-4]}AAAA"
+    assert gateway.get("/clients/1", forged).status_code == 401
+
+
+def test_two_authorization_headers_are_refused(gateway: Gateway, signing: Signing) -> None:
+    good = f"Bearer {sign(signing)}"
+    r = HTTP.get(gateway.url + "/clients/1", headers=[("authorization", good), ("authorization", good)])
+    assert r.status_code == 400 and r.json()["error"] == "send one Authorization header"
+    assert gateway.audit_for(r.headers["x-request-id"])["reason"] == "repeated authorization header"
+
+
+def test_an_odd_claim_value_is_recorded_printable(gateway: Gateway, signing: Signing) -> None:
+    """A lone surrogate or a control character in a signed claim cannot stop the trail: it is recorded as
+    a replacement character, and the request is answered."""
+    r = gateway.get("/clients/1", sign(signing, jti="ab\ud800\ncd"))
+    assert r.status_code == 200
+    assert gateway.audit_for(r.headers["x-request-id"])["token_id"] == "ab\ufffd\ufffdcd"
+
+
+def test_a_websocket_upgrade_is_refused_and_audited(gateway: Gateway) -> None:
+    import socket
+
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"GET /clients/1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        answer = s.recv(4096).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 403"), answer
+    deadline = time.monotonic() + 5
+    while not any(r["method"] == "WEBSOCKET" for r in gateway.audit_records()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    rec = [r for r in gateway.audit_records() if r["method"] == "WEBSOCKET"][-1]
+    assert rec["outcome"] == "denied" and rec["reason"] == "websocket refused"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,8 +93,13 @@ def test_what_reaches_the_crm(gw: Gateway) -> None:
     assert r.status_code == 200
     seen = r.json()["email"]
     assert "authorization" not in seen and "cookie" not in seen and "x-secret" not in seen
-    assert seen["x-request-id"] == "trace-12345678" and r.headers["x-request-id"] == "trace-12345678"
-    assert seen["x-forwarded-for"] == "10.0.0.9, 127.0.0.1" and seen["x-forwarded-proto"] == "http"
+    # the request id is ours (a caller's could collide with another's record); theirs is kept beside it
+    ours = r.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{24}", ours) and seen["x-request-id"] == ours
+    rec = gw.audit_for(ours)
+    assert rec["caller_request_id"] == "trace-12345678" and rec["peer"] == "127.0.0.1"
+    # the caller's X-Forwarded-For is believed only from a configured proxy
+    assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-forwarded-proto"] == "http"
     assert seen["x-forwarded-host"].startswith("127.0.0.1:") and seen["accept-language"] == "en-GB"
     assert r.headers["cache-control"] == "no-store"
 
@@ -104,5 +110,17 @@ def test_oversized_upstream_answer(signing: Signing, shared_keys: Path, bad_upst
         r = g.get("/clients/10", g.as_user("alice", "counsellor"))
         assert r.status_code == 502 and r.json()["error"] == "upstream response too large"
         assert g.get("/clients/1", g.as_user("alice", "counsellor")).status_code == 200
+    finally:
+        g.service.stop()
+
+
+def test_a_configured_proxy_s_forwarding_chain_is_passed_on(bad_upstream: str, signing: Signing, shared_keys: Path,
+                                                           tmp_path: Path) -> None:
+    g = start_gateway(tmp_path, bad_upstream, signing, shared_keys, timeout=1.0, start=False)
+    g.config.write_text(g.config.read_text().replace("[server]\n", '[server]\ntrusted_proxies = ["127.0.0.1"]\n'))
+    g.service.start()
+    try:
+        r = g.get("/clients/9", g.as_user("alice", "counsellor"), headers={"x-forwarded-for": "10.0.0.9"})
+        assert r.json()["email"]["x-forwarded-for"] == "10.0.0.9, 127.0.0.1"
     finally:
         g.service.stop()

@@ -13,11 +13,15 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 
 @dataclass(slots=True)
 class AuditRecord:
     request_id: str
     method: str
+    caller_request_id: str | None = None  # the caller's own X-Request-Id, if they sent one
+    peer: str | None = None  # the address the request came from (the proxy's, behind one)
     seq: int | None = None  # position in the durable trail, set when committed
     started: float = field(default_factory=time.time)
     user: str | None = None
@@ -58,5 +62,29 @@ class AuditRecord:
         data["time"] = datetime.fromtimestamp(self.started, UTC).isoformat(timespec="milliseconds")
         return data
 
+    def encode(self) -> bytes:
+        """The record as canonical JSON, without its sequence number (the trail's writer puts it first). Done
+        on the event loop, before the record is queued: what reaches the writer thread is bytes, never an
+        object, and a value that cannot be encoded is made printable here rather than stopping the trail."""
+        data = self.as_dict()
+        del data["seq"]
+        try:
+            return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+        except TypeError:
+            return orjson.dumps(_printable(data), option=orjson.OPT_SORT_KEYS)
+
 
 _FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name != "started")
+
+
+def _printable(value: Any) -> Any:
+    """Every string encodable as UTF-8 (a lone surrogate becomes U+FFFD); anything else as its text."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return _printable(str(value))

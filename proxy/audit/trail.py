@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import queue
 import secrets
 import shutil
@@ -68,6 +69,10 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 
 class AuditUnavailable(Exception):
     """The record could not be made durable: no data may be released."""
+
+
+class StoreReplaced(Exception):
+    """The store is not the one this writer has been appending to: nothing more is written until restart."""
 
 
 class Trail(Protocol):
@@ -150,8 +155,8 @@ def read_checkpoints(conn: sqlite3.Connection) -> list[Checkpoint]:
 
 @dataclass(slots=True)
 class _Pending:
-    record: AuditRecord
-    done: asyncio.Future[None]
+    body: bytes  # the record, encoded on the event loop without its sequence number
+    done: asyncio.Future[int]  # its sequence number, once committed
 
 
 @dataclass(slots=True)
@@ -185,6 +190,7 @@ class DurableTrail:
         self._closing = False
         self._seq = 0
         self._head = GENESIS
+        self._identity: tuple[int, int] = (0, 0)  # device and inode of the store file as opened
         self._checkpointed = 0
         self._checkpoint_at = time.monotonic()
         self._signed: list[Checkpoint] = []  # signed by the writer thread, copied to the SIEM on the loop
@@ -214,6 +220,8 @@ class DurableTrail:
             self._seq, self._head = int(row[0]), bytes(row[1])
         last = conn.execute("SELECT MAX(size) FROM checkpoints").fetchone()
         self._checkpointed = int(last[0] or 0)
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
         self._conn = conn
         self.last_error = None
         if self._seq > self._checkpointed:
@@ -250,11 +258,11 @@ class DurableTrail:
         if self._writer is None or self._closing:
             raise AuditUnavailable("audit store not open")
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._pending.put(_Pending(record, done))
+        done: asyncio.Future[int] = loop.create_future()
+        self._pending.put(_Pending(record.encode(), done))
         deadline = loop.call_later(self.timeout, self._expire, done)  # a timer, not a task: cheap per request
         try:
-            await done
+            record.seq = await done
         finally:
             deadline.cancel()
 
@@ -270,7 +278,7 @@ class DurableTrail:
         except TimeoutError:
             raise AuditUnavailable("the audit writer did not answer") from None
 
-    def _expire(self, done: asyncio.Future[None]) -> None:
+    def _expire(self, done: asyncio.Future[int]) -> None:
         if not done.done():
             self.last_error = "audit commit timed out"
             done.set_exception(AuditUnavailable("audit commit timed out"))
@@ -298,7 +306,7 @@ class DurableTrail:
                 if self._conn is None:
                     self._open_sync()
                 if batch:
-                    bodies = self._commit_sync([p.record for p in batch])
+                    bodies = self._commit_sync([p.body for p in batch])
                 if ticks and self._checkpoint_due():
                     self._checkpoint_sync()
             except Exception as exc:  # disk, SQLite, or a record that cannot be serialised
@@ -343,9 +351,9 @@ class DurableTrail:
                     p.done.set_exception(AuditUnavailable(error))
             return
         self.last_error = None
-        for p in batch:
+        for p, body in zip(batch, bodies, strict=True):
             if not p.done.done():
-                p.done.set_result(None)
+                p.done.set_result(int(body[7:body.index(b",")]))  # b'{"seq":N,...'
         try:  # the SIEM copy, in one write per batch, from the bodies just committed
             self.siem.append_bodies(bodies)
             for cp in signed:
@@ -353,21 +361,23 @@ class DurableTrail:
         except Exception as exc:  # the SIEM copy must never hold back the durable trail
             log.error("SIEM audit line failed", error=type(exc).__name__)
 
-    def _commit_sync(self, records: list[AuditRecord]) -> list[bytes]:
+    def _commit_sync(self, records: list[bytes]) -> list[bytes]:
         """One transaction, one fsync. The head is read inside the write lock, so `fieldguard` commands
         can append beside a running gateway without forking the chain."""
         conn = self._conn
         assert conn is not None
+        self._check_store()
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = conn.execute("SELECT seq, link FROM audit_records ORDER BY seq DESC LIMIT 1").fetchone()
             seq, head = (int(row[0]), bytes(row[1])) if row is not None else (0, GENESIS)
+            if seq < self._seq:
+                raise StoreReplaced(f"the store holds {seq} records, {self._seq} were written to it")
             rows = []
-            for record in records:
+            for encoded in records:
                 seq += 1
-                record.seq = seq
-                body = canonical(record.as_dict())
+                body = b'{"seq":%d,' % seq + encoded[1:]
                 leaf = leaf_hash(body)
                 head = link_hash(head, leaf)
                 rows.append((seq, now, body, leaf, head))
@@ -377,8 +387,6 @@ class DurableTrail:
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            for record in records:
-                record.seq = None
             raise
         self._seq, self._head = seq, head
         self.last_commit = now
@@ -387,6 +395,21 @@ class DurableTrail:
         if self._seq - self._checkpointed >= self.checkpoint_every or self._checkpoint_due():
             self._checkpoint_sync()
         return [r[2] for r in rows]
+
+    def _check_store(self) -> None:
+        """Before each commit: the file on disk is the one this writer opened (a store replaced by a copy would
+        take the records into a deleted file), and it still ends, at our last record, with our head."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise StoreReplaced("the audit store file is gone") from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise StoreReplaced("the audit store file was replaced since it was opened")
+        if self._seq:
+            assert self._conn is not None
+            row = self._conn.execute("SELECT link FROM audit_records WHERE seq = ?", (self._seq,)).fetchone()
+            if row is None or bytes(row[0]) != self._head:
+                raise StoreReplaced(f"the audit store no longer ends with record {self._seq} as it was written")
 
     def _checkpoint_due(self) -> bool:
         return time.monotonic() - self._checkpoint_at >= self.checkpoint_seconds
