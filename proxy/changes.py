@@ -18,7 +18,7 @@ from proxy.exchange import Answer, Exchange, ListRead, OpaqueRead, RecordRead
 from proxy.policy import View, assigned_ids
 from proxy.routes import Route, Shape, Verb
 from proxy.upstream import UpstreamResponse
-from proxy.writes import check_write, fill_gateway_set, merged, needs_stored, seal_fields
+from proxy.writes import WriteRefused, check_write, fill_gateway_set, merged, needs_stored, seal_fields
 
 
 def kind_of(route: Route) -> type[Exchange]:
@@ -54,6 +54,10 @@ class Write(Exchange):
         self.body = body
 
     async def locate(self) -> None:
+        in_path, in_body = self.params.get("client_id"), self._client_in_body()
+        if in_path is not None and in_body is not None and in_body != in_path:
+            field = self.resource.client_field
+            raise WriteRefused(422, f"{field} in the body names another client than the path", [str(field)])
         if self.route.verb is Verb.UPDATE and needs_stored(self.route.merge, self.body):
             await self._read_stored()
         if self.route.verb is Verb.CREATE and "client_id" not in self.params:

@@ -112,7 +112,10 @@ class Exchange:
         raise NotImplementedError
 
     async def finish(self) -> None:
-        await self._resolve(set(self.disclosure.clients))
+        named = set(self.disclosure.clients)
+        on_record = {c for c in named if c in self.ctx.index.counsellor_of}  # the CRM's caseloads name them
+        await self._resolve(on_record)
+        await self._resolve(named - on_record, create=False)
         self.disclosure.into(self.record, self.redactor.summary(), {**{c: "erased" for c in self.erased},
                                                                       **self.pseudonyms})
         covered = [c for c, rels in self.disclosure.clients.items() if Relation.COVER in rels]
@@ -174,11 +177,17 @@ class Exchange:
             raise GatewayError(502, "upstream record has an unexpected shape")
         return self.redactor.client_of(self.resource, current)
 
-    async def _resolve(self, client_ids: set[str]) -> None:
-        """Fetch the pseudonyms of these clients (one keystore query for those not cached)."""
+    async def _resolve(self, client_ids: set[str], create: bool = True) -> None:
+        """Fetch the pseudonyms of these clients (one keystore query for those not cached). Only clients the CRM
+        has (it answered about them, or its caseloads name them) get one made (`create`): an id that was only
+        asked for, and refused, gets none, or every denied request naming a new id would grow the keystore for
+        ever; its record says "unresolved"."""
         missing = client_ids - self.pseudonyms.keys() - self.erased
         if missing and self.ctx.ring is not None:
-            self.pseudonyms.update(await self.ctx.ring.pseudonyms(missing))
+            if create:
+                self.pseudonyms.update(await self.ctx.ring.pseudonyms(missing))
+            else:
+                self.pseudonyms.update(await self.ctx.ring.known_pseudonyms(missing))
             unknown = missing - self.pseudonyms.keys()  # none is made for an erased client
             if unknown:
                 self.erased |= await self.ctx.ring.store.tombstoned(unknown)

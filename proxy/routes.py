@@ -17,6 +17,8 @@ from proxy.errors import GatewayError
 
 _PARAM = re.compile(r"^\{([a-z_][a-z0-9_]*)(?::(int|str))?\}$")
 PSEUDONYM = re.compile(r"^P-[0-9A-F]{16}$")
+MAX_INT_DIGITS = 19  # a 64-bit id
+MAX_PARAM_CHARS = 128
 """A client's pseudonym, as a caller who may not know the client's CRM id gives it in its place
 (`GET /clients/P-7Q2M...`); the gateway resolves it to the CRM id before anything else."""
 _SAFE_SEGMENT = "-._~!$&'()*+,=:@"
@@ -193,6 +195,8 @@ def _bind(route: Route, segments: tuple[str, ...]) -> dict[str, str] | None:
     for i, (pattern, actual) in enumerate(zip(route.segments, segments, strict=True)):
         if i in param_at:
             name, kind = param_at[i]
+            if len(actual) > (MAX_INT_DIGITS if kind == "int" else MAX_PARAM_CHARS) and not PSEUDONYM.match(actual):
+                return None  # an id is short: a 50 KB "id" is refused before it names anything
             if kind == "int" and not (actual.isascii() and actual.isdigit()) and not (
                     name == "client_id" and PSEUDONYM.match(actual)):
                 return None

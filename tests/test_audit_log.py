@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 from tests.conftest import Gateway, direct
 
 
@@ -51,3 +54,29 @@ def test_a_cover_grant_is_named_with_its_reason_in_every_record_it_decides(gatew
     assert rec["cover"] == [{"grant": "cover.yaml:2", "reason": "test cover while bob is away"}]
     other = gateway.get("/clients/1", dana)  # alice's client: no grant decides it
     assert gateway.audit_for(other.headers["x-request-id"])["cover"] == []
+
+
+def test_denied_requests_for_ids_the_crm_never_named_make_no_pseudonym(gateway: Gateway, shared_keys: Path) -> None:
+    """Each used to add a permanent pseudonym row: 200 such requests grew the keystore by 22 MB."""
+    def rows() -> int:
+        with sqlite3.connect(shared_keys / "keystore.sqlite3") as db:
+            return int(db.execute("SELECT COUNT(*) FROM client_pseudonyms").fetchone()[0])
+
+    alice = gateway.as_user("alice", "counsellor")
+    before = rows()
+    for n in range(30):
+        r = gateway.get(f"/clients/{9_000_000 + n}/session-notes", alice)
+        assert r.status_code == 403
+        assert gateway.audit_for(r.headers["x-request-id"])["clients"] == ["unresolved"]
+    for too_long in ("7" * 50_000, "1" * 20):  # ids are bounded by the route: a 64-bit integer at most
+        r = gateway.get("/clients/" + too_long, alice)
+        assert r.status_code == 403 and gateway.audit_for(r.headers["x-request-id"])["reason"] == "unknown route"
+    assert rows() == before
+
+
+def test_a_denied_request_for_a_client_on_a_caseload_is_found_by_subject_access(gateway: Gateway) -> None:
+    """The CRM has this client (a caseload names them), so the refusal is theirs to see in an access report."""
+    r = gateway.get("/clients/3/session-notes", gateway.as_user("erin", "admin"))
+    assert r.status_code == 403
+    clients = gateway.audit_for(r.headers["x-request-id"])["clients"]
+    assert len(clients) == 1 and clients[0].startswith("P-")

@@ -265,3 +265,15 @@ def test_a_route_declares_how_its_crm_merges(tmp_path: Path) -> None:
     assert route.merge == "deep"
     with pytest.raises(MapError, match="merge must be one of shallow, deep, replace"):
         parse_fieldmap(deep.replace("{merge: deep}", "{merge: sideways}"))
+
+
+def test_a_nested_create_whose_body_names_another_client_is_refused(gw: Gateway, crm_w: str) -> None:
+    """POST /clients/1/letters with client_id 2 in the body was checked against client 1 only and forwarded;
+    only the example CRM's own check stopped it. Now the gateway refuses, naming the field."""
+    alice = gw.as_user("alice", "counsellor")
+    before = direct(crm_w, "/clients/2/letters?per_page=1")["total"]
+    r = gw.request("POST", "/clients/1/letters", alice, json={"client_id": 2, "subject": "x", "body": "y",
+                                                               "third_party": False})
+    assert r.status_code == 422 and r.json()["error"] == "client_id in the body names another client than the path"
+    assert gw.audit_for(r.headers["x-request-id"])["refused"] == ["client_id"]
+    assert direct(crm_w, "/clients/2/letters?per_page=1")["total"] == before

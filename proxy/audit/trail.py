@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
 import queue
 import secrets
@@ -192,7 +193,7 @@ class DurableTrail:
         self._head = GENESIS
         self._identity: tuple[int, int] = (0, 0)  # device and inode of the store file as opened
         self._checkpointed = 0
-        self._checkpoint_at = time.monotonic()
+        self._checkpoint_at = -math.inf  # a new run's first records are signed at the first beat
         self._signed: list[Checkpoint] = []  # signed by the writer thread, copied to the SIEM on the loop
         self.last_error: str | None = None
         self.last_commit: float | None = None

@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -24,9 +25,11 @@ from proxy.audit.trail import GENESIS, StoredRecord, connect, leaf_hash, link_ha
 @dataclass(slots=True)
 class Verdict:
     ok: bool = True
-    records: int = 0
+    records: int = 0  # verified, in order, up to the first bad record (all of them when ok)
+    total: int = 0  # records the trail holds
     checkpoints: int = 0
     last_checkpoint: int = 0
+    last_checkpoint_time: str = ""  # when the last checkpoint the records reach was signed (ISO 8601, UTC)
     problems: list[str] = field(default_factory=list)
     first_bad: int | None = None  # sequence number of the first record found bad
 
@@ -45,7 +48,8 @@ class Verdict:
 def verify_store(path: Path, public: Ed25519PublicKey, anchors: Iterable[Checkpoint] = ()) -> Verdict:
     conn = connect(path, readonly=True)
     try:
-        return verify(read_records(conn), read_checkpoints(conn), public, anchors)
+        total = int(conn.execute("SELECT COUNT(*) FROM audit_records").fetchone()[0])
+        return verify(read_records(conn), read_checkpoints(conn), public, anchors, total)
     except sqlite3.DatabaseError as exc:
         verdict = Verdict()
         verdict.fail(f"the store cannot be read: {exc}")
@@ -55,29 +59,69 @@ def verify_store(path: Path, public: Ed25519PublicKey, anchors: Iterable[Checkpo
 
 
 def read_export(path: Path) -> tuple[list[StoredRecord], list[Checkpoint]]:
+    """An export (`fieldguard audit export --format jsonl`): records with their hashes, and checkpoints."""
     records: list[StoredRecord] = []
     checkpoints: list[Checkpoint] = []
+    for n, item in _lines(path):
+        if "checkpoint" in item:
+            checkpoints.append(_checkpoint(item["checkpoint"], path, n))
+        elif {"seq", "body", "leaf", "link"} <= item.keys():
+            try:
+                records.append(StoredRecord(int(item["seq"]), str(item["body"]).encode(),
+                                            bytes.fromhex(item["leaf"]), bytes.fromhex(item["link"])))
+            except (TypeError, ValueError):
+                raise VerifyInputError(f"{path}:{n}: not a record of an export") from None
+        else:
+            raise VerifyInputError(f"{path}:{n}: neither a record nor a checkpoint of an export")
+    return records, checkpoints
+
+
+def read_anchors(path: Path) -> list[Checkpoint]:
+    """Checkpoints kept elsewhere, from an export or from the SIEM log (its `audit checkpoint` lines; its
+    access lines are ignored)."""
+    found: list[Checkpoint] = []
+    for n, item in _lines(path):
+        if "checkpoint" in item:
+            found.append(_checkpoint(item["checkpoint"], path, n))
+        elif item.get("event") == "audit checkpoint":
+            found.append(_checkpoint(item, path, n))
+    if not found:
+        raise VerifyInputError(f"{path}: no checkpoint in it to anchor the trail to")
+    return found
+
+
+class VerifyInputError(ValueError):
+    """A file given to verify is not what it should be: said, with its line, never a traceback."""
+
+
+def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            item = json.loads(line)
-            if "checkpoint" in item:
-                checkpoints.append(Checkpoint.from_dict(item["checkpoint"]))
-            else:
-                records.append(StoredRecord(int(item["seq"]), item["body"].encode(), bytes.fromhex(item["leaf"]),
-                                            bytes.fromhex(item["link"])))
-    return records, checkpoints
+            try:
+                item = json.loads(line)
+            except ValueError:
+                raise VerifyInputError(f"{path}:{n}: not JSON") from None
+            if isinstance(item, dict):
+                yield n, item
+
+
+def _checkpoint(data: Any, path: Path, line: int) -> Checkpoint:
+    try:
+        return Checkpoint.from_dict(data)
+    except (KeyError, TypeError, ValueError):
+        raise VerifyInputError(f"{path}:{line}: not a checkpoint") from None
 
 
 def verify_export(path: Path, public: Ed25519PublicKey, anchors: Iterable[Checkpoint] = ()) -> Verdict:
     records, checkpoints = read_export(path)
-    return verify(iter(records), checkpoints, public, anchors)
+    return verify(iter(records), checkpoints, public, anchors, len(records))
 
 
 def verify(records: Iterator[StoredRecord], checkpoints: list[Checkpoint], public: Ed25519PublicKey,
-           anchors: Iterable[Checkpoint] = ()) -> Verdict:
-    verdict = Verdict()
+           anchors: Iterable[Checkpoint] = (), total: int = 0) -> Verdict:
+    verdict = Verdict(total=total)
     trusted = key_id(public)
     signed: dict[int, Checkpoint] = {}
     for candidate in [*checkpoints, *anchors]:
@@ -125,6 +169,7 @@ def verify(records: Iterator[StoredRecord], checkpoints: list[Checkpoint], publi
                 return _finish(verdict, rec.seq, signed)
             previous_anchor = rec.seq
             verdict.last_checkpoint = rec.seq
+            verdict.last_checkpoint_time = anchor.time
         verdict.records = rec.seq
         expected += 1
     return _finish(verdict, verdict.records, signed)

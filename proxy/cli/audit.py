@@ -6,13 +6,17 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from proxy.cli.options import ACTOR, CONFIG, echo, record, run, settings_of
 from proxy.config import Settings
+
+if TYPE_CHECKING:
+    from proxy.audit import Verdict
 
 
 @click.group()
@@ -40,6 +44,21 @@ async def _pseudonym_of(settings: Settings, client_id: str) -> str:
     return found
 
 
+def _pending(verdict: Verdict, settings: Settings) -> bool:
+    """True when the unsigned tail is what a running gateway leaves between checkpoints: the last checkpoint
+    is at most two intervals old and the tail no longer than one. Anything older is a trail whose later
+    checkpoints are gone (or a gateway killed before its last), and is reported as such."""
+    if not verdict.unanchored or not verdict.last_checkpoint_time:
+        return False
+    try:
+        signed = datetime.fromisoformat(verdict.last_checkpoint_time)
+    except ValueError:
+        return False
+    age = (datetime.now(UTC) - signed).total_seconds()
+    audit = settings.audit
+    return -5.0 <= age <= 2 * audit.checkpoint_seconds + 5.0 and verdict.unanchored <= audit.checkpoint_every
+
+
 @audit.command("verify")
 @CONFIG
 @click.option("--store", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -49,25 +68,54 @@ async def _pseudonym_of(settings: Settings, client_id: str) -> str:
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="the checkpoint public key you were given (default: the one beside the signing key)")
 @click.option("--anchor", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="checkpoints kept elsewhere (an earlier export, the SIEM): the trail must still match them")
+              help="checkpoints kept elsewhere (an earlier export, the SIEM log): the trail must still match them")
+@click.option("--allow-unanchored", is_flag=True,
+              help="records no signed checkpoint covers yet (a running gateway's last minute) are not an error")
 def audit_verify(config: Path | None, store: Path | None, export_file: Path | None, public_key: Path | None,
-                 anchor: Path | None) -> None:
-    """Re-hash every record and check sequence, links and signed checkpoints; exit 1 on any tampering."""
-    from proxy.audit import load_public, public_path, read_export, verify_export, verify_store
+                 anchor: Path | None, allow_unanchored: bool) -> None:
+    """Re-hash every record and check sequence, links and signed checkpoints; exit 1 on any tampering.
+
+    Records that no signed checkpoint covers prove nothing on their own (a trail rewritten with its
+    checkpoints deleted re-links perfectly): without --anchor they are an error, unless --allow-unanchored."""
+    from proxy.audit import (
+        VerifyInputError,
+        load_public,
+        public_path,
+        read_anchors,
+        verify_export,
+        verify_store,
+    )
 
     settings = settings_of(config)
     key_file = public_key or public_path(settings.keys.in_dir(settings.audit.signing_key))
     if public_key is None:
         click.echo(f"note: trusting {key_file}; pass --public-key with the key you were given", err=True)
-    public = load_public(key_file)
-    anchors = read_export(anchor)[1] if anchor is not None else []
-    if export_file is not None:
-        verdict = verify_export(export_file, public, anchors)
-    else:
-        verdict = verify_store(_store(settings, store), public, anchors)
-    echo({"ok": verdict.ok, "records": verdict.records, "checkpoints": verdict.checkpoints,
-           "last_checkpoint": verdict.last_checkpoint, "unanchored": verdict.unanchored,
-           "first_bad_record": verdict.first_bad, "problems": verdict.problems})
+    try:
+        public = load_public(key_file)
+    except ValueError as exc:
+        raise click.ClickException(f"{key_file}: not an Ed25519 public key ({exc})") from None
+    try:
+        anchors = read_anchors(anchor) if anchor is not None else []
+        if export_file is not None:
+            verdict = verify_export(export_file, public, anchors)
+        else:
+            verdict = verify_store(_store(settings, store), public, anchors)
+    except VerifyInputError as exc:
+        raise click.ClickException(str(exc)) from None
+    pending = _pending(verdict, settings)
+    if verdict.ok and anchor is None and not allow_unanchored:
+        if verdict.total == 0:
+            verdict.fail("the trail holds no record: nothing was verified (an emptied store looks like this)")
+        elif verdict.unanchored and not pending:
+            covered = f"only records 1 to {verdict.last_checkpoint} are" if verdict.last_checkpoint else "none is"
+            verdict.fail(f"{verdict.unanchored} records are covered by no recent signed checkpoint ({covered}): a "
+                         "trail re-linked with its checkpoints deleted would look the same; pass --anchor with "
+                         "checkpoints kept elsewhere (the SIEM log), or --allow-unanchored after an unclean stop; "
+                         "a running gateway signs new records within seconds of a quiet spell, so run it again")
+    echo({"ok": verdict.ok, "records": verdict.total, "verified": verdict.records, "checkpoints": verdict.checkpoints,
+          "last_checkpoint": verdict.last_checkpoint, "last_checkpoint_time": verdict.last_checkpoint_time or None,
+          "unanchored": verdict.unanchored, "pending": pending, "first_bad_record": verdict.first_bad,
+          "problems": verdict.problems})
     if not verdict.ok:
         sys.exit(1)
 

@@ -113,6 +113,19 @@ class KeyRing:
                 found[cid] = pseudonym
         return found
 
+    async def known_pseudonyms(self, client_ids: Iterable[str]) -> dict[str, str]:
+        """The pseudonyms these clients already have; none is made."""
+        found: dict[str, str] = {}
+        for cid in client_ids:
+            hit = self.pseudonym_cache.get(cid)
+            if hit is None:
+                hit = await self.store.known_pseudonym(cid)
+                if hit is not None:
+                    self.pseudonym_cache.put(cid, hit)
+            if hit is not None:
+                found[cid] = hit
+        return found
+
     # ----------------------------------------------------------------- reading
     async def prefetch(self, key_ids: Iterable[bytes]) -> None:
         """Fetch keystore rows for keys not cached: one query, no unwrapping."""
