@@ -39,6 +39,7 @@ class Write(Exchange):
     etag: str | None = None
     written: frozenset[str] = frozenset()
     orphans: tuple[bytes, ...] = ()  # keys made for a client the CRM has not named yet
+    sealed_with: tuple[bytes, ...] = ()  # the client's keys the body was sealed with
 
     async def read(self) -> None:
         content_type = self.req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -167,14 +168,31 @@ class Write(Exchange):
         keys = {scope: await ring.for_writing(client, scope) for scope in sorted(scopes)}
         seal_fields(self.resource, body, classes, keys, self.stored)
         self.disclosure.key_ids |= {k.key.hex_id for k in keys.values()}
+        if client is not None:
+            self.sealed_with = tuple(k.key.key_id for k in keys.values())
         return [k.key.key_id for k in keys.values()] if client is None else []
 
+    async def _keys_destroyed(self) -> bool:
+        """Whether a shred committed (in any process) since the body was sealed: the keystore, not the cache."""
+        if not self.sealed_with or self.cipher is None:
+            return False
+        rows = await self.cipher.ring.store.get_many(self.sealed_with)
+        return any(rows.get(k) is None or rows[k].wrapped is None for k in self.sealed_with)
+
     async def forward(self, body: bytes | None) -> Answer:
+        if await self._keys_destroyed():
+            raise GatewayError(410, "this client's records were erased while the write was prepared; nothing was "
+                                    "written", reason="client erased")
         try:
-            return await self._request(self.route.method, self._query(), body, self.etag)
+            answer = await self._request(self.route.method, self._query(), body, self.etag)
         except GatewayError:
             await self._settle(None)
             raise
+        if isinstance(answer, UpstreamResponse) and answer.status < 400 and await self._keys_destroyed():
+            # the shred won the race by a hair: the CRM holds fields sealed with keys that no longer exist
+            raise GatewayError(410, "this client's records were erased while the write was in flight; what it "
+                                    "sealed can never be read", reason="client erased during the write")
+        return answer
 
     async def rewrite(self, answer: Answer) -> Reply:
         try:

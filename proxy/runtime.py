@@ -20,7 +20,7 @@ from proxy.audit import AuditRecord, AuditUnavailable, Siem, load_public, open_t
 from proxy.config import Settings
 from proxy.exchange import Context
 from proxy.identity import TokenVerifier
-from proxy.keys import KeyEncryptionKey, KeyRing, open_kek, open_keyring
+from proxy.keys import BEAT_SECONDS, LIVE_SECONDS, KeyEncryptionKey, KeyRing, open_kek, open_keyring
 from proxy.metrics import Metrics
 from proxy.policy import BundleSource, PolicyBundle, PolicyError, PolicyWatcher, RelationIndex, load_bundle
 from proxy.scrub import ClientNames
@@ -84,6 +84,7 @@ class Runtime:
         ring = self.ring
         every = s.keys.revocation_poll_seconds
         sup.add("revocations", ring.poll_revocations, every, stale_after=max(20 * every, 10.0))
+        sup.add("keystore", ring.beat, BEAT_SECONDS, stale_after=LIVE_SECONDS)
         beat = min(s.audit.checkpoint_seconds, 5.0)
         sup.add("audit", self.trail.tick, beat, stale_after=max(6 * beat, 4 * s.audit.timeout_seconds))
         await sup.start()
@@ -107,6 +108,8 @@ class Runtime:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(Path(self.settings.server.pid_file).unlink)
         if self.ring is not None:
+            with contextlib.suppress(Exception):  # gone from the registry at once, or aged out of it
+                await self.ring.leave()
             await self.ring.store.close()
         await self.trail.close()
 

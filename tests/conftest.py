@@ -300,7 +300,8 @@ audience = "{AUDIENCE}"
 [keys]
 dir = "{keys}"
 revocation_poll_seconds = 0.2
-{keys_extra or _passphrase_file(directory)}
+{_passphrase_file(directory) if "passphrase" not in keys_extra and "pkcs11" not in keys_extra else ""}
+{keys_extra}
 
 [audit]
 log = "{audit}"

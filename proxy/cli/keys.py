@@ -65,10 +65,13 @@ def keys_status(config: Path | None) -> None:
 @keys.command("rotate-kek")
 @CONFIG
 @DRY_RUN
-@click.option("--retire-old", is_flag=True, help="afterwards, destroy KEKs that no longer wrap any key "
-              "(backups of the keystore made before then become unreadable)")
+@click.option("--retire-old", is_flag=True, help="afterwards, destroy KEKs that no longer wrap any key and no "
+              "running gateway uses (backups of the keystore made before then become unreadable)")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(0, 600), default=15.0, show_default=True,
+              help="with --retire-old: how long to wait for running gateways to take up the new KEK")
 @ACTOR
-def keys_rotate_kek(config: Path | None, dry_run: bool, retire_old: bool, actor: str | None) -> None:
+def keys_rotate_kek(config: Path | None, dry_run: bool, retire_old: bool, wait_seconds: float,
+                    actor: str | None) -> None:
     """Make a new KEK current and re-wrap every data key (no CRM traffic); rerun to resume."""
     from proxy.keys import lifecycle
 
@@ -78,11 +81,16 @@ def keys_rotate_kek(config: Path | None, dry_run: bool, retire_old: bool, actor:
         _audit(settings, preview, actor)
         echo({"would_rewrap": preview.counts["to_rewrap"], "resuming": preview.detail["resuming"]})
         return
-    with click.progressbar(length=preview.counts["to_rewrap"], label="re-wrapping data keys") as bar:
-        report = run(lifecycle.rotate_kek(settings.keys, False, retire_old, bar.update))
+    with click.progressbar(length=preview.counts["to_rewrap"], label="re-wrapping data keys",
+                           file=sys.stderr) as bar:
+        report = run(lifecycle.rotate_kek(settings.keys, False, retire_old, bar.update, wait_seconds=wait_seconds))
     _audit(settings, report, actor)
+    refused: dict[str, str] = report.detail.get("not_retired", {})
     echo({"kek": report.detail["kek"], "rewrapped": report.counts["rewrapped"],
-          "retired": report.detail.get("retired", [])})
+          "retired": report.detail.get("retired", []), "not_retired": refused})
+    if refused:
+        raise click.ClickException("some old KEKs were kept: " + "; ".join(f"{k}: {why}" for k, why in refused.items())
+                                   + " (they are retired by the next `keys rotate-kek --retire-old`)")
 
 
 @keys.command("rotate")

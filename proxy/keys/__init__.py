@@ -7,11 +7,12 @@ from proxy.keys.cipher import CipherFailure, FieldCipher
 from proxy.keys.custody import create_kek, open_kek, open_keyring
 from proxy.keys.envelope import PREFIX, EnvelopeError, associated_where, is_sealed, seal
 from proxy.keys.kek import FileKek, KekError, KeyEncryptionKey, Pkcs11Kek, ScryptParams
-from proxy.keys.ring import KeyRing, OpenKey, wrap_aad
-from proxy.keys.store import DataKey, KeyStatus, Keystore, SqliteKeystore
+from proxy.keys.ring import BEAT_SECONDS, LIVE_SECONDS, KeyRing, OpenKey, wrap_aad
+from proxy.keys.store import DataKey, KeyStatus, Keystore, KeystoreConflict, SqliteKeystore
 
 __all__ = [
-    "PREFIX", "CipherFailure", "DataKey", "EnvelopeError", "FieldCipher", "FileKek", "KekError", "KeyEncryptionKey",
-    "KeyRing", "KeyStatus", "Keystore", "OpenKey", "Pkcs11Kek", "ScryptParams", "SqliteKeystore", "associated_where",
-    "create_kek", "is_sealed", "open_kek", "open_keyring", "seal", "wrap_aad",
+    "BEAT_SECONDS", "LIVE_SECONDS", "PREFIX", "CipherFailure", "DataKey", "EnvelopeError", "FieldCipher", "FileKek",
+    "KekError", "KeyEncryptionKey", "KeyRing", "KeyStatus", "Keystore", "KeystoreConflict", "OpenKey", "Pkcs11Kek",
+    "ScryptParams", "SqliteKeystore", "associated_where", "create_kek", "is_sealed", "open_kek", "open_keyring", "seal",
+    "wrap_aad",
 ]

@@ -36,10 +36,18 @@ class KekError(Exception):
 
 
 class KeyEncryptionKey(Protocol):
-    """Wraps and unwraps data keys. `wrap` always uses the current KEK version."""
+    """Wraps and unwraps data keys. `wrap` always uses the current KEK version.
+
+    Rotation runs in another process (`fieldguard keys rotate-kek`) beside running gateways: `refresh`
+    takes up the versions it made or retired, cheaply when nothing changed. `blocking` says a call may
+    wait on a device (a token), so the request path makes it off the event loop."""
+
+    blocking: bool
 
     @property
     def current_id(self) -> str: ...
+
+    def refresh(self) -> bool: ...
 
     def wrap(self, dek: bytes, aad: bytes) -> tuple[bytes, str]: ...
 
@@ -70,26 +78,60 @@ class ScryptParams:
 class FileKek:
     """KEKs sealed in a JSON file under a passphrase-derived key."""
 
+    blocking = False
+
     def __init__(self, path: Path, passphrase: bytes) -> None:
         self.path = path
         if not path.exists():
             raise KekError(f"{path} does not exist: run `fieldguard keys init`")
         check_private(path)
-        doc = json.loads(path.read_text())
-        if doc.get("format") != "fieldguard-kek-file-1":
-            raise KekError(f"{path} is not a FieldGuard KEK file")
-        self._doc = doc
+        doc, seen = self._read()
         params = doc["kdf"]
-        self._wrapping = AESGCM(_derive(passphrase, _unb64(params["salt"]),
-                                        ScryptParams(params["n"], params["r"], params["p"])))
+        self._salt = _unb64(params["salt"])
+        self._wrapping = AESGCM(_derive(passphrase, self._salt, ScryptParams(params["n"], params["r"], params["p"])))
         self._keks: dict[str, AESGCM] = {}
+        self._load(doc, seen)
+
+    def _read(self) -> tuple[dict[str, Any], tuple[int, int, int]]:
+        st = os.stat(self.path)
+        try:
+            doc = json.loads(self.path.read_bytes())
+        except ValueError:
+            raise KekError(f"{self.path} is not a FieldGuard KEK file") from None
+        if not isinstance(doc, dict) or doc.get("format") != "fieldguard-kek-file-1":
+            raise KekError(f"{self.path} is not a FieldGuard KEK file")
+        return doc, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _load(self, doc: dict[str, Any], seen: tuple[int, int, int]) -> None:
+        keks: dict[str, AESGCM] = {}
         for entry in doc["keks"]:
+            known = self._keks.get(entry["kek_id"])
+            if known is not None:
+                keks[entry["kek_id"]] = known
+                continue
             try:
                 raw = self._wrapping.decrypt(_unb64(entry["nonce"]), _unb64(entry["sealed"]), entry["kek_id"].encode())
             except InvalidTag:
-                raise KekError(f"{path}: wrong passphrase (or the file was altered)") from None
-            self._keks[entry["kek_id"]] = AESGCM(raw)
-        self._current = doc["current"]
+                raise KekError(f"{self.path}: wrong passphrase (or the file was altered)") from None
+            keks[entry["kek_id"]] = AESGCM(raw)
+        if doc["current"] not in keks:
+            raise KekError(f"{self.path}: its current KEK is not among its keys")
+        self._doc, self._keks, self._current, self._seen = doc, keks, str(doc["current"]), seen
+
+    def refresh(self) -> bool:
+        """Take up a rotation or retirement another process wrote (the file is replaced atomically, so a
+        changed inode, time or size is the sign); a file that cannot be used keeps the versions held."""
+        try:
+            st = os.stat(self.path)
+            if (st.st_ino, st.st_mtime_ns, st.st_size) == self._seen:
+                return False
+            doc, seen = self._read()
+            if _unb64(doc["kdf"]["salt"]) != self._salt:
+                raise KekError(f"{self.path} was replaced by a KEK file under another passphrase")
+            self._load(doc, seen)
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise KekError(f"{self.path} cannot be re-read: {type(exc).__name__}") from None
+        return True
 
     @classmethod
     def create(cls, path: Path, passphrase: bytes, params: ScryptParams = ScryptParams()) -> FileKek:
@@ -125,23 +167,30 @@ class FileKek:
             raise KekError("wrapped key failed authentication") from None
 
     def rotate(self) -> str:
+        self.refresh()
         kek_id = _new_kek_id()
         raw = AESGCM.generate_key(256)
         self._doc["keks"].append(_seal_entry(self._wrapping, kek_id, raw))
         self._doc["current"] = kek_id
-        write_private(self.path, json.dumps(self._doc, indent=2).encode())
+        self._write()
         self._keks[kek_id] = AESGCM(raw)
         self._current = kek_id
         return kek_id
+
+    def _write(self) -> None:
+        write_private(self.path, json.dumps(self._doc, indent=2).encode())
+        st = os.stat(self.path)
+        self._seen = (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def known_ids(self) -> list[str]:
         return list(self._keks)
 
     def retire(self, kek_id: str) -> None:
+        self.refresh()
         if kek_id == self._current:
             raise KekError("the current KEK cannot be retired")
         self._doc["keks"] = [e for e in self._doc["keks"] if e["kek_id"] != kek_id]
-        write_private(self.path, json.dumps(self._doc, indent=2).encode())
+        self._write()
         self._keks.pop(kek_id, None)
 
 
@@ -190,6 +239,7 @@ class Pkcs11Kek:
     """A KEK that never leaves a PKCS#11 token: AES-256, sensitive, non-extractable; the token wraps."""
 
     LABEL_PREFIX = "fieldguard-kek-"
+    blocking = True
 
     def __init__(self, module: str, token_label: str, pin: str) -> None:
         import pkcs11
@@ -224,6 +274,17 @@ class Pkcs11Kek:
     @property
     def current_id(self) -> str:
         return self._current
+
+    def refresh(self) -> bool:
+        """The newest label is current: another process's rotation is taken up, a retired label forgotten."""
+        ids = self.known_ids()
+        if not ids:
+            raise KekError("the token holds no FieldGuard KEK any more")
+        for gone in set(self._keys) - set(ids):
+            self._keys.pop(gone, None)
+        changed = max(ids) != self._current
+        self._current = max(ids)
+        return changed
 
     def wrap(self, dek: bytes, aad: bytes) -> tuple[bytes, str]:
         from pkcs11.mechanisms import GCMParams

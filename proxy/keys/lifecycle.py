@@ -7,6 +7,7 @@ only: the CRM is not touched, and an interrupted rotation resumes where it stopp
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import time
 from collections.abc import Callable
@@ -15,7 +16,8 @@ from typing import Any
 
 from proxy.config import KeysSection
 from proxy.keys.custody import create_kek, open_kek, open_keyring
-from proxy.keys.ring import wrap_aad
+from proxy.keys.kek import KeyEncryptionKey
+from proxy.keys.ring import BEAT_SECONDS, LIVE_SECONDS, KeyRing, wrap_aad
 from proxy.keys.store import KeyStatus
 from proxy.policy.fieldmap import KEY_SCOPES
 
@@ -51,15 +53,21 @@ async def status(config: KeysSection) -> dict[str, Any]:
     ring = await open_keyring(config, kek)
     try:
         summary = await ring.store.summary()
+        gateways = await ring.store.live_gateways(LIVE_SECONDS)
     finally:
         await ring.store.close()
     return {"backend": config.kek, "current_kek": kek.current_id, "keks": kek.known_ids(), **summary,
-            "cache": {"size": config.cache_size, "seconds": config.cache_seconds}}
+            "gateways": gateways, "cache": {"size": config.cache_size, "seconds": config.cache_seconds}}
 
 
 async def rotate_kek(config: KeysSection, dry_run: bool, retire_old: bool, progress: Progress | None = None,
-                     batch: int = 500) -> KeyReport:
-    """Make a new KEK current and re-wrap every data key under it; resume an interrupted rotation."""
+                     batch: int = 500, wait_seconds: float = 3 * BEAT_SECONDS) -> KeyReport:
+    """Make a new KEK current and re-wrap every data key under it; resume an interrupted rotation.
+
+    With `retire_old`, the old versions are destroyed only once no data key and no running gateway uses
+    them, checked in the keystore transaction that marks them retired (from then on no key wrapped by them
+    can be stored). Gateways take up the new KEK within a beat; this waits up to `wait_seconds` for them
+    and re-wraps keys they made meanwhile, then retires what it can and reports what it could not."""
     kek = open_kek(config)
     ring = await open_keyring(config, kek)
     try:
@@ -76,26 +84,39 @@ async def rotate_kek(config: KeysSection, dry_run: bool, retire_old: bool, progr
             kek.rotate()
         target = kek.current_id
         outcome.detail["kek"] = target
-        done = 0
-        while rows := await ring.store.needing_rewrap(target, batch):
-            for row in rows:
-                assert row.wrapped is not None and row.kek_id is not None
-                aad = wrap_aad(row.key_id, row.scope)
-                wrapped, kek_id = kek.wrap(kek.unwrap(row.wrapped, aad, row.kek_id), aad)
-                await ring.store.rewrap(row.key_id, wrapped, kek_id)
-            done += len(rows)
-            if progress is not None:
-                progress(len(rows))
-        outcome.counts["rewrapped"] = done
+        done = await _rewrap_all(ring, kek, target, batch, progress)
         if retire_old:
-            remaining = (await ring.store.summary())["wrapped_by_kek"]
-            retired = [k for k in kek.known_ids() if k != target and k not in remaining]  # type: ignore[operator]
-            for kek_id in retired:
-                kek.retire(kek_id)
-            outcome.detail["retired"] = retired
+            deadline = time.monotonic() + wait_seconds
+            while True:
+                old = [k for k in kek.known_ids() if k != target]
+                retired, refused = await ring.store.retire_keks(old, LIVE_SECONDS)
+                for kek_id in retired:
+                    kek.retire(kek_id)
+                outcome.detail.setdefault("retired", []).extend(retired)
+                if not refused or time.monotonic() >= deadline:
+                    outcome.detail["not_retired"] = refused
+                    break
+                await asyncio.sleep(0.5)
+                done += await _rewrap_all(ring, kek, target, batch, progress)  # keys made under it meanwhile
+        outcome.counts["rewrapped"] = done
         return outcome
     finally:
         await ring.store.close()
+
+
+async def _rewrap_all(ring: KeyRing, kek: KeyEncryptionKey, target: str, batch: int,
+                      progress: Progress | None) -> int:
+    done = 0
+    while rows := await ring.store.needing_rewrap(target, batch):
+        for row in rows:
+            assert row.wrapped is not None and row.kek_id is not None
+            aad = wrap_aad(row.key_id, row.scope)
+            wrapped, kek_id = kek.wrap(kek.unwrap(row.wrapped, aad, row.kek_id), aad)
+            await ring.store.rewrap(row.key_id, wrapped, kek_id)
+        done += len(rows)
+        if progress is not None:
+            progress(len(rows))
+    return done
 
 
 def _scopes(scope: str | None) -> tuple[str, ...]:

@@ -8,7 +8,9 @@ records a rotation or a shred (polled every `revocation_poll_seconds`, and immed
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -19,9 +21,11 @@ import structlog
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.keys.kek import KekError, KeyEncryptionKey
-from proxy.keys.store import DataKey, KeyStatus, Keystore
+from proxy.keys.store import DataKey, KeyStatus, Keystore, KeystoreConflict
 
 log = structlog.get_logger("fieldguard.keys")
+BEAT_SECONDS = 5.0  # a running gateway says so in the keystore this often ...
+LIVE_SECONDS = 30.0  # ... and counts as running (for KEK retirement) while its last beat is this recent
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -86,6 +90,9 @@ class KeyRing:
         self.writers: BoundedCache[tuple[str, str], bytes] = BoundedCache(cache_size, cache_seconds)
         self.pseudonym_cache: BoundedCache[str, str] = BoundedCache(cache_size * 10, cache_seconds)
         self._revocation_seq: int | None = None  # None: not read yet
+        self._kek_ids = frozenset(kek.known_ids()) if kek is not None else frozenset()
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.instance = f"{self.host}:{self.pid}:{os.urandom(4).hex()}"
 
     @property
     def kek(self) -> KeyEncryptionKey:
@@ -126,13 +133,54 @@ class KeyRing:
                 found[cid] = hit
         return found
 
+    # ----------------------------------------------------------------- the KEK beside other processes
+    async def refresh_kek(self) -> bool:
+        """Take up a KEK rotation or retirement made by `keys rotate-kek` in another process. Rows cached
+        under a KEK version this process no longer holds are dropped, to be read again re-wrapped."""
+        if self._kek is None:
+            return False
+        kek = self._kek
+        changed = await asyncio.to_thread(kek.refresh) if kek.blocking else kek.refresh()
+        if changed:
+            self._kek_ids = frozenset(await asyncio.to_thread(kek.known_ids) if kek.blocking else kek.known_ids())
+            self.rows.drop_where(lambda _, row: row.kek_id not in self._kek_ids)
+            log.info("key-encryption keys re-read", current=kek.current_id, versions=len(self._kek_ids))
+        return changed
+
+    async def beat(self) -> str | None:
+        """Say in the keystore that this gateway lives and which KEK it wraps with, so a retirement of that
+        KEK waits for it (`keys rotate-kek --retire-old`)."""
+        await self.refresh_kek()
+        current = self._kek.current_id if self._kek is not None else None
+        await self.store.beat(self.instance, self.host, self.pid, current)
+        return current
+
+    async def leave(self) -> None:
+        await self.store.leave(self.instance)
+
     # ----------------------------------------------------------------- reading
     async def prefetch(self, key_ids: Iterable[bytes]) -> None:
-        """Fetch keystore rows for keys not cached: one query, no unwrapping."""
-        missing = [k for k in set(key_ids) if self.rows.get(k) is None]
+        """Fetch keystore rows for keys not cached: one query. Unwrapping waits for a field that needs it,
+        except with a KEK on a device (`blocking`), where the token calls are made here, off the loop."""
+        wanted = set(key_ids)
+        missing = [k for k in wanted if (row := self.rows.get(k)) is None or row.kek_id not in self._kek_ids]
         if missing:
-            for key_id, row in (await self.store.get_many(missing)).items():
+            fetched = await self.store.get_many(missing)
+            if any(row.kek_id not in self._kek_ids for row in fetched.values() if row.kek_id is not None):
+                await self.refresh_kek()  # wrapped by a KEK made since: take it up
+            for key_id, row in fetched.items():
                 self.rows.put(key_id, row)
+        if self._kek is not None and self._kek.blocking:
+            closed = [k for k in wanted if self.open_keys.get(k) is None]
+            if closed:
+                await asyncio.to_thread(self._open_all, closed)
+
+    def _open_all(self, key_ids: list[bytes]) -> None:
+        for key_id in key_ids:
+            try:
+                self.opened(key_id)
+            except KekError:
+                continue  # refused per field, with its reason, when the field asks for it
 
     def opened(self, key_id: bytes) -> OpenKey | None:
         """The key, unwrapped now if its row is known; None when the keystore does not know it."""
@@ -166,14 +214,34 @@ class KeyRing:
         return await self.create(client_id, scope)
 
     async def create(self, client_id: str | None, scope: str) -> OpenKey:
+        """A new active key. Wrapped by the KEK current now (re-read first: a rotation elsewhere may have
+        made another); if the keystore refuses it (its KEK retired meanwhile, or another writer made the
+        client's key first) the KEK is re-read and the key re-made, or the other writer's key is used."""
         if client_id is not None and await self.store.tombstoned([client_id]):
             raise Erased(client_id)
-        key_id = os.urandom(16)
-        dek = AESGCM.generate_key(256)
-        wrapped, kek_id = self.kek.wrap(dek, wrap_aad(key_id, scope))
-        version = await self.store.next_version(client_id, scope)
-        row = DataKey(key_id, client_id, scope, version, KeyStatus.ACTIVE, wrapped, kek_id, time.time())
-        await self.store.add(row)
+        for attempt in range(3):
+            await self.refresh_kek()
+            key_id = os.urandom(16)
+            dek = AESGCM.generate_key(256)
+            kek = self.kek
+            aad = wrap_aad(key_id, scope)
+            wrapped, kek_id = await asyncio.to_thread(kek.wrap, dek, aad) if kek.blocking else kek.wrap(dek, aad)
+            version = await self.store.next_version(client_id, scope)
+            row = DataKey(key_id, client_id, scope, version, KeyStatus.ACTIVE, wrapped, kek_id, time.time())
+            try:
+                await self.store.add(row)
+                break
+            except KeystoreConflict:
+                if client_id is not None:
+                    winner = await self.store.active(client_id, scope)
+                    if winner is not None:
+                        self.rows.put(winner.key_id, winner)
+                        opened = self.opened(winner.key_id)
+                        if opened is not None:
+                            self.writers.put((client_id, scope), winner.key_id)
+                            return opened
+                if attempt == 2:
+                    raise KekError("no data key could be stored: the KEK keeps changing") from None
         opened = OpenKey(row, AESGCM(dek))
         self.rows.put(key_id, row)
         self.open_keys.put(key_id, opened)

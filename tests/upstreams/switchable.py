@@ -2,7 +2,7 @@
 
 Clients 1 to 4, each with one session note; `POST /_control` sets who counsels whom, how the staff
 list (the supervision facts) answers (`ok`, `fail`: 500, `garbage`: not a list), and how long a note
-list takes (`delay`, seconds: requests that must overlap at the gateway, do). The records themselves
+list or a new note takes (`delay`, seconds: requests that must overlap at the gateway, do). The records themselves
 keep being served either way, as a CRM whose one endpoint has gone wrong would.
 `python -m tests.upstreams.switchable PORT`.
 """
@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-STATE: dict[str, Any] = {"relations": "ok", "delay": 0.0,
+STATE: dict[str, Any] = {"relations": "ok", "delay": 0.0, "written": [],
                          "counsellor": {1: "alice", 2: "bob", 3: "alice", 4: "bob"}}
 
 
@@ -61,6 +61,10 @@ async def notes(request: Request) -> Response:
     cid = int(request.path_params["cid"])
     if STATE["delay"]:
         await asyncio.sleep(STATE["delay"])
+    if request.method == "POST":  # stored as sent (ciphertext and all), after the same delay
+        note = {**await request.json(), "id": 1000 + len(STATE["written"]), "client_id": cid}
+        STATE["written"].append(note)
+        return JSONResponse(note, status_code=201)
     return _page([_note(cid)] if cid in STATE["counsellor"] else [])
 
 
@@ -81,7 +85,7 @@ async def health(_: Request) -> Response:
 
 app = Starlette(routes=[
     Route("/health", health), Route("/staff", staff), Route("/clients", clients),
-    Route("/clients/{cid:int}", client), Route("/clients/{cid:int}/session-notes", notes),
+    Route("/clients/{cid:int}", client), Route("/clients/{cid:int}/session-notes", notes, methods=["GET", "POST"]),
     Route("/_control", control, methods=["POST"]),
 ])
 
