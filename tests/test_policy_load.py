@@ -148,7 +148,8 @@ def test_a_cover_grant_edit_reuses_the_proof_and_a_policy_edit_does_not(bundle_d
     proofs.mkdir()
     shipped_bundle()  # proved once for the run: start from its proof, as a keys/ directory that ran it would
     files = read_bundle_files(BundleSource(bundle_dir))
-    name = proof_stamp(proofs, bundle_digest({n: files[n] for n in PROVED_FILES if n in files}))
+    name = proof_stamp(proofs, bundle_digest({n: files[n] for n in PROVED_FILES if n in files}),
+                       shipped_bundle().table.digest())
     assert name is not None
     shutil.copy(proofs_dir() / name.name, name)
 
@@ -166,6 +167,32 @@ def test_a_cover_grant_edit_reuses_the_proof_and_a_policy_edit_does_not(bundle_d
     append(bundle_dir / "policy.csv", "p, admin, any, clinical_notes, read, allow")
     changed = load_bundle(bundle_dir, proofs)
     assert stamps() == 2 and changed.digest != covered.digest
+
+
+def test_a_compiler_that_makes_another_table_of_the_same_files_is_proved_again(
+        bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proof used to be remembered by the files and the package version only: a code change to the
+    compiler, in a checkout whose version did not move, reused the old proof and served its table
+    unproved. Here the compiler loses one grant (as a bug would): the stamp is not reused, and the
+    proof catches it."""
+    import proxy.policy.bundle as bundle_module
+
+    proofs = tmp_path / "proofs"
+    good = load_bundle(bundle_dir, proofs)
+    assert sum(1 for p in proofs.iterdir() if not p.name.startswith(".")) == 1
+    real = bundle_module.compile_table
+
+    def buggy(*args: Any, **kw: Any) -> Any:
+        table = real(*args, **kw)
+        allowed = next(k for k, (effect, _) in table.grants.items() if effect.value == "allow")
+        del table.grants[allowed]
+        return table
+
+    monkeypatch.setattr(bundle_module, "compile_table", buggy)
+    with pytest.raises(PolicyError) as exc:
+        load_bundle(bundle_dir, proofs)
+    assert any("Casbin says allow but the compiled table says deny" in f.message for f in exc.value.findings)
+    assert good.proof_checks > 5000
 
 
 def test_gateways_starting_together_prove_a_bundle_once(bundle_dir: Path, tmp_path: Path,

@@ -154,7 +154,8 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
 
     `proofs` is a directory remembering bundles already proved by this version of FieldGuard and
     pycasbin, so restarting on an unchanged bundle skips the seconds-long proof; a changed byte in
-    the model, the policy or the field map gives a new proof.
+    the model, the policy or the field map, or a compiler that makes another table of them, gives a
+    new proof.
     """
     findings: list[Finding] = []
     if signed_by is not None and (bad := check_signature(files, signed_by)) is not None:
@@ -189,7 +190,7 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
         raise PolicyError(errors)
     table = compile_table(parsed, fieldmap.classes)
     digest = bundle_digest(files)
-    stamp = proof_stamp(proofs, bundle_digest({n: files[n] for n in PROVED_FILES if n in files}))
+    stamp = proof_stamp(proofs, bundle_digest({n: files[n] for n in PROVED_FILES if n in files}), table.digest())
     checks = _proved(stamp, lambda: prove(table, model_text, policy_text, fieldmap.classes))
     return PolicyBundle(
         source=source,
@@ -228,9 +229,10 @@ def _proved(stamp: Path | None, run: Callable[[], int]) -> int:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def proof_stamp(proofs: Path | None, digest: str) -> Path | None:
+def proof_stamp(proofs: Path | None, digest: str, table: str) -> Path | None:
+    """Where the proof of these files, compiled to this table, by these versions, is remembered."""
     if proofs is None:
         return None
-    versions = f"{digest}:{version('fieldguard')}:{version('pycasbin')}"
+    versions = f"{digest}:{table}:{version('fieldguard')}:{version('pycasbin')}"
     return proofs / hashlib.sha256(versions.encode()).hexdigest()
 

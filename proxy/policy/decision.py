@@ -8,9 +8,12 @@ dictionary lookup keyed by (active role, relations held to the client), giving e
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from enum import IntFlag, StrEnum
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum, IntFlag, StrEnum
+
+import orjson
 
 
 class Outcome(StrEnum):
@@ -155,6 +158,26 @@ class DecisionTable:
     def needs_relations(self, role: str) -> bool:
         """Whether what this role may do depends on how it stands to the client (else facts do not matter)."""
         return role in self.relational
+
+    def digest(self) -> str:
+        """A hash of what was compiled, independent of set order: a proof is remembered for the table the
+        compiler made, so a change to the compiler (same files, new table) is proved again."""
+        return hashlib.sha256(orjson.dumps(_canonical(
+            [self.views, self.purposes, self.grants, self.relational]), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, Enum):
+        return f"{type(value).__name__}:{value.value}"
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _canonical(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return sorted(([_canonical(k), _canonical(v)] for k, v in value.items()), key=repr)
+    if isinstance(value, (set, frozenset)):
+        return sorted((_canonical(v) for v in value), key=repr)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
 
 
 def _combine(
