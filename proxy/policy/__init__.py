@@ -26,6 +26,7 @@ from proxy.policy.decision import (
     View,
 )
 from proxy.policy.fieldmap import (
+    ANONYMOUS,
     KEY_SCOPES,
     FieldClass,
     FieldMap,
@@ -44,9 +45,10 @@ from proxy.policy.reload import PolicyWatcher
 from proxy.policy.yamlfile import MapError
 
 __all__ = [
-    "ALL_RELATION_SETS", "KEY_SCOPES", "PURPOSES", "SIGNATURE_FILE", "Action", "BundleSource", "ClassDecision",
-    "CoverGrant", "DecisionTable", "Effect", "FieldClass", "FieldMap", "FieldSpec", "Finding", "ListFormat",
-    "MapError", "Node", "Outcome", "PolicyBundle", "PolicyError", "PolicyWatcher", "Relation", "RelationIndex",
-    "RelationSource", "Resource", "Rule", "Severity", "View", "assigned_ids", "bundle_digest", "compile_bundle",
-    "load_bundle", "load_fieldmap", "parse_fieldmap", "read_bundle_files", "sign_bundle", "values_at",
+    "ALL_RELATION_SETS", "ANONYMOUS", "KEY_SCOPES", "PURPOSES", "SIGNATURE_FILE", "Action", "BundleSource",
+    "ClassDecision", "CoverGrant", "DecisionTable", "Effect", "FieldClass", "FieldMap", "FieldSpec", "Finding",
+    "ListFormat", "MapError", "Node", "Outcome", "PolicyBundle", "PolicyError", "PolicyWatcher", "Relation",
+    "RelationIndex", "RelationSource", "Resource", "Rule", "Severity", "View", "assigned_ids", "bundle_digest",
+    "compile_bundle", "load_bundle", "load_fieldmap", "parse_fieldmap", "read_bundle_files", "sign_bundle",
+    "values_at",
 ]

@@ -202,20 +202,36 @@ def parse_fieldmap(text: str) -> FieldMap:
             if spec.client_name and resource.name != relations.resource:
                 raise MapError(spec.line, f"resource {resource.name}: field {spec.path}: client_name marks the "
                                           f"client's names in their own record ({relations.resource})")
-    routes.extend(_parse_public(doc.get("public") or [], line_of(doc, "public")))
+    routes.extend(_parse_public(doc.get("public") or [], line_of(doc, "public"), resources))
+    served = {r.resource for r in routes}
+    for name in resources:
+        if name not in served:
+            raise MapError(line_of(raw_resources, name), f"resource {name}: routes must be a non-empty list")
     return FieldMap(classes, resources, tuple(routes), list_format, relations)
 
 
-def _parse_public(raw: Any, line: int | None) -> list[Route]:
-    """Routes served without identity (a health check, say): opt-in only, GET only, JSON only."""
+ANONYMOUS = "anonymous"  # the role a public route is decided for: policy rows grant it what it may see
+
+
+def _parse_public(raw: Any, line: int | None, resources: Mapping[str, Resource]) -> list[Route]:
+    """Routes served without identity (a status page, say): opt-in only, GET of a literal path, and decided
+    like every other route: the named resource classifies the body, and the policy's rows for the role
+    `anonymous` say which of its classes are shown. Client data is never public."""
     if not isinstance(raw, list):
-        raise MapError(line, "public must be a list of 'GET /path' entries")
+        raise MapError(line, "public must be a list of 'GET /path resource' entries")
     routes = []
     for entry in raw:
         words = str(entry).split()
-        if len(words) != 2 or words[0] != "GET" or "{" in words[1]:
-            raise MapError(line, f"public route {entry!r}: only 'GET /literal/path' can be public")
-        routes.append(compile_route("GET", words[1], "", Shape.RECORD, public=True,
+        if len(words) != 3 or words[0] != "GET" or "{" in words[1]:
+            raise MapError(line, f"public route {entry!r}: write 'GET /literal/path resource' (the resource "
+                                 f"classifies what the route returns; rows for role {ANONYMOUS} decide it)")
+        resource = resources.get(words[2])
+        if resource is None:
+            raise MapError(line, f"public route {entry!r}: unknown resource {words[2]}")
+        if resource.client_field is not None:
+            raise MapError(line, f"public route {entry!r}: {resource.name} records are client data and are "
+                                 "never served without identity")
+        routes.append(compile_route("GET", words[1], resource.name, Shape.RECORD, public=True,
                                     source=f"fields.yaml:{line}" if line else "fields.yaml"))
     return routes
 
@@ -383,6 +399,8 @@ def _insert(root: Node, spec: FieldSpec, where: str) -> None:
 
 
 def _parse_routes(resource: Resource, raw: Any, line: int | None, where: str) -> list[Route]:
+    if raw is None:
+        return []  # served by a public route only (checked once those are read)
     if not isinstance(raw, list) or not raw:
         raise MapError(line, f"{where}: routes must be a non-empty list")
     routes: list[Route] = []

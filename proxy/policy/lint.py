@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from proxy.policy.decision import PURPOSES, Action, DecisionTable, Effect, Outcome, Relation, Rule
-from proxy.policy.fieldmap import FieldMap
+from proxy.policy.fieldmap import ANONYMOUS, FieldMap
 
 
 class Severity(StrEnum):
@@ -168,6 +168,8 @@ def _check_roles(out: ParsedPolicy, file: str) -> None:
     for link in out.links:
         parents.setdefault(link.role, []).append(link.parent)
     for rule in out.rules:
+        if rule.role == ANONYMOUS:
+            continue  # public routes' caller: no token, no purpose; its rows decide those routes only
         if rule.role not in with_purpose and not _inherits_purpose(rule.role, parents, with_purpose):
             line = int(rule.source.rsplit(":", 1)[1])
             out.findings.append(Finding(file, line, Severity.ERROR,
