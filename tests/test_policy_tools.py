@@ -95,6 +95,39 @@ def test_diff_shows_what_each_role_gains_and_loses(bundle: Path) -> None:
     assert same.strip() == "No change in what any role may see or do."
 
 
+def test_diff_compares_relation_sets_whole(bundle: Path) -> None:
+    """Deny overrides allow across the relations held: a deny under cover takes clinical notes from a
+    supervisor who is also covering. Relation by relation, the diff showed no change at all."""
+    policy = bundle / "policy.csv"
+    policy.write_text(policy.read_text() + "p, supervisor, cover, clinical_notes, read, deny\n")
+    code, out = fieldguard("policy", "diff", str(REPO / "policies"), str(bundle))
+    assert code == 0
+    rows = [line.split() for line in out.splitlines() if line.startswith("loses")]
+    assert [r[:5] for r in rows] == [["loses", "supervisor", "any+supervision+cover", "clinical_notes", "read"]], out
+    assert rows[0][5].startswith("policy.csv:71")  # the allow it loses
+
+
+def test_diff_shows_what_the_field_map_changed(bundle: Path) -> None:
+    """The review used to see only the decision table: a path moved to a class more roles read, a class no
+    longer encrypted and a route served without identity all came out as "No change"."""
+    fields = bundle / "fields.yaml"
+    edit(fields, "  clinical_notes:  {label: R, encrypt: record,", "  clinical_notes:  {label: R,")
+    text = fields.read_text()
+    assert "      session_date: clinical_notes\n" in text
+    fields.write_text(text.replace("      session_date: clinical_notes\n", "      session_date: service\n")
+                      + "public:\n  - GET /staff/alice staff\n")
+    code, out = fieldguard("policy", "diff", str(REPO / "policies"), str(bundle))
+    assert code == 0 and "No change in what any role may see or do." in out
+    assert "Field map:" in out
+    lines = out.splitlines()
+    weaker = [line for line in lines if line.startswith("weaker")]
+    assert any("class clinical_notes" in line and "STOPS BEING ENCRYPTED" in line for line in weaker), out
+    moved = next(line for line in weaker if "session_note.session_date" in line)
+    assert "reclassified clinical_notes -> service: now shown more to" in moved and "admin (remove -> clear)" in moved
+    assert any("route GET /staff/alice" in line and "served WITHOUT IDENTITY" in line for line in weaker)
+    assert "a running gateway refuses this change on reload: class clinical_notes would stop being encrypted" in out
+
+
 def test_explain_says_why(bundle: Path) -> None:
     code, out = fieldguard("policy", "explain", str(bundle), "--role", "counsellor", "--purpose", "TREAT",
                            "--path", "/clients/2/session-notes")

@@ -154,3 +154,23 @@ def test_an_emptied_policy_is_refused_and_the_one_in_force_stays(gw: Gateway) ->
     policy = readyz(gw)["checks"]["policy"]  # type: ignore[index]
     assert policy["hash"] == before and "no rules" in policy["last_reload_error"]
     assert gw.get("/clients/1/session-notes", alice).json()["items"][0]["body"]
+
+
+def test_a_class_that_would_stop_being_encrypted_is_refused_until_the_bundle_says_why(gw: Gateway) -> None:
+    """Removing `encrypt:` from a class used to reload quietly: new notes then reached the CRM in plaintext."""
+    fields = gw.config.parent / "policies" / "fields.yaml"
+    sealed = "  clinical_notes:  {label: R, encrypt: record,"
+    text = fields.read_text()
+    assert sealed in text
+    before = readyz(gw)["checks"]["policy"]["hash"]  # type: ignore[index]
+    fields.write_text(text.replace(sealed, "  clinical_notes:  {label: R,"))
+    deadline = time.monotonic() + 60
+    while not readyz(gw)["checks"]["policy"]["last_reload_error"] and time.monotonic() < deadline:  # type: ignore[index]
+        time.sleep(0.1)
+    policy = readyz(gw)["checks"]["policy"]  # type: ignore[index]
+    assert policy["hash"] == before
+    assert "class clinical_notes would stop being encrypted" in policy["last_reload_error"]
+    # said on purpose, with the reason, it is taken up
+    fields.write_text(text.replace(sealed, '  clinical_notes:  {label: R, plaintext: "the CRM encrypts at rest (T-7)",'))
+    wait_for_hash_change(gw, str(before))
+    assert not readyz(gw)["checks"]["policy"]["last_reload_error"]  # type: ignore[index]

@@ -118,12 +118,18 @@ def policy_test(directory: Path | None, fields_file: Path | None, config: Path |
 @click.argument("new", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown"]), default="table", show_default=True)
 def policy_diff(old: Path, new: Path, fmt: str) -> None:
-    """What each role gains and loses between two bundles (role x relation x class x action)."""
+    """What each role gains and loses between two bundles (role x relation set x class x action), and what
+    changed in the field map: paths moved between classes, classes no longer encrypted, routes added."""
+    from proxy.policy.mapdiff import fieldmap_diff, unsafe_for_reload
     from proxy.policy.review import diff, purpose_diff, render_diff
 
     before, after = _load(BundleSource(old)), _load(BundleSource(new))
     changes = diff(before.table, after.table)
-    click.echo(render_diff(changes, purpose_diff(before.table, after.table), markdown=fmt == "markdown"))
+    mapped = fieldmap_diff(before.fieldmap, after.fieldmap, (before.table, after.table))
+    click.echo(render_diff(changes, purpose_diff(before.table, after.table), markdown=fmt == "markdown",
+                           mapped=mapped))
+    for problem in unsafe_for_reload(before.fieldmap, after.fieldmap):
+        click.echo(f"a running gateway refuses this change on reload: {problem}", err=True)
 
 
 @policy.command("explain")

@@ -148,6 +148,11 @@ class DecisionTable:
     def view(self, role: str, relations: Relation) -> View | None:
         return self.views.get((role, relations))
 
+    def decided(self, role: str, relations: Relation, field_class: str, action: Action
+                ) -> tuple[Effect | None, Rule | None]:
+        """The effect and the rule that decided it (deny overrides allow across the relations held)."""
+        return _combine(self.grants, role, relations, field_class, action)
+
     def allows(self, role: str, relations: Relation, field_class: str, action: Action) -> bool:
         """The allow/deny of one (role, relations, class, action) as Casbin's effect would combine it."""
         return _combine(self.grants, role, relations, field_class, action)[0] is Effect.ALLOW

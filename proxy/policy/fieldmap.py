@@ -35,6 +35,7 @@ class FieldClass:
     label: str = "R"  # FHIR confidentiality: N normal, R restricted, V very restricted
     key_scope: str | None = None  # encrypted with the client's data key of this scope
     description: str = ""
+    plaintext: str = ""  # why the class is deliberately not encrypted (needed to drop `encrypt:` on reload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,14 +251,20 @@ def _parse_classes(raw: Any, line: int | None) -> dict[str, FieldClass]:
         body = body or {}
         if not isinstance(body, dict):
             raise MapError(line_of(raw, name), f"class {name}: expected a mapping")
-        _known(body, {"label", "encrypt", "description"}, f"class {name}")
+        _known(body, {"label", "encrypt", "description", "plaintext"}, f"class {name}")
         label = body.get("label", "R")
         if label not in LABELS:
             raise MapError(line_of(body, "label"), f"class {name}: label must be one of {', '.join(LABELS)}")
         scope = body.get("encrypt")
         if scope is not None and scope not in KEY_SCOPES:
             raise MapError(line_of(body, "encrypt"), f"class {name}: encrypt must be one of {KEY_SCOPES}")
-        classes[str(name)] = FieldClass(str(name), label, scope, str(body.get("description", "")))
+        plaintext = body.get("plaintext", "")
+        if plaintext and scope is not None:
+            raise MapError(line_of(body, "plaintext"), f"class {name}: plaintext (why it is not encrypted) and "
+                                                       "encrypt cannot both be set")
+        if not isinstance(plaintext, str):
+            raise MapError(line_of(body, "plaintext"), f"class {name}: plaintext is the reason, as text")
+        classes[str(name)] = FieldClass(str(name), label, scope, str(body.get("description", "")), plaintext.strip())
     return classes
 
 

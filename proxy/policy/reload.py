@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from proxy.policy.bundle import BundleSource, PolicyBundle, bundle_digest, compile_bundle, read_bundle_files
 from proxy.policy.lint import Finding, PolicyError, Severity
+from proxy.policy.mapdiff import unsafe_for_reload
 
 log = structlog.get_logger("fieldguard.policy")
 
@@ -62,6 +63,9 @@ class PolicyWatcher:
                     self.status.last_error = None
                     return False
                 fresh = await asyncio.to_thread(compile_bundle, self.source, files, self.proofs, self.signed_by)
+                unsafe = unsafe_for_reload(self.bundle.fieldmap, fresh.fieldmap)
+                if unsafe:
+                    raise PolicyError([Finding("fields.yaml", None, Severity.ERROR, p) for p in unsafe])
             except Exception as exc:
                 if not isinstance(exc, PolicyError):  # a fault of ours, not the officer's: still refused, and said
                     exc = PolicyError([Finding(str(self.source.directory), None, Severity.ERROR,

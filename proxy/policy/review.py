@@ -8,10 +8,12 @@ caller does not hold), an explicit deny, or a purpose of use the role may not ac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from proxy.policy.decision import RELATIONS, Action, DecisionTable, Effect, Outcome, Relation
+from proxy.policy.decision import ALL_RELATION_SETS, RELATIONS, Action, DecisionTable, Effect, Outcome, Relation
 from proxy.policy.fieldmap import FieldMap
+from proxy.policy.mapdiff import MapChange, Weight
 
 SINGLE_RELATIONS: tuple[Relation, ...] = tuple(r for r in RELATIONS)
 
@@ -28,25 +30,29 @@ class Change:
 
 
 def diff(old: DecisionTable, new: DecisionTable) -> list[Change]:
-    """Every (role, relation, class, action) whose allow changes, relation by relation."""
-    changes: list[Change] = []
+    """Every (role, relation set, class, action) whose allow changes. Sets are compared whole (deny
+    overrides allow across the relations held, so caseload+supervision can differ from both alone), and a
+    change is reported at the smallest sets it appears under: a gain under `any` shows once, under any."""
+    found: dict[tuple[str, str, str, bool], list[tuple[Relation, str]]] = {}
     classes = sorted({k[2] for k in old.grants} | {k[2] for k in new.grants})
     for role in sorted(old.roles | new.roles):
-        for rel in SINGLE_RELATIONS:
-            held = rel | Relation.ANY
+        for rels in ALL_RELATION_SETS:
             for cls in classes:
                 for action in Action:
-                    before = old.allows(role, held, cls, action) if role in old.roles else False
-                    after = new.allows(role, held, cls, action) if role in new.roles else False
+                    before = old.allows(role, rels, cls, action) if role in old.roles else False
+                    after = new.allows(role, rels, cls, action) if role in new.roles else False
                     if before == after:
                         continue
-                    source = new if after else old
-                    hit = source.grants.get((role, rel, cls, action)) or source.grants.get(
-                        (role, Relation.ANY, cls, action))
-                    changes.append(Change(role, rel.label, cls, action.value, after, str(hit[1]) if hit else ""))
-    # a gain under "any" shows in every relation; keep it once, under any
-    anywhere = {(c.role, c.field_class, c.action, c.gained) for c in changes if c.relation == "any"}
-    return [c for c in changes if c.relation == "any" or (c.role, c.field_class, c.action, c.gained) not in anywhere]
+                    decided = (new if after else old).decided(role, rels, cls, action)[1]
+                    found.setdefault((role, cls, action.value, after), []).append(
+                        (rels, str(decided) if decided else ""))
+    changes: list[Change] = []
+    for (who, cls, act, gained), where in found.items():
+        sets = [r for r, _ in where]
+        for rels, why in where:
+            if not any(other != rels and other & rels == other for other in sets):  # no smaller set has it
+                changes.append(Change(who, rels.label, cls, act, gained, why))
+    return sorted(changes, key=lambda c: (c.role, c.field_class, c.action, c.relation))
 
 
 def purpose_diff(old: DecisionTable, new: DecisionTable) -> list[tuple[str, str, bool]]:
@@ -57,20 +63,40 @@ def purpose_diff(old: DecisionTable, new: DecisionTable) -> list[tuple[str, str,
     return out
 
 
-def render_diff(changes: list[Change], purposes: list[tuple[str, str, bool]], markdown: bool) -> str:
+def render_diff(changes: list[Change], purposes: list[tuple[str, str, bool]], markdown: bool,
+                mapped: Sequence[MapChange] = ()) -> str:
+    """The access review: what each role gains and loses, then what changed in the field map (paths moved,
+    classes no longer encrypted, routes added; the weaker changes first)."""
+    parts = [_render_access(changes, purposes, markdown)]
+    if mapped:
+        ordered = sorted(mapped, key=lambda m: (m.weight is not Weight.WEAKER, m.what))
+        weaker = sum(m.weight is Weight.WEAKER for m in mapped)
+        title = f"**Field map:** {len(mapped)} changes, {weaker} weaker." if markdown else "Field map:"
+        parts.append(_table(("change", "what", "how"), [m.as_row() for m in ordered], markdown, title))
+    return "\n\n".join(parts)
+
+
+def _render_access(changes: list[Change], purposes: list[tuple[str, str, bool]], markdown: bool) -> str:
     if not changes and not purposes:
         return "No change in what any role may see or do." if not markdown else "_No change in access._"
     rows = [("gains" if c.gained else "loses", c.role, c.relation, c.field_class, c.action, c.rule) for c in changes]
     rows += [("gains" if g else "loses", role, "-", f"purpose {p}", "act for", "") for role, p, g in purposes]
     head = ("change", "role", "relation", "class", "action", "rule")
+    gains = sum(1 for r in rows if r[0] == "gains")
+    if not markdown:
+        return _table(head, rows, markdown, "")
+    rows = [("**gains**" if r[0] == "gains" else "loses", *r[1:5], f"`{r[5]}`" if r[5] else "") for r in rows]
+    return _table(head, rows, markdown, f"**Access review:** {gains} gained, {len(rows) - gains} lost.")
+
+
+def _table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]], markdown: bool, title: str) -> str:
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(("**gains**" if r[0] == "gains" else "loses", *r[1:5], f"`{r[5]}`" if r[5]
-                                     else "")) + " |" for r in rows]
-        gains = sum(1 for r in rows if r[0] == "gains")
-        return f"**Access review:** {gains} gained, {len(rows) - gains} lost.\n\n" + "\n".join(lines)
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return (title + "\n\n" if title else "") + "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in [head, *rows])
+    body = "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows])
+    return (title + "\n" if title else "") + body
 
 
 # ---------------------------------------------------------------------------------------------- explain
