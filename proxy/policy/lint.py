@@ -132,7 +132,7 @@ def parse_policy(text: str, classes: Iterable[str], file: str = "policy.csv") ->
                 out.links.append(RoleLink(role, parent, source))
     if not out.rules and not out.findings:
         out.findings.append(Finding(file, None, Severity.ERROR, "no rules: every request would be refused",
-                                    "an empty or truncated file is refused, so the policy in force stays"))
+                                    "a file emptied by accident is refused, so the policy in force stays"))
     _check_roles(out, file)
     return out
 
