@@ -146,9 +146,13 @@ def verify(records: Iterator[StoredRecord], checkpoints: list[Checkpoint], publi
                 verdict.fail(f"record {rec.seq} appears again after record {expected - 1}", rec.seq)
             return _finish(verdict, expected - 1, signed)
         try:
-            claimed = json.loads(rec.body).get("seq")
-        except ValueError:
-            claimed = None
+            content = json.loads(rec.body)
+        except (ValueError, RecursionError):
+            content = None
+        if not isinstance(content, dict):
+            verdict.fail(f"record {rec.seq}: its content is not a JSON record (the record was edited)", rec.seq)
+            return _finish(verdict, rec.seq, signed)
+        claimed = content.get("seq")
         if claimed != rec.seq:
             verdict.fail(f"record {rec.seq}: its content says it is record {claimed} (records were moved)", rec.seq)
             return _finish(verdict, rec.seq, signed)

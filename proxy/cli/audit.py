@@ -17,6 +17,7 @@ from proxy.config import Settings
 
 if TYPE_CHECKING:
     from proxy.audit import Verdict
+    from proxy.audit.views import Integrity
 
 
 @click.group()
@@ -57,6 +58,49 @@ def _pending(verdict: Verdict, settings: Settings) -> bool:
     age = (datetime.now(UTC) - signed).total_seconds()
     audit = settings.audit
     return -5.0 <= age <= 2 * audit.checkpoint_seconds + 5.0 and verdict.unanchored <= audit.checkpoint_every
+
+
+def _integrity(settings: Settings, store: Path, public_key: Path | None) -> Integrity:
+    """The verification `audit verify` does (without --anchor), for a view to say when its trail does not
+    verify (an edit, a gap, a bad signature: named), or is intact but not signed to its end (said apart, since
+    a running gateway's first records wait a few seconds for theirs). A key that cannot be read is said too,
+    rather than the view refused."""
+    from proxy.audit import load_public, public_path, verify_store
+    from proxy.audit.views import Integrity
+
+    key_file = public_key or public_path(settings.keys.in_dir(settings.audit.signing_key))
+    try:
+        public = load_public(key_file)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return Integrity(ok=False, problems=(f"it could not be checked: {key_file} is not a readable Ed25519 "
+                                             f"public key ({why}); pass --public-key",))
+    verdict = verify_store(store, public)
+    unsigned = None
+    if verdict.ok and verdict.total == 0:
+        unsigned = "the trail holds no record (an emptied store looks like this)"
+    elif verdict.ok and verdict.unanchored and not _pending(verdict, settings):
+        unsigned = (f"records {verdict.last_checkpoint + 1} to {verdict.records} are covered by no recent signed "
+                    "checkpoint: `fieldguard audit verify` fails on them until the gateway signs them (a running "
+                    "one does within seconds), since a trail re-linked with its checkpoints deleted looks the same")
+    return Integrity(ok=verdict.ok, problems=tuple(verdict.problems), first_bad=verdict.first_bad,
+                     records=verdict.total, verified=verdict.records, unsigned=unsigned)
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _reason(integrity: Integrity) -> str | None:
+    """For the view's own audit record: that it was made from a trail that does not verify."""
+    return f"the trail did not verify: {integrity.problems[0]}"[:300] if not integrity.ok and integrity.problems \
+        else None
+
+
+PUBLIC_KEY = click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                          help="the checkpoint public key you were given, to verify the trail with before showing "
+                               "it (default: the one beside the signing key)")
 
 
 @audit.command("verify")
@@ -140,19 +184,30 @@ def _query_options(f: Any) -> Any:
 @audit.command("query")
 @CONFIG
 @_query_options
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="table: fits a terminal (cells shortened); json: every field of every record")
+@PUBLIC_KEY
 @ACTOR
 def audit_query(config: Path | None, client_id: str | None, user: str | None, role: str | None,
                 purpose: str | None, since: str | None, until: str | None, outcome: str | None, limit: int,
-                fmt: str, actor: str | None) -> None:
-    """Records by client, user, role, purpose, time and outcome."""
+                fmt: str, public_key: Path | None, actor: str | None) -> None:
+    """Records by client, user, role, purpose, time and outcome. Says (on stderr, and above the table) when
+    the trail does not verify, and which records could not be read."""
     from proxy.audit.views import Query, query, table
 
     settings = settings_of(config)
+    store = _store(settings, None)
     pseudonym = run(_pseudonym_of(settings, client_id)) if client_id else None
-    records = query(_store(settings, None), Query(pseudonym, user, role, purpose, since, until, outcome, limit))
-    record(settings, "audit query", actor, counts={"records": len(records)}, clients=[pseudonym] if pseudonym else None)
-    click.echo(json.dumps(records, indent=2) if fmt == "json" else table(records))
+    integrity = _integrity(settings, store, public_key)
+    try:
+        found = query(store, Query(pseudonym, user, role, purpose, since, until, outcome, limit))
+    except ValueError as exc:
+        raise click.ClickException(f"--since/--until: not an ISO 8601 date or time ({exc})") from None
+    warnings = integrity.warnings(found.unreadable)
+    _warn(warnings)
+    record(settings, "audit query", actor, counts={"records": len(found.records)},
+           clients=[pseudonym] if pseudonym else None, reason=_reason(integrity))
+    click.echo(json.dumps(found.records, indent=2) if fmt == "json" else table(found.records, warnings))
 
 
 @audit.command("report")
@@ -160,18 +215,25 @@ def audit_query(config: Path | None, client_id: str | None, user: str | None, ro
 @click.option("--client", "client_id", required=True, help="the client's CRM id")
 @click.option("--format", "fmt", type=click.Choice(["html", "json"]), default="html", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@PUBLIC_KEY
 @ACTOR
-def audit_report(config: Path | None, client_id: str, fmt: str, output: Path | None, actor: str | None) -> None:
-    """"Who accessed my record": for a subject access request."""
+def audit_report(config: Path | None, client_id: str, fmt: str, output: Path | None, public_key: Path | None,
+                 actor: str | None) -> None:
+    """"Who accessed my record": for a subject access request. A trail that does not verify is said in the
+    report itself (and on stderr)."""
     from proxy.audit.views import Query, access_report, query, report_html
 
     settings = settings_of(config)
+    store = _store(settings, None)
     pseudonym = run(_pseudonym_of(settings, client_id))
-    records = [r for r in query(_store(settings, None), Query(pseudonym=pseudonym, limit=1_000_000))
-               if r.get("method") != "CLI"]
-    report = access_report(records, pseudonym)
+    integrity = _integrity(settings, store, public_key)
+    found = query(store, Query(pseudonym=pseudonym, limit=1_000_000))
+    records = [r for r in found.records if r.get("method") != "CLI"]
+    report = access_report(records, pseudonym, integrity, found.unreadable)
+    _warn(report["warnings"])
     text = report_html(report) if fmt == "html" else json.dumps(report, indent=2)
-    record(settings, "audit report", actor, counts={"records": len(records)}, clients=[pseudonym])
+    record(settings, "audit report", actor, counts={"records": len(records)}, clients=[pseudonym],
+           reason=_reason(integrity))
     if output is None:
         click.echo(text)
     else:
@@ -183,28 +245,50 @@ def audit_report(config: Path | None, client_id: str, fmt: str, output: Path | N
 @CONFIG
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "fhir", "ecs"]), default="jsonl", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@PUBLIC_KEY
 @ACTOR
-def audit_export(config: Path | None, fmt: str, output: Path | None, actor: str | None) -> None:
-    """The whole trail: jsonl (verifiable offline), FHIR R4 AuditEvent (IHE BALP), or Elastic Common Schema."""
+def audit_export(config: Path | None, fmt: str, output: Path | None, public_key: Path | None,
+                 actor: str | None) -> None:
+    """The whole trail as NDJSON (one JSON document a line): jsonl (records with their hashes and the
+    checkpoints, verifiable offline), FHIR R4 AuditEvent (IHE BALP), or Elastic Common Schema. Records that
+    cannot be read are left out of fhir and ecs, and counted; a trail that does not verify is said on stderr."""
     import socket
 
-    from proxy.audit.views import all_records, ecs_event, export_jsonl, fhir_audit_event
+    from proxy.audit.views import Unexportable, all_records, ecs_event, export_jsonl, fhir_audit_event
 
     settings = settings_of(config)
     store = _store(settings, None)
     origin = settings.audit.origin or socket.gethostname()
+    integrity = _integrity(settings, store, public_key)
+    unreadable: list[int] = []
+    unexportable: list[str] = []
+
+    def converted(convert: Any) -> Any:
+        for r in all_records(store, unreadable):
+            try:
+                yield json.dumps(convert(r))
+            except Unexportable as exc:
+                unexportable.append(f"record {r.get('seq')}: {exc}")
+
     if fmt == "jsonl":
         lines = export_jsonl(store)
     elif fmt == "fhir":
-        lines = (json.dumps(fhir_audit_event(r, origin)) for r in all_records(store))
+        lines = converted(lambda r: fhir_audit_event(r, origin))
     else:
-        lines = (json.dumps(ecs_event(r)) for r in all_records(store))
+        lines = converted(lambda r: ecs_event(r, origin))
     count = 0
     with output.open("w") if output else contextlib.nullcontext(sys.stdout) as out:
         for line in lines:
             out.write(line + "\n")
             count += 1
-    record(settings, f"audit export {fmt}", actor, counts={"lines": count})
+    warnings = integrity.warnings(unreadable)
+    if unexportable:
+        warnings.append(f"{len(unexportable)} records could not be put in {fmt} and are left out: "
+                        + "; ".join(unexportable[:10]) + ("; ..." if len(unexportable) > 10 else ""))
+    _warn(warnings)
+    record(settings, f"audit export {fmt}", actor, counts={"lines": count, "left_out": len(unreadable)
+                                                           + len(unexportable)} if fmt != "jsonl" else
+           {"lines": count}, reason=_reason(integrity))
 
 
 @audit.command("public-key")
