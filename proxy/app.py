@@ -98,7 +98,7 @@ class Gateway:
         req = Incoming.of(scope, receive)
         runtime = self.runtime
         if scope["path"] in PROBES and req.method == "GET":  # no data: no identity, not audited
-            await send_reply(send, await probe(runtime, scope["path"]), req.request_id)
+            await send_reply(send, await probe(runtime, scope["path"], req.headers), req.request_id)
             return
         bundle = runtime.bundle  # one policy decides the request and is named in its record
         record = AuditRecord(request_id=req.request_id, method=req.method, policy=bundle.digest,
@@ -155,7 +155,7 @@ class Gateway:
         _record_caller(record, principal)
         if req.segments[:1] == (PREFIX,):
             record.route = "/" + "/".join(req.segments)
-            return await officer(runtime, req, principal, bundle)
+            return await officer(runtime, req, principal, bundle, record)
         if matched is None:  # 2. match
             raise GatewayError(403, "route not allowed", reason="unknown route")
         route, params = matched

@@ -21,10 +21,13 @@ from proxy.policy.review import explain_class, explain_resource, explain_write
 from proxy.routes import normalise_path
 from proxy.runtime import Runtime
 
+MAX_ABOUT = 128  # characters of each query value kept in the record
+
 PREFIX = "_fieldguard"  # the gateway's own endpoints: /_fieldguard/...
 
 
-async def officer(runtime: Runtime, req: Incoming, principal: Principal, bundle: PolicyBundle) -> Reply:
+async def officer(runtime: Runtime, req: Incoming, principal: Principal, bundle: PolicyBundle,
+                  record: AuditRecord) -> Reply:
     if principal.role != runtime.settings.policy.officer_role:
         raise GatewayError(403, "only the security officer role may use this endpoint", reason="not an officer")
     if not bundle.table.purpose_allowed(principal.role, principal.purpose):
@@ -36,14 +39,19 @@ async def officer(runtime: Runtime, req: Incoming, principal: Principal, bundle:
         return Reply.json(200 if error is None else 409,
                           {"reloaded": swapped, "policy": runtime.bundle.digest, "error": error})
     if req.segments == (PREFIX, "explain") and req.method == "GET":
-        return explain(runtime, req, bundle)
+        return await explain(runtime, req, bundle, record)
     raise GatewayError(404, "no such FieldGuard endpoint", reason="unknown officer endpoint")
 
 
-def explain(runtime: Runtime, req: Incoming, bundle: PolicyBundle) -> Reply:
-    """The same as `fieldguard policy explain`, with the caseload facts the gateway holds now."""
+async def explain(runtime: Runtime, req: Incoming, bundle: PolicyBundle, record: AuditRecord) -> Reply:
+    """The same as `fieldguard policy explain`, with the caseload facts the gateway holds now. Its record
+    says whom it was asked about (role, user, route; the client by pseudonym), since an answer about a
+    named user and client is itself a disclosure of how they stand to each other."""
     query = dict(parse_qsl(req.query_string))
     role, purpose = query.get("role", ""), query.get("purpose")
+    asked = {"role": role, "user": query.get("user", ""), "method": query.get("method", "GET"),
+             "class": query.get("class", "")}
+    record.about = {k: v[:MAX_ABOUT] for k, v in asked.items() if v}
     rels = Relation.ANY
     try:
         for name in filter(None, query.get("relation", "").split(",")):
@@ -57,8 +65,15 @@ def explain(runtime: Runtime, req: Incoming, bundle: PolicyBundle) -> Reply:
         raise GatewayError(400, "give path= (a route) or class=")
     matched = bundle.routes.match(query.get("method", "GET"), normalise_path(target.encode()))
     if matched is None:
+        record.about["route"] = "no such route"
         return Reply.json(200, {"route": None, "reason": "no such route: it is refused (403)"})
     route, params = matched
+    record.about["route"] = route.template
+    if "client_id" in params:  # by pseudonym; made only for a client the CRM has (its caseloads name them)
+        ring, client = runtime.ring, params["client_id"]
+        on_record = client in runtime.index.counsellor_of
+        known = {} if ring is None else await (ring.pseudonyms if on_record else ring.known_pseudonyms)([client])
+        record.clients = [known.get(client, "unresolved")]
     user = query.get("user")
     if user and "client_id" in params:
         rels = runtime.index.relations(user, query.get("client_id"), params["client_id"],

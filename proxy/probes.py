@@ -1,25 +1,45 @@
 """The operators' probes: `/healthz` (the process is up), `/readyz` (every part works and every background
 task is fresh), `/metrics` (Prometheus counts). They carry no client data, need no identity and are not
-audited."""
+audited. `/readyz` tells anyone whether each part is ok; what is wrong (policy findings with their rule
+text and lines, relation errors, paths) only a security officer's token is shown."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from proxy.asgi import Reply
+from proxy.errors import GatewayError
 from proxy.runtime import Runtime
 
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-async def probe(runtime: Runtime, path: str) -> Reply:
+async def probe(runtime: Runtime, path: str, headers: Mapping[str, str]) -> Reply:
     if path == "/healthz":
         return Reply(200, orjson.dumps({"status": "ok"}))
     if path == "/metrics":
         return Reply(200, runtime.metrics.render().encode(), [(b"content-type", b"text/plain; version=0.0.4")])
-    return await readiness(runtime)
+    reply = await readiness(runtime)
+    if _officer(runtime, headers):
+        return reply
+    full = orjson.loads(reply.body)
+    bare = {"ready": full["ready"], "checks": {name: {"ok": check["ok"]} for name, check in full["checks"].items()},
+            "details": "with a security officer's token"}
+    return Reply(reply.status, orjson.dumps(bare))
+
+
+def _officer(runtime: Runtime, headers: Mapping[str, str]) -> bool:
+    if "authorization" not in headers:
+        return False
+    try:
+        who = runtime.verifier.authenticate(headers)
+    except GatewayError:
+        return False
+    role = runtime.settings.policy.officer_role
+    return who.role == role and runtime.bundle.table.purpose_allowed(role, who.purpose)
 
 
 async def readiness(runtime: Runtime) -> Reply:

@@ -242,6 +242,11 @@ class Gateway:
                    "security_officer": "HOPERAT"}
         return self.signing.token(sub, role, purpose or default.get(role, "TREAT"), client_id)
 
+    def readyz(self) -> dict[str, Any]:
+        """/readyz as a security officer sees it: with the details (others see only each check's ok)."""
+        token = self.as_user("sam", "security_officer")
+        return HTTP.get(self.url + "/readyz", headers={"authorization": f"Bearer {token}"}).json()  # type: ignore[no-any-return]
+
     def audit_records(self) -> list[dict[str, Any]]:
         if not self.audit.exists():
             return []

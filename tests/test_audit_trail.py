@@ -218,7 +218,7 @@ def test_a_chain_rewritten_with_every_checkpoint_deleted_is_not_passed(run: dict
 
 def test_the_siem_log_anchors_a_clean_trail(run: dict[str, Any]) -> None:
     code, v = verify_copy(run, run["store"], "--anchor", str(run["gw"].audit))
-    assert code == 0 and v["ok"] and v["checkpoints"] >= 2 and v["last_checkpoint"] == 48
+    assert code == 0 and v["ok"] and v["checkpoints"] >= 2 and v["last_checkpoint"] == v["records"] >= 48
 
 
 def test_a_running_gateways_unsigned_last_records_are_pending_not_failed(
@@ -398,12 +398,12 @@ def test_unwritable_store_releases_no_data(own_gateway: tuple[Gateway, Path]) ->
         r = gw.get("/clients/1", alice)
         assert r.status_code == 503 and set(r.json()) == {"error", "request_id"}
         assert "liam" not in r.text.lower() and "@" not in r.text
-        ready = HTTP.get(gw.url + "/readyz").json()
+        ready = gw.readyz()
         assert ready["ready"] is False and ready["checks"]["audit"]["ok"] is False
     finally:
         _chattr("-i", *files)
     assert gw.get("/clients/1", alice).status_code == 200  # recovers once the store is writable again
-    assert HTTP.get(gw.url + "/readyz").json()["checks"]["audit"]["ok"] is True
+    assert gw.readyz()["checks"]["audit"]["ok"] is True
 
 
 def test_full_store_releases_no_data(crm: str, signing: Signing, tmp_path: Path) -> None:
@@ -416,7 +416,7 @@ def test_full_store_releases_no_data(crm: str, signing: Signing, tmp_path: Path)
         assert statuses[0] == 200 and statuses[-1] == 503
         first_refusal = statuses.index(503)
         assert set(statuses[first_refusal:]) == {503}
-        assert "full" in HTTP.get(gw.url + "/readyz").json()["checks"]["audit"]["last_error"]
+        assert "full" in gw.readyz()["checks"]["audit"]["last_error"]
     finally:
         gw.service.stop()
     out = cli(gw, "audit", "verify", "--public-key", str(keys / "audit-signing.pub.pem"))
@@ -440,7 +440,7 @@ def test_audit_off_keeps_the_siem_lines_and_says_so(crm: str, signing: Signing, 
         alice = gw.as_user("alice", "counsellor")
         assert gw.get("/clients/1", alice).status_code == 200
         assert gw.get("/clients/2", alice).status_code == 403
-        audit = HTTP.get(gw.url + "/readyz").json()["checks"]["audit"]
+        audit = gw.readyz()["checks"]["audit"]
         assert audit["durable"] is False and audit["records"] == 2
         records = gw.audit_records()
         assert [(r["route"], r["status"], r["seq"]) for r in records] == [
@@ -461,7 +461,7 @@ def test_commits_group_concurrent_requests_and_never_hold_a_lone_one(
                        extra="timeout_seconds = 20.0\ncommit_delay_ms = 3000")
 
     def counts() -> tuple[int, int]:
-        audit = HTTP.get(gw.url + "/readyz").json()["checks"]["audit"]
+        audit = gw.readyz()["checks"]["audit"]
         return audit["records"], audit["commits"]
 
     try:
@@ -515,7 +515,7 @@ def test_a_replaced_store_is_noticed_and_nothing_is_released(crm: str, signing: 
         os.replace(copy, store)
         r = gw.get("/clients/1", alice)
         assert r.status_code == 503 and "name" not in r.text
-        audit = HTTP.get(gw.url + "/readyz").json()["checks"]["audit"]
+        audit = gw.readyz()["checks"]["audit"]
         assert audit["ok"] is False and "the audit store file was replaced since it was opened" in audit["last_error"]
         assert gw.get("/clients/1", alice).status_code == 503  # and stays closed until someone looks
     finally:

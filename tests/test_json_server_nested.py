@@ -58,7 +58,7 @@ def crm_json(crm: tuple[str, Path], path: str) -> Any:
 
 
 def test_the_facts_are_read_where_this_crm_keeps_them(gw: Gateway) -> None:
-    relations = HTTP.get(gw.url + "/readyz").json()["checks"]["relations"]
+    relations = gw.readyz()["checks"]["relations"]
     assert (relations["clients"], relations["staff"], relations["supervision_links"]) == (4, 4, 2)
 
 

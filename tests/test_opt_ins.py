@@ -10,24 +10,7 @@ from pathlib import Path
 
 import jwt
 
-from tests.conftest import AUDIENCE, ISSUER, KEK_ENV, Signing, policies_copy, start_gateway
-
-
-def test_public_route_serves_without_identity_and_nothing_else_does(crm: str, signing: Signing, shared_keys: Path,
-                                                                    tmp_path: Path) -> None:
-    policies = policies_copy(tmp_path)
-    fields = policies / "fields.yaml"
-    fields.write_text(fields.read_text() + "\npublic:\n  - GET /health\n")
-    gw = start_gateway(tmp_path / "gw", crm, signing, shared_keys, policies=policies)
-    try:
-        r = gw.get("/health")
-        assert r.status_code == 200 and r.json() == {"status": "ok"}
-        rec = gw.audit_for(r.headers["x-request-id"])
-        assert rec["user"] is None and rec["route"] == "/health"
-        assert gw.get("/clients/1").status_code == 401
-        assert gw.get("/health/x").status_code == 401
-    finally:
-        gw.service.stop()
+from tests.conftest import AUDIENCE, ISSUER, KEK_ENV, Signing, start_gateway
 
 
 def hs256(secret: bytes) -> str:

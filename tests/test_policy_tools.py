@@ -185,7 +185,7 @@ def test_signed_bundles(bundle: Path, tmp_path: Path, crm: str, signing: Signing
         edit(bundle / "policy.csv", *GRANT_ADMIN_NOTES)  # changed after review, not signed again
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            state = HTTP.get(gw.url + "/readyz").json()
+            state = gw.readyz()
             if state["checks"]["policy"]["last_reload_error"]:
                 break
             time.sleep(0.1)
@@ -224,7 +224,7 @@ def test_shadow_mode_audits_differences_and_enforces_nothing(tmp_path: Path, crm
         rec = gw.audit_for(r.headers["x-request-id"])
         assert "clinical_notes: remove -> clear (any)" in rec["shadow"]
         assert "fieldguard_shadow_differences_total" in HTTP.get(gw.url + "/metrics").text
-        ready = HTTP.get(gw.url + "/readyz").json()
+        ready = gw.readyz()
         assert ready["checks"]["policy"]["shadow"] == rec["shadow_policy"]
     finally:
         gw.service.stop()
@@ -238,20 +238,25 @@ def test_reload_command_and_officer_endpoints(tmp_path: Path, crm: str, signing:
         "[server]", f'[server]\npid_file = "{tmp_path / "fg.pid"}"'))
     gw.service.start()
     try:
-        before = HTTP.get(gw.url + "/readyz").json()["checks"]["policy"]["hash"]
+        before = gw.readyz()["checks"]["policy"]["hash"]
         edit(policies / "policy.csv", *GRANT_ADMIN_NOTES)
         time.sleep(0.5)
-        assert HTTP.get(gw.url + "/readyz").json()["checks"]["policy"]["hash"] == before  # not watching
+        assert gw.readyz()["checks"]["policy"]["hash"] == before  # not watching
         code, out = fieldguard("policy", "reload", "--config", str(gw.config))
         assert code == 0, out
         deadline = time.monotonic() + 30
-        while HTTP.get(gw.url + "/readyz").json()["checks"]["policy"]["hash"] == before:
+        while gw.readyz()["checks"]["policy"]["hash"] == before:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         officer = gw.as_user("sam", "security_officer")
         r = gw.get("/_fieldguard/explain?role=counsellor&purpose=TREAT&user=alice&path=/clients/2", officer)
         assert r.status_code == 200 and r.json()["visible"] is False and r.json()["relations"] == "any"
-        assert gw.audit_for(r.headers["x-request-id"])["route"] == "/_fieldguard/explain"
+        rec = gw.audit_for(r.headers["x-request-id"])
+        assert rec["route"] == "/_fieldguard/explain" and rec["user"] == "u:sam"
+        # whom it answered about: an answer about a named user and client is a disclosure too
+        assert rec["about"] == {"role": "counsellor", "user": "alice", "method": "GET",
+                                "route": "/clients/{client_id:int}"}
+        assert len(rec["clients"]) == 1 and rec["clients"][0].startswith("P-")
         assert gw.get("/_fieldguard/explain?role=admin&class=clinical_notes",
                       gw.as_user("erin", "admin")).status_code == 403
         edit(policies / "policy.csv", GRANT_ADMIN_NOTES[1], GRANT_ADMIN_NOTES[1] + " # oops")

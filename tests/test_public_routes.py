@@ -58,6 +58,7 @@ def test_a_token_is_not_needed_and_a_bad_one_changes_nothing(gw: Gateway) -> Non
     r = gw.get("/health", headers={"authorization": "Bearer not-a-token"})
     assert r.status_code == 200 and gw.audit_for(r.headers["x-request-id"])["user"] == "anonymous"
     assert HTTP.get(gw.url + "/clients/1").status_code == 401  # other routes still need one
+    assert HTTP.get(gw.url + "/health/x").status_code == 401  # only the literal path is public
 
 
 def test_client_data_is_never_public() -> None:

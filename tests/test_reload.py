@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import HTTP, Gateway, Signing, policies_copy, start_gateway
+from tests.conftest import Gateway, Signing, policies_copy, start_gateway
 
 GRANT = "p, admin, any, clinical_notes, read, allow"
 DENY = "p, admin, any, clinical_notes, read, deny"
@@ -31,7 +31,7 @@ def policy_file(gw: Gateway) -> Path:
 
 
 def readyz(gw: Gateway) -> dict[str, object]:
-    return HTTP.get(gw.url + "/readyz").json()  # type: ignore[no-any-return]
+    return gw.readyz()  # type: ignore[no-any-return]
 
 
 def wait_for_hash_change(gw: Gateway, old: str, timeout: float = 90) -> str:
@@ -171,6 +171,7 @@ def test_a_class_that_would_stop_being_encrypted_is_refused_until_the_bundle_say
     assert policy["hash"] == before
     assert "class clinical_notes would stop being encrypted" in policy["last_reload_error"]
     # said on purpose, with the reason, it is taken up
-    fields.write_text(text.replace(sealed, '  clinical_notes:  {label: R, plaintext: "the CRM encrypts at rest (T-7)",'))
+    reasoned = '  clinical_notes:  {label: R, plaintext: "the CRM encrypts at rest (T-7)",'
+    fields.write_text(text.replace(sealed, reasoned))
     wait_for_hash_change(gw, str(before))
     assert not readyz(gw)["checks"]["policy"]["last_reload_error"]  # type: ignore[index]

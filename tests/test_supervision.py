@@ -35,7 +35,7 @@ from tests.harness import driven
 
 
 def readyz(gw: Gateway) -> dict[str, Any]:
-    return HTTP.get(gw.url + "/readyz").json()  # type: ignore[no-any-return]
+    return gw.readyz()  # type: ignore[no-any-return]
 
 
 def wait_until(check: Any, timeout: float = 30, what: str = "the condition") -> Any:
@@ -165,7 +165,7 @@ async def _fifty_sighups(app: App, client: httpx.AsyncClient, policies: Path, to
 
     try:
         tasks = set(app.runtime.supervisor.tasks)
-        assert tasks == {"policy", "relations", "revocations", "audit"}
+        assert tasks == {"policy", "relations", "revocations", "keystore", "audit"}
         loop.set_task_factory(counting)
         cover = policies / "cover.yaml"  # a change that needs no new proof: the reload is quick
         cover.write_text(cover.read_text().replace("test cover while bob is away", "bob is away"))

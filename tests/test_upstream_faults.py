@@ -80,9 +80,20 @@ def test_upstream_down(signing: Signing, shared_keys: Path, tmp_path: Path) -> N
 
 
 def test_readyz_reports_policy_and_relations(gw: Gateway) -> None:
-    body = HTTP.get(gw.url + "/readyz").json()
+    body = gw.readyz()
     assert body["ready"] is True
     assert len(body["checks"]["policy"]["hash"]) == 64 and body["checks"]["relations"]["clients"] == 10
+
+
+def test_readyz_details_are_for_officers_only(gw: Gateway) -> None:
+    """/readyz used to give anyone the policy findings (rule text, lines) and relation errors."""
+    full = gw.readyz()
+    for token in (None, gw.as_user("alice", "counsellor"), "not-a-token"):
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        bare = HTTP.get(gw.url + "/readyz", headers=headers)
+        assert bare.status_code == 200
+        assert bare.json() == {"ready": True, "checks": {name: {"ok": True} for name in full["checks"]},
+                               "details": "with a security officer's token"}
 
 
 def test_what_reaches_the_crm(gw: Gateway) -> None:

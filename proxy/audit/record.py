@@ -51,6 +51,7 @@ class AuditRecord:
     key_ids: list[str] = field(default_factory=list)
     decrypt_failures: list[str] = field(default_factory=list)  # "resource.path: reason", never the ciphertext
     counts: dict[str, int] = field(default_factory=dict)  # operations on many records (keys, migration)
+    about: dict[str, str] | None = None  # an officer's explain: the role, user and route it answered for
     shadow: list[str] | None = None  # shadow mode: what the candidate policy would have decided differently
     shadow_policy: str | None = None
     upstream_status: int | None = None
