@@ -17,11 +17,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -42,6 +42,22 @@ configure_logging()
 
 HTTP = httpx.Client(timeout=30)
 """One connection pool for the whole session: a new client per call costs 16 ms of TLS set-up here."""
+
+
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], what: str, timeout: float = 30, every: float = 0.05) -> T:
+    """Poll `check` until it returns something true, and return that; fail saying `what` never held.
+    For what a background poll makes true (a reload, a dropped key): a wait on the condition, not a sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not so after {timeout} s")
+        time.sleep(every)
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Gateway, Signing, policies_copy, start_gateway
+from tests.conftest import Gateway, Signing, policies_copy, start_gateway, wait_until
 
 GRANT = "p, admin, any, clinical_notes, read, allow"
 DENY = "p, admin, any, clinical_notes, read, deny"
@@ -68,8 +68,27 @@ def test_edit_applies_and_broken_edit_is_refused(gw: Gateway) -> None:
     assert "policy reload refused" in log and "comment after a rule" in log
 
 
+def policy_polls_since(gw: Gateway, moment: float, polls: int) -> None:
+    """Wait until the policy task has finished `polls` runs after `moment` (epoch seconds): all but the first
+    of them began after it. A run that reloads ends only once the new policy is in force."""
+    seen: set[float] = set()
+
+    def enough() -> bool:
+        last = readyz(gw)["checks"]["tasks"]["policy"]["last_success"]  # type: ignore[index]
+        if last is not None and last > moment:
+            seen.add(float(last))
+        return len(seen) >= polls
+
+    wait_until(enough, f"{polls} policy polls after the edit", every=0.02)
+
+
 def test_sighup_reloads(crm: str, signing: Signing, shared_keys: Path, tmp_path: Path) -> None:
-    gw = start_gateway(tmp_path, crm, signing, shared_keys, policies=policies_copy(tmp_path), process=True)
+    """With the file watcher off, only the signal can load an edit: nothing changes until SIGHUP, then it
+    applies (with the watcher on, any edit reloads by itself and proves nothing about the signal)."""
+    gw = start_gateway(tmp_path, crm, signing, shared_keys, policies=policies_copy(tmp_path), process=True,
+                       start=False)
+    gw.config.write_text(gw.config.read_text().replace("[policy]\n", "[policy]\nwatch = false\n", 1))
+    gw.service.start()
     try:
         _sighup_reloads(gw)
     finally:
@@ -79,16 +98,21 @@ def test_sighup_reloads(crm: str, signing: Signing, shared_keys: Path, tmp_path:
 def _sighup_reloads(gw: Gateway) -> None:
     gw_proc = gw.service.proc
     assert gw_proc is not None
+    erin = gw.as_user("erin", "admin")
+    assert "body" not in gw.get("/session-notes/1", erin).json()
     path = policy_file(gw)
-    # stop the file watcher from seeing the change first: same size and a restored mtime
-    before = readyz(gw)["checks"]["policy"]["hash"]  # type: ignore[index]
-    stat = path.stat()
-    path.write_text(path.read_text().replace(DENY, GRANT.replace("allow", "deny ")))
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    time.sleep(0.5)
+    before = str(readyz(gw)["checks"]["policy"]["hash"])  # type: ignore[index]
+    path.write_text(path.read_text().replace(DENY, GRANT))
+    # four polls later (a watcher loads a change on its second look after it): still the old policy
+    policy_polls_since(gw, time.time(), 4)
     assert readyz(gw)["checks"]["policy"]["hash"] == before  # type: ignore[index]
+    assert "body" not in gw.get("/session-notes/1", erin).json()
+    assert '"policy reloaded"' not in gw.service.output()
     os.kill(gw_proc.pid, signal.SIGHUP)
-    wait_for_hash_change(gw, str(before))
+    wait_for_hash_change(gw, before)
+    assert "body" in gw.get("/session-notes/1", erin).json()
+    assert gw_proc.poll() is None  # handled, not the default action (which ends the process)
+    assert '"policy reloaded"' in gw.service.output()
 
 
 def test_no_request_sees_half_a_policy(gw: Gateway) -> None:
