@@ -104,10 +104,44 @@ def test_client_may_rectify_contact_details_only(gw: Gateway, crm_w: str) -> Non
 
 
 def test_put_needs_write_on_every_class(gw: Gateway, crm_w: str) -> None:
-    current = direct(crm_w, "/clients/1")
-    del current["id"]
-    r = gw.request("PUT", "/clients/1", gw.as_user("alice", "counsellor"), json=current)
-    assert r.status_code == 403
+    """PUT replaces the whole record: what the body leaves out the CRM clears. So a replace needs write on
+    every class of the resource, not only on the classes the body holds."""
+    alice = gw.as_user("alice", "counsellor")
+    stored = direct(crm_w, "/clients/1")
+    # a body of nothing but what alice may write (contact details of her own client): every field passes,
+    # and the replace is still refused, for the classes it would clear
+    contact = {k: stored[k] for k in ("email", "phone", "address", "emergency_contacts")}
+    r = gw.request("PUT", "/clients/1", alice, json=contact)
+    message = "a full replace needs write on every class; not allowed: gp, identity, referral, service"
+    assert r.status_code == 403 and r.json()["error"] == message, r.text
+    rec = gw.audit_for(r.headers["x-request-id"])
+    assert rec["outcome"] == "denied" and rec["reason"] == message
+    assert rec["refused"] == ["gp", "identity", "referral", "service"]
+    assert direct(crm_w, "/clients/1") == stored  # the CRM never saw it: name, GP and case kept
+    # the whole record back: refused field by field first, naming the fields she may not write
+    whole = {k: v for k, v in stored.items() if k != "id"}
+    r = gw.request("PUT", "/clients/1", alice, json=whole)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"] == ("not allowed to write: case_number (identity), category (service), "
+                                 "closed (service), counsellor (service), date_of_birth (identity)")  # the first five
+    rec = gw.audit_for(r.headers["x-request-id"])
+    assert rec["reason"] == r.json()["error"]
+    assert {"name.first (identity)", "gp (gp)", "referral_source (referral)"} <= set(rec["refused"])  # all of them
+    assert direct(crm_w, "/clients/1") == stored
+
+
+def test_put_by_a_role_that_writes_every_class_replaces_the_record(gw: Gateway, crm_w: str) -> None:
+    erin = gw.as_user("erin", "admin")  # write on every class of a client record
+    shown = gw.get("/clients/5", erin).json()
+    whole = {k: v for k, v in shown.items() if k != "id"}
+    r = gw.request("PUT", "/clients/5", erin, json={**whole, "phone": "07700 900555"})
+    assert r.status_code == 200, r.text
+    rec = gw.audit_for(r.headers["x-request-id"])
+    assert rec["outcome"] == "allowed" and rec["method"] == "PUT" and "phone" in rec["written"]
+    stored = direct(crm_w, "/clients/5")
+    assert stored["phone"] == "07700 900555" and stored["name"] == shown["name"]
+    assert is_sealed(stored["gp"])  # replaced, and sealed again on the way
+    assert gw.get("/clients/5", erin).json() == {**shown, "phone": "07700 900555"}
 
 
 def test_delete_guarded_by_the_record_class(gw: Gateway, crm_w: str) -> None:
