@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.targets import Target
 from benchmarks.world import NOTE_PATCH, PER_PAGE, World, settings_for
-from proxy.keys.envelope import is_sealed, key_id_of, open_sealed, parse
+from proxy.keys.envelope import is_sealed, key_id_of, open_sealed, parse, record_ref
 
 RESOURCE_OF = {"clients": "client", "session-notes": "session_note"}
 
@@ -35,19 +35,24 @@ def fetch(url: str, method: str = "GET", body: bytes | None = None, token: str =
 async def _open_all(w: World, docs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """Each ciphertext's plaintext, opened with the keystore's keys (top-level fields: that is this map)."""
     from proxy.keys.custody import open_kek, open_keyring
+    from proxy.policy import load_fieldmap
 
     settings = settings_for(w.root, w.keys, w.policies, w.crm_url)
+    fm = load_fieldmap(w.policies / "fields.yaml")
     ring = await open_keyring(settings.keys, open_kek(settings.keys))
     try:
-        sealed = [(res, k, v) for res, doc in docs for k, v in doc.items() if is_sealed(v)]
-        await ring.prefetch(kid for _, _, v in sealed if (kid := key_id_of(v)) is not None)
+        sealed = [(res, doc, k, v) for res, doc in docs for k, v in doc.items() if is_sealed(v)]
+        await ring.prefetch(kid for _, _, _, v in sealed if (kid := key_id_of(v)) is not None)
         out: dict[str, Any] = {}
-        for res, path, value in sealed:
+        for res, doc, path, value in sealed:
             env = parse(value)
             opened = ring.opened(env[1])
             if opened is None:
                 raise AssertionError(f"no key for a {res}.{path} ciphertext")
-            out[value] = open_sealed(opened.aead, env, res, path)
+            resource = fm.resources[res]
+            spec = next(s for s in resource.specs if s.path == path)
+            rid = record_ref(doc.get(resource.record_id)) if resource.record_id else None
+            out[value] = open_sealed(opened.aead, env, res, path, spec.class_for(doc), rid)
         return out
     finally:
         await ring.store.close()

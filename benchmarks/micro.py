@@ -29,7 +29,7 @@ from proxy.audit.siem import JsonLinesTrail
 from proxy.audit.trail import DurableTrail, canonical, leaf_hash, link_hash
 from proxy.config import IdentitySection
 from proxy.identity import TokenVerifier
-from proxy.keys.envelope import associated_where, is_sealed, open_sealed, parse
+from proxy.keys.envelope import associated_class, associated_where, is_sealed, open_sealed, parse, record_ref
 from proxy.policy.decision import Relation
 from proxy.tokens import mint_token
 
@@ -129,10 +129,13 @@ async def measure(kit: Kit, root: Path) -> tuple[dict[str, float], dict[str, Any
         "decide (DecisionTable.view lookup)": best_of(lambda: table.view("counsellor", CASELOAD)),
         f"envelope.parse (base64url decode + split), {len(sealed)}-char ciphertext": best_of(lambda: parse(sealed)),
         "decrypt one field (parse + open_sealed, cached AESGCM)":
-            best_of(lambda: open_sealed(opened.aead, parse(sealed), "session_note", "body")),
+            best_of(lambda: open_sealed(opened.aead, parse(sealed), "session_note", "body", "clinical_notes",
+                                        record_ref(note.get("id")))),
         "decrypt one field (FieldCipher.open: key checks + open)":
             best_of(lambda: kit.cipher.open(sealed, str(note["client_id"]), "record",
-                                            associated_where("session_note", "body"), set())),
+                                            associated_where("session_note", "body"),
+                                            associated_class(associated_where("session_note", "body"),
+                                                             "clinical_notes"), record_ref(note.get("id")), set())),
         "pseudonym, KeyRing.pseudonyms after the first (async, cached)":
             await best_of_async(lambda: kit.ring.pseudonyms(["1"])),
         "pseudonym, per field (dict lookup)": best_of(lambda: pseudonyms.get("1")),

@@ -15,10 +15,21 @@ import orjson
 from proxy.asgi import JSON, Reply
 from proxy.errors import GatewayError
 from proxy.exchange import Answer, Exchange, ListRead, OpaqueRead, RecordRead
+from proxy.keys import CipherFailure, associated_class, associated_where, is_sealed, record_ref
 from proxy.policy import View, assigned_ids
 from proxy.routes import Route, Shape, Verb
 from proxy.upstream import UpstreamResponse
-from proxy.writes import WriteRefused, check_write, fill_gateway_set, merged, needs_stored, seal_fields
+from proxy.writes import (
+    Reclassed,
+    WriteRefused,
+    check_write,
+    fill_gateway_set,
+    merged,
+    needs_stored,
+    put_at,
+    reclassified,
+    seal_fields,
+)
 
 
 def kind_of(route: Route) -> type[Exchange]:
@@ -59,8 +70,9 @@ class Write(Exchange):
         if in_path is not None and in_body is not None and in_body != in_path:
             field = self.resource.client_field
             raise WriteRefused(422, f"{field} in the body names another client than the path", [str(field)])
-        if self.route.verb is Verb.UPDATE and needs_stored(self.route.merge, self.body):
-            await self._read_stored()
+        if self.route.verb is Verb.UPDATE and (needs_stored(self.route.merge, self.body)
+                                               or any(flag in self.body for flag in self.resource.flags)):
+            await self._read_stored()  # a flag set re-seals the stored fields whose class it changes
         if self.route.verb is Verb.CREATE and "client_id" not in self.params:
             self.client = self._client_in_body()
         elif self.stored is not None and "client_id" not in self.params:
@@ -77,6 +89,19 @@ class Write(Exchange):
         if not isinstance(stored, dict):
             raise GatewayError(502, "upstream record has an unexpected shape")
         self.stored, self.etag = stored, resp.headers.get("etag")
+
+    def _record_id(self) -> bytes | None:
+        """The record's id, bound into what is sealed for it: the stored record's, or the path's when the route
+        names it as an integer (canonical: `/notes/007` is record 7); None for a create (the CRM has not
+        given one yet) or where neither says."""
+        name = self.resource.record_id
+        if name is None or self.route.verb is Verb.CREATE:
+            return None
+        if self.stored is not None:
+            return record_ref(self.stored.get(name))
+        if any(n == name and kind == "int" for _, n, kind in self.route.params) and name in self.params:
+            return record_ref(int(self.params[name]))
+        return None
 
     def _client_in_body(self) -> str | None:
         return self.redactor.client_of(self.resource, self.body) if self.resource.client_field != "id" else None
@@ -159,18 +184,43 @@ class Write(Exchange):
         if self.cipher is None:
             raise GatewayError(503, "field encryption is not available", reason="keyring not open")
         classes = self.bundle.fieldmap.classes
-        scopes = {s for c in self.written if (s := classes[c].key_scope) is not None}
+        moved = reclassified(self.resource, self.stored, body) if self.stored is not None else []
+        scopes = {s for c in self.written | {m.after for m in moved} if (s := classes[c].key_scope) is not None}
+        record_id = self._record_id()
+        if moved:
+            await self._reseal(moved, client, record_id)
         if not scopes:
             return []
         ring = self.cipher.ring
         if not ring.can_encrypt:
             raise GatewayError(503, "field encryption is not available", reason="no KEK")
         keys = {scope: await ring.for_writing(client, scope) for scope in sorted(scopes)}
-        seal_fields(self.resource, body, classes, keys, self.stored)
+        seal_fields(self.resource, body, classes, keys, self.stored, record_id)
         self.disclosure.key_ids |= {k.key.hex_id for k in keys.values()}
         if client is not None:
             self.sealed_with = tuple(k.key.key_id for k in keys.values())
         return [k.key.key_id for k in keys.values()] if client is None else []
+
+    async def _reseal(self, moved: list[Reclassed], client: str | None, record_id: bytes | None) -> None:
+        """Open each stored field a flag reclassifies, under the class it was sealed as, and put its value in
+        the body, where `seal_fields` seals it as the class it becomes (or leaves it plain, for a class that is
+        not encrypted). One that does not open is refused: the flag would leave it unreadable."""
+        assert self.cipher is not None
+        classes = self.bundle.fieldmap.classes
+        await self.cipher.prefetch(orjson.dumps([m.value for m in moved]))
+        for m in moved:
+            value, scope = m.value, classes[m.before].key_scope
+            if is_sealed(value):
+                where = associated_where(self.resource.name, m.path)
+                try:
+                    value = self.cipher.open(value, client, scope or "", where, associated_class(where, m.before),
+                                             record_id, self.disclosure.key_ids)
+                except CipherFailure as exc:
+                    raise GatewayError(409, f"{m.path} cannot be opened to re-seal it as {m.after}; the flag is "
+                                            "left as it is", reason=f"re-seal failed: {exc}") from None
+            put_at(self.body, m.path, value)
+        self.record.written = sorted({*self.record.written, *(m.path for m in moved)})
+        self.written |= {m.after for m in moved}
 
     async def _keys_destroyed(self) -> bool:
         """Whether a shred committed (in any process) since the body was sealed: the keystore, not the cache."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.audit import AuditRecord
-from proxy.keys import CipherFailure, FieldCipher, associated_where
+from proxy.keys import CipherFailure, FieldCipher, associated_class, associated_where, record_ref
 from proxy.masks import MASKS, Mask
 from proxy.policy import (
     DecisionTable,
@@ -124,8 +124,8 @@ _KIND = {Outcome.CLEAR: CLEAR, Outcome.PSEUDONYM: PSEUDONYM, Outcome.MASK: MASK,
 class Step:
     """One node of a plan: what to do with the value found at one path, for one view."""
 
-    __slots__ = ("alt", "children", "field_class", "flag", "items", "kind", "mask", "note", "path", "removed", "scope",
-                 "where")
+    __slots__ = ("alt", "children", "classed", "field_class", "flag", "items", "kind", "mask", "note", "path",
+                 "removed", "scope", "where")
 
     def __init__(self, kind: int, path: str, field_class: str = "", outcome: Outcome = Outcome.REMOVE,
                  mask: Mask | None = None, scope: str = "", where: bytes = b"") -> None:
@@ -137,6 +137,7 @@ class Step:
         self.mask = mask
         self.scope = scope  # the key scope of an encrypted class ("" if the class is not encrypted)
         self.where = where  # resource and path, as a ciphertext's associated data names them
+        self.classed = associated_class(where, field_class)  # ... and the class the field is read as
         self.flag: str | None = None  # a record field that, unless exactly false, swaps this step for `alt`
         self.alt: Step = self
         self.children: dict[str, Step] | None = None
@@ -305,6 +306,7 @@ class Redactor:
         self._relations: dict[str, Relation] = {}
         self._record: dict[str, Any] = {}
         self._client: str | None = None
+        self._record_id: bytes | None = None  # the record's stable id, as its ciphertexts may be bound to it
         self._resource = ""
         self._stand_in: str | None = None
         self.unlinked = False  # a row was shown by an unlinkable plan: a list of them is shuffled
@@ -348,6 +350,7 @@ class Redactor:
         if not plan.visible:
             return None
         self._record, self._client, self._resource, self._stand_in = record, client_id, resource.name, plan.stand_in
+        self._record_id = record_ref(record.get(resource.record_id)) if resource.record_id is not None else None
         self.unlinked = self.unlinked or plan.unlinkable
         return self._object(plan.root, record, "")
 
@@ -386,7 +389,8 @@ class Redactor:
         if kind == CLEAR:  # here only with a ciphertext
             if self.cipher is not None:
                 try:
-                    value = self.cipher.open(value, self._client, step.scope, step.where, d.key_ids)
+                    value = self.cipher.open(value, self._client, step.scope, step.where, step.classed,
+                                             self._record_id, d.key_ids)
                 except CipherFailure as exc:
                     d.failures.add(f"{self._resource}.{step.path}: {exc}")
                     d.notes.add(step.removed)
@@ -396,7 +400,8 @@ class Redactor:
         if kind == SCRUB:
             if type(value) is str and value.startswith(_SEALED) and self.cipher is not None:
                 try:
-                    value = self.cipher.open(value, self._client, step.scope, step.where, d.key_ids)
+                    value = self.cipher.open(value, self._client, step.scope, step.where, step.classed,
+                                             self._record_id, d.key_ids)
                 except CipherFailure as exc:
                     d.failures.add(f"{self._resource}.{step.path}: {exc}")
                     d.notes.add(step.removed)

@@ -160,33 +160,93 @@ def _deep(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 def seal_fields(resource: Resource, body: dict[str, Any], classes: Mapping[str, FieldClass],
-                keys: Mapping[str, OpenKey], stored: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Replace the value of every field of an encrypted class with its ciphertext (in place); flags decide
-    as `check_write` saw them (the body's, else the stored record's)."""
+                keys: Mapping[str, OpenKey], stored: dict[str, Any] | None = None,
+                record_id: bytes | None = None) -> dict[str, Any]:
+    """Replace the value of every field of an encrypted class with its ciphertext (in place), bound to the
+    class it is written as (flags decide as `check_write` saw them: the body's, else the stored record's)
+    and, when known, to the record's id."""
     assert resource.root.children is not None
-    _seal_object(resource.root.children, body, {**(stored or {}), **body}, resource.name, classes, keys)
+    _Sealer(resource.name, classes, keys, {**(stored or {}), **body}, record_id).object(resource.root.children, body)
     return body
 
 
-def _seal_object(children: dict[str, Node], value: dict[str, Any], record: dict[str, Any], resource: str,
-                 classes: Mapping[str, FieldClass], keys: Mapping[str, OpenKey]) -> None:
-    for key, item in list(value.items()):
-        child = children.get(key)
-        if child is not None:
-            value[key] = _seal_node(child, item, record, resource, classes, keys)
+class _Sealer:
+    def __init__(self, resource: str, classes: Mapping[str, FieldClass], keys: Mapping[str, OpenKey],
+                 record: dict[str, Any], record_id: bytes | None) -> None:
+        self.resource, self.classes, self.keys, self.record, self.record_id = resource, classes, keys, record, record_id
 
+    def object(self, children: dict[str, Node], value: dict[str, Any]) -> None:
+        for key, item in list(value.items()):
+            child = children.get(key)
+            if child is not None:
+                value[key] = self.node(child, item)
 
-def _seal_node(node: Node, value: Any, record: dict[str, Any], resource: str, classes: Mapping[str, FieldClass],
-               keys: Mapping[str, OpenKey]) -> Any:
-    if node.spec is not None:
-        scope = classes[node.spec.class_for(record)].key_scope
-        if scope is None or value is None:
+    def node(self, node: Node, value: Any) -> Any:
+        if node.spec is not None:
+            field_class = node.spec.class_for(self.record)
+            scope = self.classes[field_class].key_scope
+            if scope is None or value is None:
+                return value
+            opened = self.keys[scope]
+            return seal(opened.aead, opened.key.key_id, value, self.resource, node.spec.path, field_class,
+                        self.record_id)
+        if node.children is not None and isinstance(value, dict):
+            self.object(node.children, value)
             return value
-        opened = keys[scope]
-        return seal(opened.aead, opened.key.key_id, value, resource, node.spec.path)
-    if node.children is not None and isinstance(value, dict):
-        _seal_object(node.children, value, record, resource, classes, keys)
+        if node.items is not None and isinstance(value, list):
+            return [self.node(node.items, v) for v in value]
         return value
-    if node.items is not None and isinstance(value, list):
-        return [_seal_node(node.items, v, record, resource, classes, keys) for v in value]
+
+
+@dataclass(frozen=True, slots=True)
+class Reclassed:
+    """A stored field whose class a flag in the body changes: its ciphertext, bound to the old class, is
+    opened and sealed again as the new one, or it could never be read again (and the flag would be a way
+    to make a field unreadable)."""
+
+    path: str
+    value: Any
+    before: str
+    after: str
+
+
+def reclassified(resource: Resource, stored: dict[str, Any], body: dict[str, Any]) -> list[Reclassed]:
+    """The stored fields, not written by the body, whose class changes with the flags the body sets."""
+    if not any(flag in body for flag in resource.flags):
+        return []
+    after_record = {**stored, **body}
+    found: list[Reclassed] = []
+    for spec in resource.specs:
+        if spec.flag is None or spec.flag not in body:
+            continue
+        before, after = spec.class_for(stored), spec.class_for(after_record)
+        if before == after or _at(body, spec.path) is not _MISSING:
+            continue
+        value = _at(stored, spec.path)
+        if value is _MISSING or value is None:
+            continue
+        if "[]" in spec.path:
+            raise WriteRefused(409, f"{spec.flag} changes the class of {spec.path}, inside a list: send the list "
+                                    "again with the flag", [spec.flag])
+        found.append(Reclassed(spec.path, value, before, after))
+    return found
+
+
+_MISSING = object()
+
+
+def _at(record: dict[str, Any], path: str) -> Any:
+    value: Any = record
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
     return value
+
+
+def put_at(record: dict[str, Any], path: str, value: Any) -> None:
+    """Set a map path (without lists) in a body, making the objects on the way."""
+    *parents, last = path.split(".")
+    for part in parents:
+        record = record.setdefault(part, {})
+    record[last] = value

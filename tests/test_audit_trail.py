@@ -4,7 +4,6 @@ record; an unwritable store releases no data; queries, reports and exports over 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -22,8 +21,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit.checkpoints import note
-from proxy.audit.trail import canonical, leaf_hash, link_hash
+from proxy.audit.checkpoints import key_id, load_public, note
+from proxy.audit.trail import canonical, leaf_hash, link_hash, read_checkpoints
 from tests.conftest import (
     HTTP,
     Gateway,
@@ -423,12 +422,43 @@ def test_full_store_releases_no_data(crm: str, signing: Signing, tmp_path: Path)
     assert verdict(out)["ok"] and verdict(out)["records"] == first_refusal
 
 
-def test_signing_key_is_private_and_its_id_is_stable(run: dict[str, Any]) -> None:
+def test_signing_key_is_private_and_its_id_is_stable(run: dict[str, Any], crm: str, signing: Signing,
+                                                     tmp_path: Path) -> None:
+    """The key is made once and kept: every checkpoint, of this run and of later runs on the same keys/, names
+    the id of the public key auditors were given (a key made again at a start would sign under a new id)."""
     key = run["keys"] / "audit-signing.pem"
     assert key.stat().st_mode & 0o077 == 0
     out = cli(run["gw"], "audit", "public-key")
-    assert out.stdout == (run["keys"] / "audit-signing.pub.pem").read_text()
-    assert hashlib.sha256(out.stdout.encode()).hexdigest()
+    public = run["keys"] / "audit-signing.pub.pem"
+    assert out.stdout == public.read_text()
+    expected = key_id(load_public(public))
+    assert len(expected) == 16
+
+    def key_ids(store: Path) -> list[str]:
+        db = sqlite3.connect(store)
+        try:
+            return [cp.key_id for cp in read_checkpoints(db)]
+        finally:
+            db.close()
+
+    ran = key_ids(run["store"])
+    assert len(ran) >= 2 and set(ran) == {expected}
+    # the same keys/ under a gateway started, stopped and started again: the key is loaded, not made anew
+    keys = tmp_path / "keys"
+    shutil.copytree(run["keys"], keys, symlinks=True)
+    private = key.read_bytes()
+    gw = start_gateway(tmp_path / "gw", crm, signing, keys, policies=policies_copy(tmp_path / "gw"))
+    for restarted in (False, True):
+        if restarted:
+            gw.service.start()
+        try:
+            assert gw.get("/clients/1", gw.as_user("alice", "counsellor")).status_code == 200
+        finally:
+            gw.service.stop()  # a clean stop signs a checkpoint
+    later = key_ids(tmp_path / "gw" / "audit.sqlite3")
+    assert len(later) >= 2 and set(later) == {expected}
+    assert (keys / "audit-signing.pem").read_bytes() == private
+    assert cli(gw, "audit", "public-key").stdout == out.stdout
 
 
 def test_audit_off_keeps_the_siem_lines_and_says_so(crm: str, signing: Signing, tmp_path: Path) -> None:

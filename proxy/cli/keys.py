@@ -161,12 +161,22 @@ def _migration(settings: Settings, dry_run: bool, rate: float, step: Any, label:
 
 
 def _report_migration(settings: Settings, report: Any, actor: str | None) -> None:
+    from proxy.keys.migration import PATCH_ATTEMPTS
+
     counts = {"records": report.records, "changed_records": report.changed_records, "fields": report.fields,
-              "failures": report.failures}
+              "failures": report.failures, "unowned": report.unowned}
     record(settings, report.action, actor, dry_run=report.dry_run, counts=counts)
-    echo({**counts, "by_resource": report.by_resource, "complete": report.complete, "dry_run": report.dry_run})
+    echo({**counts, "by_resource": report.by_resource, "complete": report.complete, "dry_run": report.dry_run,
+          "failed": report.failed_ids})
+    problems = []
     if report.failures:
-        raise click.ClickException(f"{report.failures} records could not be processed; see the CRM's log")
+        problems.append(f"{report.failures} records could not be written (tried {PATCH_ATTEMPTS} times; see the "
+                        "CRM's log): their pages are done again by the next run")
+    if report.unowned:
+        problems.append(f"{report.unowned} records hold plaintext of encrypted classes but name no client, so no "
+                        "client's key can seal them: left as they are; give them a client in the CRM and run again")
+    if problems:
+        raise click.ClickException("; ".join(problems))
 
 
 @click.command("encrypt-existing")

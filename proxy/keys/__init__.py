@@ -5,7 +5,7 @@ opens them only for `clear`. The lifecycle commands (`proxy.keys.lifecycle`) and
 
 from proxy.keys.cipher import CipherFailure, FieldCipher
 from proxy.keys.custody import create_kek, open_kek, open_keyring
-from proxy.keys.envelope import PREFIX, EnvelopeError, associated_where, is_sealed, seal
+from proxy.keys.envelope import PREFIX, EnvelopeError, associated_class, associated_where, is_sealed, record_ref, seal
 from proxy.keys.kek import FileKek, KekError, KeyEncryptionKey, Pkcs11Kek, ScryptParams
 from proxy.keys.ring import BEAT_SECONDS, LIVE_SECONDS, KeyRing, OpenKey, wrap_aad
 from proxy.keys.store import DataKey, KeyStatus, Keystore, KeystoreConflict, SqliteKeystore
@@ -13,6 +13,6 @@ from proxy.keys.store import DataKey, KeyStatus, Keystore, KeystoreConflict, Sql
 __all__ = [
     "BEAT_SECONDS", "LIVE_SECONDS", "PREFIX", "CipherFailure", "DataKey", "EnvelopeError", "FieldCipher", "FileKek",
     "KekError", "KeyEncryptionKey", "KeyRing", "KeyStatus", "Keystore", "KeystoreConflict", "OpenKey", "Pkcs11Kek",
-    "ScryptParams", "SqliteKeystore", "associated_where", "create_kek", "is_sealed", "open_kek", "open_keyring", "seal",
-    "wrap_aad",
+    "ScryptParams", "SqliteKeystore", "associated_class", "associated_where", "create_kek", "is_sealed", "open_kek",
+    "open_keyring", "record_ref", "seal", "wrap_aad",
 ]

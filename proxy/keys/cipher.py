@@ -39,9 +39,11 @@ class FieldCipher:
         heads = set(_SEALED_IN_BODY.findall(body))  # a list repeats a client's key in every row
         await self.ring.prefetch(k for h in heads if (k := key_id_in_head(h)) is not None)
 
-    def open(self, value: str, client_id: str | None, scope: str, where: bytes, key_ids: set[str]) -> Any:
-        """The field's value; `scope` is its class's key scope, `where` its `envelope.associated_where`.
-        The ids of the keys consulted are added to `key_ids`, for the audit record."""
+    def open(self, value: str, client_id: str | None, scope: str, where: bytes, classed: bytes,
+             record_id: bytes | None, key_ids: set[str]) -> Any:
+        """The field's value; `scope` is its class's key scope, `where` its `envelope.associated_where`,
+        `classed` the same with the class it is read as, `record_id` the record's (see `envelope`). The ids
+        of the keys consulted are added to `key_ids`, for the audit record."""
         try:
             envelope = parse(value)
         except EnvelopeError as exc:
@@ -53,7 +55,7 @@ class FieldCipher:
         if isinstance(grant, str):
             raise CipherFailure(grant)
         try:
-            return open_where(grant, envelope, where)
+            return open_where(grant, envelope, where, classed, record_id)
         except EnvelopeError as exc:
             raise CipherFailure(str(exc)) from None
 

@@ -24,7 +24,7 @@ import orjson
 
 from proxy.config import Settings
 from proxy.keys.cipher import CipherFailure, FieldCipher
-from proxy.keys.envelope import associated_where, is_sealed, seal
+from proxy.keys.envelope import associated_class, associated_where, is_sealed, record_ref, seal
 from proxy.keys.ring import KeyRing, OpenKey
 from proxy.policy.fieldmap import FieldClass, FieldMap, Node, Resource
 from proxy.routes import Route, Shape, Verb
@@ -49,9 +49,11 @@ class MigrationReport:
     records: int = 0
     changed_records: int = 0
     fields: int = 0
-    failures: int = 0
+    failures: int = 0  # records whose PATCH the CRM refused, after retries: their page is done again next run
+    unowned: int = 0  # records holding plaintext of an encrypted class but naming no client: left as they are
     by_resource: dict[str, int] = field(default_factory=dict)
     complete: bool = True
+    failed_ids: list[str] = field(default_factory=list)  # "resource id", never a value (first 20)
 
 
 def walks(fieldmap: FieldMap) -> list[Walk]:
@@ -135,12 +137,32 @@ async def _plan(client: httpx.AsyncClient, fm: FieldMap, totals: Callable[[int],
     return plan
 
 
+PATCH_ATTEMPTS = 3
+
+
 async def _patch(client: httpx.AsyncClient, limiter: RateLimit, walk: Walk, row: dict[str, Any],
                  body: dict[str, Any]) -> bool:
-    await limiter.wait()
-    r = await client.patch(walk.patch.render(walk.patch.template, _ids(walk.patch, row)), content=orjson.dumps(body),
-                           headers={"content-type": "application/json"})
-    return r.status_code < 400
+    """PATCH the record; a refusal or a fault is tried again (a CRM busy for a moment), then reported."""
+    path = walk.patch.render(walk.patch.template, _ids(walk.patch, row, walk.resource.record_id))
+    for attempt in range(PATCH_ATTEMPTS):
+        await limiter.wait()
+        try:
+            r = await client.patch(path, content=orjson.dumps(body), headers={"content-type": "application/json"})
+            if r.status_code < 400:
+                return True
+            if r.status_code < 500 and r.status_code not in (408, 409, 429):
+                return False  # refused for good: retrying will not change the answer
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.2 * (attempt + 1))
+    return False
+
+
+def _failed(report: MigrationReport, walk: Walk, row: dict[str, Any]) -> None:
+    report.failures += 1
+    if len(report.failed_ids) < 20:
+        ids = _ids(walk.patch, row, walk.resource.record_id)
+        report.failed_ids.append(f"{walk.resource.name} {'/'.join(ids.values())}")
 
 
 class RateLimit:
@@ -205,27 +227,32 @@ async def encrypt_existing(settings: Settings, fm: FieldMap, ring: KeyRing, *, d
         for walk in await _plan(client, fm, totals):
             name = walk.resource.name
             assert walk.resource.root.children is not None
+            clean = True  # every page so far went through: the resume point may advance
             async for page, rows in _pages(client, fm, walk, 0 if dry_run else resume.done(name)):
+                page_failed = False
                 for row in rows:
                     if max_records is not None and report.records >= max_records:
                         report.complete = False
                         return report
                     report.records += 1
                     cid = _client_of(walk.resource, row)
+                    rid = record_ref(row.get(walk.resource.record_id)) if walk.resource.record_id else None
                     keys: dict[str, OpenKey] = {}
                     pending: list[tuple[str, str, Any]] = []
 
-                    def plan_seal(cls: str, path: str, value: Any, into: list[tuple[str, str, Any]] = pending
-                                  ) -> Any:
+                    def plan_seal(cls: str, path: str, value: Any, into: list[tuple[str, str, Any]] = pending,
+                                  rid: bytes | None = rid) -> Any:
                         if is_sealed(value):
                             return value
                         scope = classes[cls].key_scope
                         assert scope is not None
                         into.append((scope, path, value))
-                        return _Marker(scope, path, value)
+                        return _Marker(scope, path, value, cls, rid)
 
                     changed = _changes(walk.resource.root.children, row, name, classes, plan_seal)
-                    if changed and cid is not None:
+                    if changed and cid is None:
+                        report.unowned += 1  # no client, so no client's key: said, never sealed under a guess
+                    elif changed:
                         report.changed_records += 1
                         report.fields += len(pending)
                         report.by_resource[name] = report.by_resource.get(name, 0) + len(pending)
@@ -233,12 +260,14 @@ async def encrypt_existing(settings: Settings, fm: FieldMap, ring: KeyRing, *, d
                             for scope in {p[0] for p in pending}:
                                 keys[scope] = await ring.for_writing(cid, scope)
                             if not await _patch(client, limiter, walk, row, _resolve_markers(changed, keys, name)):
-                                report.failures += 1
+                                _failed(report, walk, row)
+                                page_failed = True
                     if progress is not None:
                         progress(1)
-                if not dry_run:
+                clean = clean and not page_failed
+                if not dry_run and clean:  # a page with a failure is done again by the next run
                     resume.save(name, page)
-        if not dry_run:
+        if not dry_run and not report.failures:
             resume.clear()
     return report
 
@@ -246,16 +275,18 @@ async def encrypt_existing(settings: Settings, fm: FieldMap, ring: KeyRing, *, d
 class _Marker:
     """A value to be sealed once its key is known (keys are fetched asynchronously)."""
 
-    __slots__ = ("path", "scope", "value")
+    __slots__ = ("field_class", "path", "record_id", "scope", "value")
 
-    def __init__(self, scope: str, path: str, value: Any) -> None:
+    def __init__(self, scope: str, path: str, value: Any, field_class: str, record_id: bytes | None) -> None:
         self.scope, self.path, self.value = scope, path, value
+        self.field_class, self.record_id = field_class, record_id
 
 
 def _resolve_markers(value: Any, keys: dict[str, OpenKey], resource: str) -> Any:
     if isinstance(value, _Marker):
         opened = keys[value.scope]
-        return seal(opened.aead, opened.key.key_id, value.value, resource, value.path)
+        return seal(opened.aead, opened.key.key_id, value.value, resource, value.path, value.field_class,
+                    value.record_id)
     if isinstance(value, dict):
         return {k: _resolve_markers(v, keys, resource) for k, v in value.items()}
     if isinstance(value, list):
@@ -268,8 +299,9 @@ def _client_of(resource: Resource, row: dict[str, Any]) -> str | None:
     return str(value) if value is not None and not isinstance(value, (dict, list, bool)) else None
 
 
-def _ids(route: Route, row: dict[str, Any]) -> dict[str, str]:
-    return {name: str(row["id"]) for _, name, _ in route.params}
+def _ids(route: Route, row: dict[str, Any], id_field: str | None = None) -> dict[str, str]:
+    """The PATCH route's one parameter, from the record's id field (`record_id`, else `id`)."""
+    return {name: str(row.get(id_field or "id")) for _, name, _ in route.params}
 
 
 async def decrypt_export(settings: Settings, fm: FieldMap, ring: KeyRing, *, dry_run: bool, rate: float,
@@ -292,7 +324,9 @@ async def decrypt_export(settings: Settings, fm: FieldMap, ring: KeyRing, *, dry
                     for row in rows:
                         report.records += 1
                         opened = [0]
-                        unseal = partial(_unseal, cipher, classes, _client_of(walk.resource, row), name, report, opened)
+                        rid = record_ref(row.get(walk.resource.record_id)) if walk.resource.record_id else None
+                        unseal = partial(_unseal, cipher, classes, _client_of(walk.resource, row), rid, name, report,
+                                         opened)
                         changed = _changes(walk.resource.root.children, row, name, classes, unseal)
                         report.fields += opened[0]
                         if changed:
@@ -301,7 +335,7 @@ async def decrypt_export(settings: Settings, fm: FieldMap, ring: KeyRing, *, dry
                         if sink is not None:
                             sink.write(orjson.dumps({"resource": name, "record": {**row, **changed}}).decode() + "\n")
                         elif changed and not dry_run and not await _patch(client, limiter, walk, row, changed):
-                            report.failures += 1
+                            _failed(report, walk, row)
                         if progress is not None:
                             progress(1)
     finally:
@@ -310,14 +344,15 @@ async def decrypt_export(settings: Settings, fm: FieldMap, ring: KeyRing, *, dry
     return report
 
 
-def _unseal(cipher: FieldCipher, classes: dict[str, FieldClass], client_id: str | None, resource: str,
-            report: MigrationReport, opened: list[int], cls: str, path: str, value: Any) -> Any:
+def _unseal(cipher: FieldCipher, classes: dict[str, FieldClass], client_id: str | None, record_id: bytes | None,
+            resource: str, report: MigrationReport, opened: list[int], cls: str, path: str, value: Any) -> Any:
     if not is_sealed(value):
         return value
     try:
         known = classes.get(cls)
         scope = (known.key_scope or "") if known is not None else ""
-        plain = cipher.open(value, client_id, scope, associated_where(resource, path), set())
+        where = associated_where(resource, path)
+        plain = cipher.open(value, client_id, scope, where, associated_class(where, cls), record_id, set())
     except CipherFailure:
         report.failures += 1
         return value

@@ -76,6 +76,7 @@ class Resource:
     record_class: str  # a record is visible only where this class shows; it also guards delete
     root: Node
     specs: tuple[FieldSpec, ...]
+    record_id: str | None = None  # top-level field holding the CRM's stable id of the record (bound into ciphertexts)
 
     @property
     def classes(self) -> frozenset[str]:
@@ -316,7 +317,7 @@ def _parse_resource(
     where = f"resource {name}"
     if not isinstance(body, dict):
         raise MapError(line_of(parent, name), f"{where}: expected a mapping")
-    _known(body, {"client", "record_class", "fields", "routes"}, where)
+    _known(body, {"client", "record_class", "fields", "routes", "record_id"}, where)
     record_class = body.get("record_class")
     if record_class not in classes:
         raise MapError(line_of(body, "record_class"), f"{where}: record_class {record_class!r} is not a class")
@@ -342,7 +343,12 @@ def _parse_resource(
     client = body.get("client")
     if client is not None and (not isinstance(client, str) or client not in (root.children or {})):
         raise MapError(line_of(body, "client"), f"{where}: client must name a top-level classified field")
-    resource = Resource(name, client, str(record_class), root, tuple(specs))
+    record_id = body.get("record_id")
+    if record_id is not None and (not isinstance(record_id, str) or record_id not in (root.children or {})
+                                  or (root.children or {})[record_id].spec is None):
+        raise MapError(line_of(body, "record_id"), f"{where}: record_id must name a top-level classified field "
+                                                   "(the CRM's stable id of the record)")
+    resource = Resource(name, client, str(record_class), root, tuple(specs), record_id)
     routes = _parse_routes(resource, body.get("routes"), line_of(body, "routes"), where)
     return resource, routes
 
