@@ -307,3 +307,158 @@ def test_keystore_and_kek_files_are_private(setup: dict[str, Any]) -> None:
     with pytest.raises(InsecureKeyFile):
         FileKek(keys / "loose.json", b"whatever passphrase")
     (keys / "loose.json").unlink()
+
+
+def _version(ciphertext: str) -> int:
+    body = ciphertext[4:]
+    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))[0]
+
+
+@pytest.fixture(scope="module")
+def bound(setup: dict[str, Any]) -> dict[str, Any]:
+    """A client of alice's with two session notes and two letters, one of them from a third party."""
+    gw: Gateway = setup["gw"]
+    alice = gw.as_user("alice", "counsellor")
+    client = _create_client(gw, "alice", "Dee")
+    notes = []
+    for text in ("MARKER-BOUND-ONE first", "MARKER-BOUND-TWO second"):
+        r = gw.request("POST", f"/clients/{client}/session-notes", alice, json={"session_date": "2026-11-22",
+                                                                                 "body": text})
+        assert r.status_code == 201, r.text
+        notes.append(int(r.json()["id"]))
+    letters = {}
+    for third in (True, False):
+        r = gw.request("POST", f"/clients/{client}/letters", alice, json={
+            "sent_on": "2026-11-23", "recipient": "Dr Quill" if third else "Dee", "subject": "Report",
+            "body": f"MARKER-LETTER-{'THIRD' if third else 'OWN'}", "third_party": third})
+        assert r.status_code == 201, r.text
+        letters[third] = int(r.json()["id"])
+    return {"client": client, "notes": notes, "letters": letters}
+
+
+def test_a_flag_flipped_at_the_crm_releases_nothing(setup: dict[str, Any], bound: dict[str, Any]) -> None:
+    """`third_party` turned off in the CRM's own database would show the client a third party's letter:
+    the letter's fields were sealed as class third_party, so read as letters they fail their tag."""
+    gw: Gateway = setup["gw"]
+    letter = bound["letters"][True]
+    held = direct(setup["url"], f"/letters/{letter}")
+    assert _version(held["body"]) == 2  # a create: bound to its class (the CRM gives the id afterwards)
+    client = gw.as_user("dee", "client", client_id=str(bound["client"]))
+    r = gw.get(f"/letters/{letter}", client)
+    assert r.status_code == 200 and "body" not in r.json()  # the policy: no third-party letters for the client
+    _patch_crm(setup, f"/letters/{letter}", {"third_party": False})
+    try:
+        r = gw.get(f"/letters/{letter}", client)
+        assert r.status_code == 200, r.text
+        assert "MARKER-LETTER-THIRD" not in r.text and "Dr Quill" not in r.text and "fg1." not in r.text
+        assert not {"body", "recipient", "subject"} & r.json().keys()
+        rec = gw.audit_for(r.headers["x-request-id"])
+        assert "letter.body: authentication failed (tampered, moved to another field or record, or read under " \
+               "another class)" in rec["decrypt_failures"], rec
+    finally:
+        _patch_crm(setup, f"/letters/{letter}", {"third_party": True})
+
+
+def test_a_ciphertext_replayed_into_another_record_fails(setup: dict[str, Any], bound: dict[str, Any]) -> None:
+    """Once the CRM has given a record its id, what the gateway seals for it is bound to that id: the
+    client's own key and the same field, copied into another note, no longer opens."""
+    gw: Gateway = setup["gw"]
+    alice = gw.as_user("alice", "counsellor")
+    first, second = bound["notes"]
+    r = gw.request("PATCH", f"/session-notes/{first}", alice, json={"body": "MARKER-BOUND-ONE amended"})
+    assert r.status_code == 200, r.text
+    sealed = direct(setup["url"], f"/session-notes/{first}")["body"]
+    assert _version(sealed) == 3
+    original = direct(setup["url"], f"/session-notes/{second}")["body"]
+    _patch_crm(setup, f"/session-notes/{second}", {"body": sealed})
+    try:
+        r = gw.get(f"/session-notes/{second}", alice)
+        assert r.status_code == 200 and "body" not in r.json() and "MARKER-BOUND-ONE" not in r.text
+        rec = gw.audit_for(r.headers["x-request-id"])
+        assert any(f.startswith("session_note.body: authentication failed") for f in rec["decrypt_failures"]), rec
+        assert gw.get(f"/session-notes/{first}", alice).json()["body"] == "MARKER-BOUND-ONE amended"
+    finally:
+        _patch_crm(setup, f"/session-notes/{second}", {"body": original})
+    assert gw.get(f"/session-notes/{second}", alice).json()["body"] == "MARKER-BOUND-TWO second"
+
+
+def test_a_flag_set_through_the_gateway_reseals_what_it_reclassifies(setup: dict[str, Any],
+                                                                      bound: dict[str, Any]) -> None:
+    """alice marks the client's own letter as a third party's, and back: each time the stored fields the flag
+    reclassifies are opened as the class they were and sealed as the class they become, so they stay
+    readable to whoever may read that class (and only them)."""
+    gw: Gateway = setup["gw"]
+    alice, client = gw.as_user("alice", "counsellor"), gw.as_user("dee", "client", client_id=str(bound["client"]))
+    letter = bound["letters"][False]
+    before = direct(setup["url"], f"/letters/{letter}")
+    assert gw.get(f"/letters/{letter}", client).json()["body"] == "MARKER-LETTER-OWN"
+    r = gw.request("PATCH", f"/letters/{letter}", alice, json={"third_party": True})
+    assert r.status_code == 200, r.text
+    rec = gw.audit_for(r.headers["x-request-id"])
+    assert rec["reclassified"] == ["third_party"] and rec["written"] == ["body", "recipient", "subject", "third_party"]
+    held = direct(setup["url"], f"/letters/{letter}")
+    assert held["third_party"] is True and held["sent_on"] == before["sent_on"]
+    assert held["body"] != before["body"] and _version(held["body"]) == 3
+    assert gw.get(f"/letters/{letter}", alice).json()["body"] == "MARKER-LETTER-OWN"
+    shown = gw.get(f"/letters/{letter}", client)
+    assert "body" not in shown.json() and gw.audit_for(shown.headers["x-request-id"])["decrypt_failures"] == []
+    r = gw.request("PATCH", f"/letters/{letter}", alice, json={"third_party": False})
+    assert r.status_code == 200, r.text
+    assert gw.get(f"/letters/{letter}", client).json()["body"] == "MARKER-LETTER-OWN"
+
+
+def test_a_flag_that_cannot_reseal_is_refused(setup: dict[str, Any], bound: dict[str, Any]) -> None:
+    """A stored field that does not open (here: tampered) cannot be sealed as its new class; the flag is
+    refused (409) rather than left pointing at a field nobody could read again, and the CRM keeps the record."""
+    gw: Gateway = setup["gw"]
+    alice = gw.as_user("alice", "counsellor")
+    letter = bound["letters"][False]
+    held = direct(setup["url"], f"/letters/{letter}")
+    _patch_crm(setup, f"/letters/{letter}", {"subject": _flip(held["subject"])})
+    try:
+        r = gw.request("PATCH", f"/letters/{letter}", alice, json={"third_party": True})
+        assert r.status_code == 409, r.text
+        assert r.json()["error"] == "subject cannot be opened to re-seal it as third_party; the flag is left as it is"
+        rec = gw.audit_for(r.headers["x-request-id"])
+        assert rec["outcome"] == "denied" and rec["reason"].startswith("re-seal failed: authentication failed")
+        assert direct(setup["url"], f"/letters/{letter}")["third_party"] is False
+    finally:
+        _patch_crm(setup, f"/letters/{letter}", {"subject": held["subject"]})
+
+
+def test_ciphertexts_sealed_before_the_binding_still_open(setup: dict[str, Any], bound: dict[str, Any]) -> None:
+    """Version 1 (resource and path only), what earlier releases wrote, is still read with the client's key."""
+    import asyncio
+
+    import orjson
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from proxy.keys import FileKek, KeyRing, SqliteKeystore, associated_where
+    from tests.conftest import KEK_PASSPHRASE
+
+    async def data_key() -> tuple[bytes, AESGCM]:
+        store = await SqliteKeystore.open(setup["keys"] / "keystore.sqlite3")
+        try:
+            ring = KeyRing(store, FileKek(setup["keys"] / "kek.json", KEK_PASSPHRASE.encode()))
+            opened = await ring.for_writing(str(bound["client"]), "record")
+            return opened.key.key_id, opened.aead
+        finally:
+            await store.close()
+
+    key_id, aead = asyncio.run(data_key())
+    header, nonce = bytes((1, 1)) + key_id, b"\x01" * 12
+    sealed = aead.encrypt(nonce, orjson.dumps("MARKER-V1 written long ago"),
+                                      header + associated_where("session_note", "body"))
+    old = "fg1." + base64.urlsafe_b64encode(header + nonce + sealed).rstrip(b"=").decode()
+    second = bound["notes"][1]
+    original = direct(setup["url"], f"/session-notes/{second}")["body"]
+    _patch_crm(setup, f"/session-notes/{second}", {"body": old})
+    try:
+        assert gw_body(setup, second) == "MARKER-V1 written long ago"
+    finally:
+        _patch_crm(setup, f"/session-notes/{second}", {"body": original})
+
+
+def gw_body(setup: dict[str, Any], note: int) -> Any:
+    gw: Gateway = setup["gw"]
+    return gw.get(f"/session-notes/{note}", gw.as_user("alice", "counsellor")).json().get("body")

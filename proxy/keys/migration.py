@@ -52,7 +52,7 @@ class MigrationReport:
     failures: int = 0  # records whose PATCH the CRM refused, after retries: their page is done again next run
     unowned: int = 0  # records holding plaintext of an encrypted class but naming no client: left as they are
     by_resource: dict[str, int] = field(default_factory=dict)
-    complete: bool = True
+    complete: bool = True  # every record walked, and every one that holds plaintext sealed
     failed_ids: list[str] = field(default_factory=list)  # "resource id", never a value (first 20)
 
 
@@ -252,6 +252,7 @@ async def encrypt_existing(settings: Settings, fm: FieldMap, ring: KeyRing, *, d
                     changed = _changes(walk.resource.root.children, row, name, classes, plan_seal)
                     if changed and cid is None:
                         report.unowned += 1  # no client, so no client's key: said, never sealed under a guess
+                        page_failed = True  # and its page is walked again by the next run
                     elif changed:
                         report.changed_records += 1
                         report.fields += len(pending)
@@ -265,10 +266,11 @@ async def encrypt_existing(settings: Settings, fm: FieldMap, ring: KeyRing, *, d
                     if progress is not None:
                         progress(1)
                 clean = clean and not page_failed
-                if not dry_run and clean:  # a page with a failure is done again by the next run
+                if not dry_run and clean:  # a page not wholly sealed is done again by the next run
                     resume.save(name, page)
-        if not dry_run and not report.failures:
+        if not dry_run and not report.failures and not report.unowned:
             resume.clear()
+    report.complete = not report.failures and not report.unowned
     return report
 
 
