@@ -18,7 +18,9 @@ a value) and an audit record too. No record, no data: if the trail cannot take i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import secrets
 import time
 
 import structlog
@@ -45,6 +47,7 @@ class Gateway:
 
     def __init__(self, settings: Settings, siem: Siem | None = None, bundle: PolicyBundle | None = None) -> None:
         self.runtime = Runtime(settings, siem, bundle)
+        self._corrections: set[asyncio.Task[None]] = set()  # amending records on their way to the trail
 
     @property
     def bundle(self) -> PolicyBundle:
@@ -120,11 +123,35 @@ class Gateway:
             if reply.stream is not None:
                 reply.stream.close()
             reply = Reply(503, error_body("audit trail unavailable; nothing was released", req.request_id))
+            if exc.queued:  # the record may still land, saying what the caller never got: a correction follows it
+                self._correct(record, str(exc))
             record.status, record.outcome, record.reason = 503, "error", f"withheld: {exc}"
             runtime.metrics.inc("fieldguard_audit_withheld_total")
             with contextlib.suppress(Exception):
                 runtime.trail.siem.append(record)
         await send_reply(send, reply, req.request_id)
+
+    def _correct(self, record: AuditRecord, why: str) -> None:
+        """Queue a record amending one whose commit timed out: the trail will hold both, the first with the
+        status the caller would have had, this one saying they got 503 and nothing was released. Queued in
+        the background, so the 503 is not held for it; if the trail is down it reaches the SIEM log only."""
+        amendment = AuditRecord(request_id=secrets.token_hex(12), method=record.method, policy=record.policy,
+                                peer=record.peer, user=record.user, role=record.role, roles=record.roles,
+                                purpose=record.purpose, token_id=record.token_id, route=record.route,
+                                clients=record.clients, status=503, outcome="error", reason=f"withheld: {why}",
+                                amends=record.request_id)
+        trail = self.runtime.trail
+
+        async def append() -> None:
+            try:
+                await trail.append(amendment)
+            except AuditUnavailable:
+                with contextlib.suppress(Exception):
+                    trail.siem.append(amendment)
+
+        task = asyncio.get_running_loop().create_task(append())
+        self._corrections.add(task)
+        task.add_done_callback(self._corrections.discard)
 
     async def _answer(self, req: Incoming, bundle: PolicyBundle, record: AuditRecord) -> Reply:
         """The reply to one audited request; every refusal and fault is a short JSON error."""

@@ -33,6 +33,7 @@ from tests.conftest import (
     policies_copy,
     start_crm,
     start_gateway,
+    wait_until,
 )
 
 
@@ -403,6 +404,60 @@ def test_unwritable_store_releases_no_data(own_gateway: tuple[Gateway, Path]) ->
         _chattr("-i", *files)
     assert gw.get("/clients/1", alice).status_code == 200  # recovers once the store is writable again
     assert gw.readyz()["checks"]["audit"]["ok"] is True
+
+
+def test_a_commit_that_times_out_is_corrected_in_the_trail(crm: str, signing: Signing, tmp_path: Path) -> None:
+    """A record whose commit outlives the audit time-out is still committed later, with the status the
+    caller would have had; the caller got 503 and nothing. A second record, `amends` naming the first,
+    says so, so the trail never claims a release that did not happen."""
+    keys = make_keys(tmp_path / "keys")
+    gw = start_gateway(tmp_path / "gw", crm, signing, keys, policies=policies_copy(tmp_path / "gw"),
+                       extra="timeout_seconds = 0.5")
+    store = tmp_path / "gw" / "audit.sqlite3"
+    try:
+        alice = gw.as_user("alice", "counsellor")
+        assert gw.get("/clients/1", alice).status_code == 200
+        lock = sqlite3.connect(store, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # the writer waits for the lock (busy_timeout) past the time-out
+        try:
+            r = gw.get("/clients/1", alice)
+            assert r.status_code == 503 and r.json()["error"] == "audit trail unavailable; nothing was released"
+            assert "Liam" not in r.text
+            withheld = r.headers["x-request-id"]
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+
+        def stored() -> list[dict[str, Any]]:
+            db = sqlite3.connect(store)
+            try:
+                return [json.loads(b) for (b,) in db.execute("SELECT body FROM audit_records ORDER BY seq")]
+            finally:
+                db.close()
+
+        def both() -> list[dict[str, Any]] | None:
+            mine = [x for x in stored() if withheld in (x["request_id"], x.get("amends"))]
+            return mine if len(mine) == 2 else None
+
+        original, correction = wait_until(both, "the withheld request's record and its correction")
+        assert original["request_id"] == withheld and original["status"] == 200 and original["amends"] is None
+        assert correction["amends"] == withheld and correction["request_id"] != withheld
+        assert correction["status"] == 503 and correction["outcome"] == "error"
+        assert correction["reason"] == "withheld: audit commit timed out"
+        assert (correction["user"], correction["route"], correction["clients"]) == (
+            original["user"], original["route"], original["clients"])
+        assert gw.get("/clients/1", alice).status_code == 200  # the trail carries on
+    finally:
+        gw.service.stop()
+    public = str(keys / "audit-signing.pub.pem")
+    out = cli(gw, "audit", "verify", "--public-key", public)
+    assert verdict(out)["ok"], out.stdout
+    # the views read the pair as one withheld access
+    shown = json.loads(cli(gw, "audit", "query", "--client", "1", "--format", "json", "--public-key", public).stdout)
+    assert [r["amended_by"] for r in shown if r["request_id"] == withheld] == [correction["request_id"]]
+    report = json.loads(cli(gw, "audit", "report", "--client", "1", "--format", "json", "--public-key", public).stdout)
+    assert [a["outcome"] for a in report["accesses"]] == ["allowed", "withheld", "allowed"]
+    assert report["accesses"][1]["shown"] == []
 
 
 def test_full_store_releases_no_data(crm: str, signing: Signing, tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ class AuditRecord:
     shadow: list[str] | None = None  # shadow mode: what the candidate policy would have decided differently
     shadow_policy: str | None = None
     upstream_status: int | None = None
+    amends: str | None = None  # a correction: that request's response was withheld after its record was queued
     duration_ms: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:

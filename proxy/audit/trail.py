@@ -69,7 +69,12 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 
 
 class AuditUnavailable(Exception):
-    """The record could not be made durable: no data may be released."""
+    """The record could not be made durable: no data may be released. `queued`: it is still in the writer's
+    queue and may be committed later, saying what the caller did not get (a correction must follow it)."""
+
+    def __init__(self, message: str, queued: bool = False) -> None:
+        super().__init__(message)
+        self.queued = queued
 
 
 class StoreReplaced(Exception):
@@ -282,7 +287,7 @@ class DurableTrail:
     def _expire(self, done: asyncio.Future[int]) -> None:
         if not done.done():
             self.last_error = "audit commit timed out"
-            done.set_exception(AuditUnavailable("audit commit timed out"))
+            done.set_exception(AuditUnavailable("audit commit timed out", queued=True))
 
     def _write_forever(self) -> None:
         """The writer thread: whatever queued while the last commit was on disk goes in the next one.

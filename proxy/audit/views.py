@@ -88,11 +88,14 @@ def query(store: Path, q: Query) -> Found:
     until = datetime.fromisoformat(q.until).timestamp() if q.until is not None else None
     user = q.user if q.user is None or q.user.startswith("u:") else f"u:{q.user}"
     found = Found()
+    amended: dict[str, str] = {}  # request id -> the record saying its response was withheld after all
     for seq, recorded_at, body in _rows(store):
         record = parse(body)
         if record is None:
             found.unreadable.append(int(seq))
             continue
+        if isinstance(record.get("amends"), str):
+            amended[record["amends"]] = str(record.get("request_id"))
         if len(found.records) >= q.limit:
             continue
         at = recorded_at if isinstance(recorded_at, int | float) else None
@@ -111,6 +114,9 @@ def query(store: Path, q: Query) -> Found:
         elif q.outcome is not None and record.get("outcome") != q.outcome:
             continue
         found.records.append(record)
+    for record in found.records:  # a view's own field: the stored record is left as it was committed
+        if record.get("request_id") in amended:
+            record["amended_by"] = amended[record["request_id"]]
     return found
 
 
@@ -193,7 +199,8 @@ def _row(r: dict[str, Any]) -> list[str]:
     if r.get("method") != "CLI":
         route = _ROUTE_PARAM.sub("{\N{HORIZONTAL ELLIPSIS}}", route)
     return [_cell(r.get("seq")), _moment(r.get("time")), _cell(r.get("user")).removeprefix("u:"),
-            _cell(r.get("role")), _cell(r.get("method")), route, _cell(r.get("status")), _cell(r.get("outcome")), who]
+            _cell(r.get("role")), _cell(r.get("method")), route, _cell(503 if r.get("amended_by") else r.get("status")),
+            "withheld" if r.get("amended_by") else _cell(r.get("outcome")), who]
 
 
 _ROUTE_PARAM = re.compile(r"\{[^}]*\}")  # /clients/{client_id:int}/letters is shown as /clients/{…}/letters
@@ -240,6 +247,10 @@ def access_report(records: list[dict[str, Any]], pseudonym: str, integrity: Inte
     `warnings` say whether the trail it was made from verifies, and what could not be read."""
     entries = []
     for r in records:
+        if r.get("amends") is not None:
+            continue  # said on the record it amends
+        if r.get("amended_by") is not None:  # committed after its time-out: the caller got 503 and nothing
+            r = {**r, "outcome": "withheld", "shown": {}, "pseudonymised": {}, "masked": {}}
         entries.append({
             "when": r.get("time"), "who": r.get("user"), "role": r.get("role"), "why": r.get("purpose"),
             "action": f"{r.get('method')} {r.get('route')}", "outcome": r.get("outcome"),
