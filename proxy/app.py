@@ -47,7 +47,7 @@ class Gateway:
 
     def __init__(self, settings: Settings, siem: Siem | None = None, bundle: PolicyBundle | None = None) -> None:
         self.runtime = Runtime(settings, siem, bundle)
-        self._corrections: set[asyncio.Task[None]] = set()  # amending records on their way to the trail
+        self._background: set[asyncio.Task[None]] = set()  # records no response waits for, on their way
 
     @property
     def bundle(self) -> PolicyBundle:
@@ -140,18 +140,30 @@ class Gateway:
                                 purpose=record.purpose, token_id=record.token_id, route=record.route,
                                 clients=record.clients, status=503, outcome="error", reason=f"withheld: {why}",
                                 amends=record.request_id)
+        self._append_later(amendment)
+
+    def refused_connection(self, status: int, message: str, request_id: str, peer: str | None) -> None:
+        """A request refused by the connection before the application saw it (a head too large or too slow,
+        `proxy.connection`): audited like any denial, with no user, since no token was read."""
+        log.warning("request refused at the connection", status=status, reason=message, request_id=request_id)
+        self.runtime.metrics.inc("fieldguard_requests_total", outcome="denied", status=str(status))
+        self._append_later(AuditRecord(request_id=request_id, method="HTTP", policy=self.runtime.bundle.digest,
+                                       peer=peer, status=status, outcome="denied", reason=message))
+
+    def _append_later(self, record: AuditRecord) -> None:
+        """Audit a record no response waits for, in the background; if the trail is down, the SIEM log has it."""
         trail = self.runtime.trail
 
         async def append() -> None:
             try:
-                await trail.append(amendment)
+                await trail.append(record)
             except AuditUnavailable:
                 with contextlib.suppress(Exception):
-                    trail.siem.append(amendment)
+                    trail.siem.append(record)
 
         task = asyncio.get_running_loop().create_task(append())
-        self._corrections.add(task)
-        task.add_done_callback(self._corrections.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _answer(self, req: Incoming, bundle: PolicyBundle, record: AuditRecord) -> Reply:
         """The reply to one audited request; every refusal and fault is a short JSON error."""
@@ -194,11 +206,12 @@ class Gateway:
         exchange = kind_of(route)(runtime.context, bundle, principal, route, params, req, record)
         try:
             await exchange.read()  # 4. read
-            exchange.require_fresh_relations()  # 5. locate, on facts fresh enough to decide on
-            await exchange.locate()
-            body = await exchange.check()  # 6. check (and seal)
-            answer = await exchange.forward(body)  # 7. forward
-            return await exchange.rewrite(answer)  # 8. rewrite
+            exchange.require_fresh_relations()
+            async with runtime.upstream.share.turn(route.template):  # one route cannot take the CRM's pool
+                await exchange.locate()  # 5. locate, on facts fresh enough to decide on
+                body = await exchange.check()  # 6. check (and seal)
+                answer = await exchange.forward(body)  # 7. forward
+                return await exchange.rewrite(answer)  # 8. rewrite
         finally:
             await exchange.finish()
             compare_shadow(runtime, exchange, record)

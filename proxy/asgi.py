@@ -7,6 +7,7 @@ answer carries (no caching, no sniffing, the request id).
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -87,11 +88,20 @@ class Incoming:
         client = self.scope.get("client")
         return str(client[0]) if client else ""
 
-    async def body(self, limit: int) -> bytes:
-        """The whole request body, refused (413) past `limit` bytes, declared or streamed."""
+    async def body(self, limit: int, seconds: float) -> bytes:
+        """The whole request body, refused past `limit` bytes, declared or streamed (413), or when it has not
+        all arrived within `seconds` (408: a caller trickling a body holds a task and a connection)."""
         declared = self.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise GatewayError(413, f"request body larger than {limit} bytes")
+        try:
+            async with asyncio.timeout(seconds):
+                return await self._read_body(limit)
+        except TimeoutError:
+            raise GatewayError(408, f"request body not received within {seconds:g} seconds",
+                               reason="request body too slow") from None
+
+    async def _read_body(self, limit: int) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:

@@ -56,7 +56,7 @@ class Write(Exchange):
         content_type = self.req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type != "application/json":
             raise GatewayError(415, "request body must be application/json")
-        raw = await self.req.body(self.ctx.max_body_bytes)
+        raw = await self.req.body(self.ctx.max_body_bytes, self.ctx.body_timeout_seconds)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -27,6 +27,9 @@ class ServerSection:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 1024 * 1024
+    max_header_bytes: int = 64 * 1024  # a request's line and headers; more: 431 and the connection closed
+    header_timeout_seconds: float = 10.0  # a request's head must arrive within this (slowloris: 408, closed)
+    body_timeout_seconds: float = 30.0  # and its body within this of the head (408)
     log_level: str = "info"
     pid_file: str = _path()  # written at start, so `fieldguard policy reload` can signal the gateway
     trusted_proxies: list[str] = field(default_factory=list)  # peers whose X-Forwarded-For is passed on
@@ -39,6 +42,8 @@ class UpstreamSection:
     connect_timeout_seconds: float = 2.0
     max_response_bytes: int = 32 * 1024 * 1024
     pool_size: int = 100
+    max_per_route: int = 25  # requests of one route at the CRM at once: one slow endpoint cannot take the pool
+    route_wait_seconds: float = 1.0  # a request over that bound waits this long for a turn, then gets 503
     headers: dict[str, str] = field(default_factory=dict)
     # Conditional headers (If-None-Match, ...) are not forwarded: they would test the CRM's
     # unredacted representation, and a 304 carries nothing to rewrite.

@@ -49,6 +49,7 @@ class Context:
     ring: KeyRing | None
     forward_headers: tuple[str, ...]  # the caller's headers passed on to the CRM
     max_body_bytes: int
+    body_timeout_seconds: float
     relations_max_age: float  # seconds: older facts refuse decisions that need them
     refresh_soon: Callable[[], None]  # a client the facts do not know: re-read them soon
     names: ClientNames  # clients' names, to scrub from what pseudonymising views are shown

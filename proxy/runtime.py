@@ -73,7 +73,8 @@ class Runtime:
         self.context = Context(
             upstream=self.upstream, index=self.index, ring=self.ring,
             forward_headers=tuple(h.lower() for h in s.upstream.forward_headers),
-            max_body_bytes=s.server.max_body_bytes, relations_max_age=s.relations.max_age_seconds,
+            max_body_bytes=s.server.max_body_bytes, body_timeout_seconds=s.server.body_timeout_seconds,
+            relations_max_age=s.relations.max_age_seconds,
             refresh_soon=self._refresh_soon, names=ClientNames(self.upstream),
             trusted_proxies=frozenset(s.server.trusted_proxies))
         sup = self.supervisor

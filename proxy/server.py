@@ -11,6 +11,7 @@ from proxy import logs
 from proxy.app import Gateway
 from proxy.audit import Siem
 from proxy.config import Settings
+from proxy.connection import guarded
 from proxy.keys import KekError
 from proxy.policy import PolicyError
 
@@ -36,8 +37,11 @@ def run(settings: Settings, siem: Siem | None = None) -> int:
     return 0 if server.started else 1
 
 
-def server_config(app: Gateway, host: str, port: int, loop: str = "uvloop", http: str = "httptools") -> uvicorn.Config:
-    """How uvicorn serves the gateway. Forwarding headers from the caller are never trusted (the gateway
-    names its own peer to the CRM), and uvicorn logs nothing of requests: the audit trail does."""
+def server_config(app: Gateway, host: str, port: int, loop: str = "uvloop") -> uvicorn.Config:
+    """How uvicorn serves the gateway: httptools with the head's size and time bounded (`proxy.connection`).
+    Forwarding headers from the caller are never trusted (the gateway names its own peer to the CRM), and
+    uvicorn logs nothing of requests: the audit trail does."""
+    s = app.runtime.settings.server
+    http = guarded(s.max_header_bytes, s.header_timeout_seconds, app.refused_connection)
     return uvicorn.Config(app, host=host, port=port, loop=loop, http=http, lifespan="on", access_log=False,
                           log_level="warning", server_header=False, proxy_headers=False)

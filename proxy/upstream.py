@@ -7,6 +7,8 @@ reached or answers nonsense, 504 when it is too slow. Nothing of the CRM's error
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +52,41 @@ class OpenStream:
         self._resp.release()
 
 
+class RouteShare:
+    """Each route's share of the CRM: at most `limit` of its requests in flight at once. Without it 100 slow
+    requests to one endpoint took every pooled connection, and every other caller got 504; now they wait
+    for a turn (`wait` seconds at most) and get 503, and the other routes are served."""
+
+    def __init__(self, limit: int, wait: float) -> None:
+        self.limit, self.wait = limit, wait
+        self._slots: dict[str, asyncio.Semaphore] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, route: str) -> AsyncIterator[None]:
+        slots = self._slots.get(route)
+        if slots is None:
+            slots = self._slots[route] = asyncio.Semaphore(self.limit)
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self.wait):
+                    await slots.acquire()
+            except TimeoutError:
+                raise GatewayError(503, "this route is busy; try again shortly",
+                                   reason=f"route busy: {self.limit} requests at the CRM") from None
+        else:
+            await slots.acquire()  # free: taken at once
+        try:
+            yield
+        finally:
+            slots.release()
+
+
 class Upstream:
     def __init__(self, settings: UpstreamSection) -> None:
         self.settings = settings
+        if not 1 <= settings.max_per_route <= settings.pool_size:
+            raise ValueError(f"upstream.max_per_route must be between 1 and pool_size ({settings.pool_size})")
+        self.share = RouteShare(settings.max_per_route, settings.route_wait_seconds)
         parts = urlsplit(settings.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"upstream.url must be an http(s) URL, got {settings.url!r}")

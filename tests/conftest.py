@@ -291,7 +291,7 @@ def start_gateway(directory: Path, upstream: str, signing: Signing, keys: Path, 
                   extra: str = "", public_key: Path | None = None, fields_file: Path | None = None,
                   upstream_extra: str = "", identity: str | None = None, keys_extra: str = "",
                   env: dict[str, str] | None = None, process: bool = False, timeout: float = 3.0,
-                  sections: str = "", start: bool = True) -> Gateway:
+                  sections: str = "", start: bool = True, server_extra: str = "") -> Gateway:
     """A gateway in front of `upstream`: in this process unless `process` (or an `env` of its own) asks for
     `fieldguard serve` in another; `start=False` writes its config and leaves it to the test."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -302,6 +302,7 @@ def start_gateway(directory: Path, upstream: str, signing: Signing, keys: Path, 
 [server]
 port = {port}
 max_body_bytes = 65536
+{server_extra}
 
 [upstream]
 url = "{upstream}"
