@@ -20,6 +20,7 @@ from typing import Any
 
 import jwt
 import structlog
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -232,7 +233,7 @@ def _load_keys(s: IdentitySection) -> tuple[dict[str, Any], frozenset[str]]:
         log.warning("HS256 demo secret in use: never run this configuration in production")
         return {"": secret}, frozenset({"HS256"})
     if s.public_key_file:
-        key = serialization.load_pem_public_key(Path(s.public_key_file).read_bytes())
+        key = _public_key_file(Path(s.public_key_file))
         return {"": key}, _algorithms_for(key)
     jwks = json.loads(Path(s.jwks_file).read_text())
     keys: dict[str, Any] = {}
@@ -246,6 +247,28 @@ def _load_keys(s: IdentitySection) -> tuple[dict[str, Any], frozenset[str]]:
     if not keys:
         raise ValueError(f"{s.jwks_file}: no RSA or EC keys")
     return keys, frozenset(algorithms)
+
+
+def _public_key_file(path: Path) -> Any:
+    """identity.public_key_file, or one sentence saying why it cannot be used."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"identity.public_key_file {path} cannot be read ({exc.strerror or exc}): it should hold "
+                         "your identity provider's token-signing public key (PEM)") from None
+    need = "tokens are verified with an RSA or EC (P-256, P-384) public key in PEM"
+    try:
+        key = serialization.load_pem_public_key(data)
+    except UnsupportedAlgorithm:
+        raise ValueError(f"identity.public_key_file {path} holds a key of a type or curve that cannot be used; "
+                         f"{need}") from None
+    except ValueError:
+        what = "a private key" if b"PRIVATE KEY-----" in data else "no PEM public key"
+        raise ValueError(f"identity.public_key_file {path} holds {what}; {need}") from None
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise ValueError(f"identity.public_key_file {path} holds a key of type "
+                         f"{type(key).__name__.removesuffix('PublicKey')}; {need}")
+    return key
 
 
 def _algorithms_for(key: Any) -> frozenset[str]:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from proxy.secretfile import check_private, write_private
@@ -92,7 +93,25 @@ def public_pem(public: Ed25519PublicKey) -> bytes:
 
 
 def load_public(path: Path) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(path.read_bytes())
+    """The Ed25519 public key in a PEM file. Anything else (an RSA or EC key, a private key, no PEM at all, a
+    key type this build cannot read) is a ValueError of one sentence saying what the file holds instead."""
+    data = path.read_bytes()
+    try:
+        key = serialization.load_pem_public_key(data)
+    except UnsupportedAlgorithm:
+        raise ValueError(f"{path} is not an Ed25519 public key: it holds a key of a type that cannot be read "
+                         "here") from None
+    except ValueError:
+        what = "a private key" if b"PRIVATE KEY-----" in data else "no PEM public key"
+        raise ValueError(f"{path} is not an Ed25519 public key: it holds {what}") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{path} is not an Ed25519 public key")
+        raise ValueError(f"{path} is not an Ed25519 public key: it holds {_kind(key)}")
     return key
+
+
+def _kind(key: object) -> str:
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"an RSA key ({key.key_size} bits)"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"an EC key ({key.curve.name})"
+    return f"a key of type {type(key).__name__.removeprefix('_').removesuffix('PublicKey')}"

@@ -71,7 +71,10 @@ def _integrity(settings: Settings, store: Path, public_key: Path | None) -> Inte
     key_file = public_key or public_path(settings.keys.in_dir(settings.audit.signing_key))
     try:
         public = load_public(key_file)
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:  # one sentence saying what the file holds instead
+        return Integrity(ok=False, problems=(f"it could not be checked: {exc}; pass --public-key with the "
+                                             "checkpoint key you were given",))
+    except OSError as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return Integrity(ok=False, problems=(f"it could not be checked: {key_file} is not a readable Ed25519 "
                                              f"public key ({why}); pass --public-key",))
@@ -137,7 +140,9 @@ def audit_verify(config: Path | None, store: Path | None, export_file: Path | No
     try:
         public = load_public(key_file)
     except ValueError as exc:
-        raise click.ClickException(f"{key_file}: not an Ed25519 public key ({exc})") from None
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{key_file} cannot be read ({exc.strerror or exc})") from None
     try:
         anchors = read_anchors(anchor) if anchor is not None else []
         if export_file is not None:
