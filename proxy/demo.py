@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from proxy.audit import JsonLinesTrail, MultiTrail
 from proxy.config import Settings, build_settings
 from proxy.keys import FileKek
-from proxy.secretfile import check_private, write_private
+from proxy.secretfile import check_private, open_dir_warning, private_dir, write_private
 from proxy.tokens import mint_token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +75,16 @@ def demo_keys(keys_dir: Path) -> Path:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     check_private(private)
     return private
+
+
+def _private_keys_dir(keys_dir: Path) -> None:
+    """The demo's keys directory, 0700: made so when missing, and tightened (saying so) when it exists open to
+    others, as the repository's keys/ does after a clone (git makes directories 0755)."""
+    if keys_dir.exists() and open_dir_warning(keys_dir):
+        was = stat.S_IMODE(keys_dir.stat().st_mode)
+        keys_dir.chmod(0o700)
+        print(f"{keys_dir} was mode {was:o}; made it 700: it holds the demo's keys.", flush=True)
+    private_dir(keys_dir)
 
 
 def demo_kek(keys_dir: Path) -> Path:
@@ -179,6 +190,7 @@ def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys:
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     keys = (keys or REPO / "keys").resolve()
+    _private_keys_dir(keys)
     private_key = demo_keys(keys)
     demo_kek(keys)
     config = write_config(data_dir, port, crm_port, keys)

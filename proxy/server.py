@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import sys
+from pathlib import Path
 
+import structlog
 import uvicorn
 
 from proxy import logs
@@ -14,11 +16,15 @@ from proxy.config import Settings
 from proxy.connection import guarded
 from proxy.keys import KekError
 from proxy.policy import PolicyError
+from proxy.secretfile import open_dir_warning
 
 
 def run(settings: Settings, siem: Siem | None = None) -> int:
     """Serve until stopped; 1 when the configuration or the policy cannot be used."""
     logs.configure(settings.server.log_level)
+    warning = open_dir_warning(Path(settings.keys.dir))
+    if warning:
+        structlog.get_logger("fieldguard.gateway").warning("keys directory open to others", detail=warning)
     try:
         app = Gateway(settings, siem)
     except PolicyError as exc:

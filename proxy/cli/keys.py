@@ -51,6 +51,15 @@ def keys_init(config: Path | None, generate: Path | None, dry_run: bool, actor: 
     report = run(lifecycle.init(k))
     _audit(settings, report, actor)
     click.echo(f"KEK {report.detail['kek']} created ({report.detail['backend']}); keystore ready in {k.dir}")
+    _warn_open_dir(Path(k.dir))
+
+
+def _warn_open_dir(directory: Path) -> None:
+    from proxy.secretfile import open_dir_warning
+
+    warning = open_dir_warning(directory)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @keys.command("status")

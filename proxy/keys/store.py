@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
-from proxy.secretfile import check_private
+from proxy.secretfile import check_private, private_dir
 
 
 class KeyStatus(StrEnum):
@@ -161,7 +161,7 @@ def _row(row: Any) -> DataKey:
 
 def _private_file(path: Path) -> None:
     """The keystore file exists with mode 0600 before SQLite opens it."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     if not path.exists():
         path.touch(mode=0o600)
     check_private(path)

@@ -37,6 +37,7 @@ from proxy.policy.lint import (
 from proxy.policy.relations import CoverGrant, parse_cover
 from proxy.policy.yamlfile import MapError, decode
 from proxy.routes import RouteTable
+from proxy.secretfile import private_dir
 
 BUNDLE_FILES = ("model.conf", "policy.csv", "fields.yaml", "cover.yaml")
 SIGNATURE_FILE = "bundle.sig"  # optional: an officer's Ed25519 signature over the bundle's digest
@@ -214,7 +215,7 @@ def _proved(stamp: Path | None, run: Callable[[], int]) -> int:
         return run()
     if stamp.exists():
         return int(stamp.read_text() or 0)
-    stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(stamp.parent)  # keys/proofs, and keys/ if missing: 0700
     with (stamp.parent / ".lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
