@@ -183,8 +183,16 @@ def banner(port: int, crm_port: int, private_key: Path, data_dir: Path) -> str:
 
 
 def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys: Path | None = None) -> int:
-    from proxy.server import run
+    from proxy.server import port_taken, run
 
+    # both ports before anything is printed, reset or started: a second demo says so and leaves the first alone
+    taken = [t for t in (port_taken("127.0.0.1", port), port_taken("127.0.0.1", crm_port)) if t]
+    if taken:
+        ours = any(name in t for t in taken for name in ("fieldguard", "proxy.cli", "examples.crm"))
+        print(f"{' and '.join(taken)}: {'a demo is running already; ' if ours else ''}stop it (Ctrl-C in its "
+              "shell), or start this one on other ports with `fieldguard demo --port N --crm-port M`.",
+              file=sys.stderr)
+        return 1
     data_dir = (data_dir or Path.cwd() / "demo-data").resolve()
     if reset and data_dir.exists():
         shutil.rmtree(data_dir)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import gc
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -22,6 +25,10 @@ from proxy.secretfile import open_dir_warning
 def run(settings: Settings, siem: Siem | None = None) -> int:
     """Serve until stopped; 1 when the configuration or the policy cannot be used."""
     logs.configure(settings.server.log_level)
+    taken = port_taken(settings.server.host, settings.server.port)
+    if taken:
+        print(f"{taken}: stop it, or set server.port (FIELDGUARD_SERVER_PORT).", file=sys.stderr)
+        return 1
     warning = open_dir_warning(Path(settings.keys.dir))
     if warning:
         structlog.get_logger("fieldguard.gateway").warning("keys directory open to others", detail=warning)
@@ -51,3 +58,58 @@ def server_config(app: Gateway, host: str, port: int, loop: str = "uvloop") -> u
     http = guarded(s.max_header_bytes, s.header_timeout_seconds, app.refused_connection)
     return uvicorn.Config(app, host=host, port=port, loop=loop, http=http, lifespan="on", access_log=False,
                           log_level="warning", server_header=False, proxy_headers=False)
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """None when `host:port` can be listened on; else what holds it, as the start of a sentence
+    ("port 8000 is in use by process 4242 (fieldguard demo)"). Checked before anything is started or printed,
+    so that a second gateway or demo says so at once rather than dying on the port after its banner."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no holder
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return f"port {port} on {host} cannot be listened on ({exc.strerror})"
+            return f"port {port} is in use by {port_holder(port)}"
+    return None
+
+
+def port_holder(port: int) -> str:
+    """The process listening on a TCP port, by pid and command line, as far as /proc tells (Linux); else
+    'another process'."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as rows:
+                next(rows, None)
+                for row in rows:
+                    cols = row.split()
+                    if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(cols[9])
+        except (OSError, ValueError):
+            continue
+    if inodes:
+        wanted = {f"socket:[{inode}]" for inode in inodes}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") in wanted for fd in os.listdir(f"/proc/{pid}/fd")):
+                    return f"process {pid} ({_command(pid)})"
+            except OSError:
+                continue
+    return "another process"
+
+
+def _command(pid: str) -> str:
+    """A process's command line, short: `fieldguard demo --port 8000`, `python -m examples.crm --port 8100`."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return "unknown command"
+    if len(argv) > 1 and os.path.basename(argv[0]).startswith("python") and not argv[1].startswith("-"):
+        argv = argv[1:]  # a script run by the interpreter (.venv/bin/fieldguard): name the script
+    if argv:
+        argv[0] = os.path.basename(argv[0])
+    text = " ".join(argv)
+    return text if len(text) <= 120 else text[:119] + "…"
