@@ -8,7 +8,7 @@ import pytest
 
 from proxy.errors import GatewayError
 from proxy.routes import encode_path, normalise_path
-from tests.conftest import Gateway
+from tests.conftest import Gateway, wait_until
 
 
 def raw_get(gw: Gateway, target: str, token: str, method: str = "GET") -> tuple[int, bytes]:
@@ -59,9 +59,19 @@ def test_unknown_routes_and_methods_are_refused(gateway: Gateway) -> None:
     assert gateway.get("/admin").status_code == 401  # no identity, no access, whatever the route
 
 
-def test_lower_case_method_is_the_same_method(gateway: Gateway) -> None:
-    status, body = raw_get(gateway, "/clients/1", gateway.as_user("alice", "counsellor"), method="get")
-    assert status in (200, 400), body  # served as GET, or refused by the HTTP parser; never another route
+def test_a_method_not_in_upper_case_is_refused_by_the_parser(gateway: Gateway) -> None:
+    """Methods are case-sensitive (RFC 9110 9.1); httptools, which serves the gateway, refuses `get` or `Get`
+    in the request line as malformed, before the application sees it: no route, no audit record, no CRM."""
+    alice = gateway.as_user("alice", "counsellor")
+    before = len(gateway.audit_records())
+    for method in ("get", "Get", "gEt"):
+        status, body = raw_get(gateway, "/clients/1", alice, method=method)
+        assert (status, body) == (400, b"Invalid HTTP request received."), (method, body)
+    # the same request in upper case is served; its record (after any the refused ones had) is the only one since
+    status, body = raw_get(gateway, "/clients/1", alice)
+    assert status == 200 and b'"id":1,' in body
+    since = wait_until(lambda: gateway.audit_records()[before:], "the served request's audit record", timeout=5)
+    assert [(r["method"], r["route"], r["status"]) for r in since] == [("GET", "/clients/{client_id:int}", 200)]
 
 
 def test_normalise_path_unit() -> None:
