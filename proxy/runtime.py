@@ -97,7 +97,8 @@ class Runtime:
                            lambda: float(sum(not t.fresh for t in sup.tasks.values())))
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_reload)
-        log.info("gateway ready", policy=self.bundle.short_hash, upstream=self.upstream.base,
+        # not "ready": whether it is (the CRM reachable, the relations read, ...) is logged once it listens
+        log.info("gateway started", policy=self.bundle.short_hash, upstream=self.upstream.base,
                  routes=len(self.bundle.routes.routes), clients=len(self.index.counsellor_of))
 
     async def stop(self) -> None:

@@ -9,6 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
+import orjson
 import structlog
 import uvicorn
 
@@ -42,12 +43,47 @@ def run(settings: Settings, siem: Siem | None = None) -> int:
     except (ValueError, OSError, KekError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
-    server = uvicorn.Server(server_config(app, settings.server.host, settings.server.port))
+    server = _Server(server_config(app, settings.server.host, settings.server.port))
     # Long-lived start-up objects (policy tables, routes) need no collection passes.
     gc.collect()
     gc.freeze()
     server.run()
     return 0 if server.started else 1
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying once it listens whether the gateway is ready, as /readyz would."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        app = self.config.app
+        if self.started and not self.should_exit and isinstance(app, Gateway):
+            await log_readiness(app, self.config.host, self.config.port)
+
+
+NOT_READY = {"policy": "policy not in force", "upstream": "upstream unreachable",
+             "relations": "relations not read", "audit": "audit trail not writable",
+             "tasks": "background tasks not fresh"}
+
+
+async def log_readiness(app: Gateway, host: str, port: int) -> None:
+    """One line, true at the time: `gateway listening; ready`, or `gateway listening; not ready: upstream
+    unreachable` (a warning) with the checks /readyz fails; the relations task logs when it later reads them."""
+    from proxy.probes import readiness
+
+    log = structlog.get_logger("fieldguard.gateway")
+    url = f"http://{host}:{port}"
+    try:
+        checks = orjson.loads((await readiness(app.runtime)).body)["checks"]
+    except Exception as exc:  # a log line must not stop a gateway that is serving
+        log.warning("gateway listening; readiness unknown", url=url, error=type(exc).__name__)
+        return
+    failing = [name for name, check in checks.items() if not check.get("ok")]
+    if not failing:
+        log.info("gateway listening; ready", url=url)
+        return
+    log.warning(f"gateway listening; not ready: {', '.join(NOT_READY.get(n, n) for n in failing)}", url=url,
+                not_ready=failing, readyz=f"{url}/readyz")
 
 
 def server_config(app: Gateway, host: str, port: int, loop: str = "uvloop") -> uvicorn.Config:

@@ -13,6 +13,7 @@ import click
 
 from proxy.cli.options import CONFIG, run, settings_of
 from proxy.config import Settings
+from proxy.errors import GatewayError
 from proxy.policy import BundleSource, PolicyBundle, PolicyError, Relation, RelationIndex, load_bundle
 
 
@@ -67,7 +68,12 @@ def policy_check(directory: Path | None, fields_file: Path | None, config: Path 
                f"classes, {len(bundle.routes.routes)} routes; proved equal to Casbin on {bundle.proof_checks} "
                f"requests; {len(bundle.warnings)} warning(s); hash {bundle.short_hash}")
     if config is not None:  # the relation sources, read from the CRM as the gateway will read them
-        index = run(_read_relations(settings_of(config), bundle))
+        settings = settings_of(config)
+        try:
+            index = run(_read_relations(settings, bundle))
+        except GatewayError as exc:
+            raise click.ClickException(f"the relations could not be read from the CRM at {settings.upstream.url}: "
+                                       f"{exc.message}") from None
         click.echo(f"relations: {len(index.counsellor_of)} clients with a practitioner, {index.staff_rows} staff "
                    f"rows, {index.supervision_links} supervision links, {len(index.cover)} cover grants from the CRM")
         source_of = bundle.fieldmap.relations
