@@ -12,13 +12,17 @@ WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) +
 setup: $(STAMP) $(NPM_STAMP)
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "make: creating $(VENV) with $(PYTHON) (Python 3.11+)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "make: upgrading pip in $(VENV)"
+	@$(PY) -m pip install --quiet --upgrade pip
+	@echo "make: installing FieldGuard and its dependencies from pyproject.toml into $(VENV) (about a minute the first time)"
+	@$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
 $(NPM_STAMP): package.json package-lock.json
-	scripts/setup-npm.sh
+	@echo "make: installing json-server and the FHIR schema from package-lock.json (npm ci)"
+	@scripts/setup-npm.sh
 	@touch $@
 
 demo: setup

@@ -13,5 +13,6 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "missing Debian packages: ${missing[*]} (run as root or: sudo apt-get install ${missing[*]})" >&2
   exit 0
 fi
+echo "installing Debian packages: ${missing[*]} (apt-get)"
 export DEBIAN_FRONTEND=noninteractive
 apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; }
