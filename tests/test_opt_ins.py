@@ -11,6 +11,7 @@ from pathlib import Path
 import jwt
 
 from tests.conftest import AUDIENCE, ISSUER, KEK_ENV, Signing, start_gateway
+from tests.test_identity import INVALID_SIGNATURE, refused
 
 
 def hs256(secret: bytes) -> str:
@@ -27,8 +28,9 @@ def test_hs256_only_in_a_declared_demo(crm: str, signing: Signing, shared_keys: 
                        identity=f'demo_hs256_secret_file = "{secret}"\ndemo = true')
     try:
         assert gw.get("/clients/1", hs256(secret.read_bytes())).status_code == 200
-        assert gw.get("/clients/1", hs256(b"another secret of the same length!!!!")).status_code == 401
-        assert gw.get("/clients/1", signing.token("alice", "counsellor", "TREAT")).status_code == 401  # ES256 refused
+        refused(gw, hs256(b"another secret of the same length!!!!"), 401, "token not valid", INVALID_SIGNATURE)
+        refused(gw, signing.token("alice", "counsellor", "TREAT"), 401, "token algorithm not accepted",
+                "algorithm 'ES256' refused")
         assert "HS256 demo secret in use" in gw.service.output()
     finally:
         gw.service.stop()

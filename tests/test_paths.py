@@ -9,6 +9,7 @@ import pytest
 from proxy.errors import GatewayError
 from proxy.routes import encode_path, normalise_path
 from tests.conftest import Gateway, wait_until
+from tests.test_identity import refused
 
 
 def raw_get(gw: Gateway, target: str, token: str, method: str = "GET") -> tuple[int, bytes]:
@@ -56,7 +57,7 @@ def test_unknown_routes_and_methods_are_refused(gateway: Gateway) -> None:
         assert r.status_code == 403, (method, path)
         if method != "HEAD":
             assert r.json()["error"] == "route not allowed"
-    assert gateway.get("/admin").status_code == 401  # no identity, no access, whatever the route
+    refused(gateway, None, 401, "bearer token required", "no token", "/admin")  # no identity, no access, any route
 
 
 def test_a_method_not_in_upper_case_is_refused_by_the_parser(gateway: Gateway) -> None:
