@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from proxy.keys.envelope import is_sealed
-from tests.conftest import REPO, Gateway, Signing, direct, policies_copy, start_crm, start_gateway
+from tests.conftest import REPO, Gateway, Signing, direct, free_port, policies_copy, start_crm, start_gateway
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 pytestmark = pytest.mark.skipif(shutil.which("softhsm2-util") is None or not Path(MODULE).exists(),
@@ -93,7 +93,8 @@ def test_rotate_kek_in_the_token(setup: dict[str, Any]) -> None:
 
 
 def test_wrong_pin_refuses_to_start(setup: dict[str, Any], tmp_path: Path) -> None:
-    env = {**setup["env"], "FIELDGUARD_PKCS11_PIN": "0000"}
+    # on a port of its own: the running gateway holds the config's port, and a busy port is refused first
+    env = {**setup["env"], "FIELDGUARD_PKCS11_PIN": "0000", "FIELDGUARD_SERVER_PORT": str(free_port())}
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--config", str(setup["gw"].config)],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "configuration error" in out.stderr and "0000" not in out.stderr
