@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV)
 	@echo "make: upgrading pip in $(VENV)"
 	@$(PY) -m pip install --quiet --upgrade pip
-	@echo "make: installing FieldGuard and its dependencies from pyproject.toml into $(VENV) (about a minute the first time)"
+	@echo "make: installing FieldGuard and its dependencies from pyproject.toml into $(VENV) (half a minute or more the first time)"
 	@$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
