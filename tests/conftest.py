@@ -60,6 +60,15 @@ def wait_until(check: Callable[[], T], what: str, timeout: float = 30, every: fl
         time.sleep(every)
 
 
+def printed(service: Service, line: str) -> str:
+    """The demo's output once it has printed `line` (its tokens and curl lines come once the gateway answers)."""
+    def out() -> str:
+        text = service.output()
+        return text if line in text else ""
+
+    return wait_until(out, f"the demo printed {line!r}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -353,9 +353,9 @@ def test_kill_9_under_load_loses_no_released_record(crm: str, signing: Signing, 
     threads = [threading.Thread(target=load) for _ in range(8)]
     for t in threads:
         t.start()
-    time.sleep(2.0)
+    wait_until(lambda: len(released) > 200, "200 responses released under load", timeout=60)
     assert gw.service.proc is not None
-    os.killpg(gw.service.proc.pid, signal.SIGKILL)
+    os.killpg(gw.service.proc.pid, signal.SIGKILL)  # mid-load: the threads are still sending
     stop.set()
     for t in threads:
         t.join()

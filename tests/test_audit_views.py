@@ -13,7 +13,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.conftest import (
     free_port,
     make_keys,
     policies_copy,
+    printed,
     proofs_dir,
     start_crm,
     start_gateway,
@@ -217,9 +217,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                   f"http://127.0.0.1:{port}/readyz", cwd=REPO)
     svc.start(timeout=90)
     try:
-        deadline = time.monotonic() + 30
-        while "Stop with Ctrl-C." not in (out := svc.output()) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        out = printed(svc, "Stop with Ctrl-C.")
         tokens = dict(re.findall(r"^export (\w+)=(\S+)$", out, re.M))
         curls = re.findall(r"^  curl -s -H \"Authorization: Bearer \$(\w+)\" '([^']+)'; echo$", out, re.M)
         assert len(curls) >= 10, out
