@@ -7,11 +7,11 @@ import json
 import shutil
 import sqlite3
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from proxy.keys.envelope import is_sealed
@@ -26,6 +26,7 @@ from tests.conftest import (
     make_keys,
     policies_copy,
     start_gateway,
+    wait_until,
 )
 from tests.conftest import fieldguard as run_command
 
@@ -195,12 +196,18 @@ def test_client_key_rotation_keeps_old_data_readable(setup: dict[str, Any], clie
     before = _sealed_note(setup, clients["a"])["body"][:30]
     out = fieldguard(gw, "keys", "rotate", "--client", str(clients["a"]), "--actor", "sam")
     assert out.returncode == 0, out.stderr
-    time.sleep(1)  # the gateway drops the rotated key within revocation_poll_seconds
     assert gw.get(f"/clients/{clients['a']}/session-notes", alice).json()["items"][0]["body"] == MARKERS["body"]
-    r = gw.request("POST", f"/clients/{clients['a']}/session-notes", alice, json={"body": "after rotation"})
-    assert r.status_code == 201, r.text
-    new_body = direct(setup["url"], f"/session-notes/{r.json()['id']}")["body"]
-    assert new_body[:30] != before  # sealed under the new key version (the key id is in the header)
+
+    def sealed_after_rotation() -> str | None:
+        r = gw.request("POST", f"/clients/{clients['a']}/session-notes", alice, json={"body": "after rotation"})
+        assert r.status_code == 201, r.text
+        new_body: str = direct(setup["url"], f"/session-notes/{r.json()['id']}")["body"]
+        return new_body if new_body[:30] != before else None
+
+    # the gateway drops the rotated key within revocation_poll_seconds; then writes seal under the new
+    # version (the key id is in the envelope's header), and the old note still reads
+    wait_until(sealed_after_rotation, "a note sealed under the client's new key version", timeout=10)
+    assert gw.get(f"/clients/{clients['a']}/session-notes", alice).json()["items"][0]["body"] == MARKERS["body"]
     rec = [x for x in gw.audit_records() if x["route"] == "keys rotate"][-1]
     assert rec["user"] == "u:sam" and rec["method"] == "CLI" and rec["clients"][0].startswith("P-")
 
@@ -248,8 +255,12 @@ def test_shred_makes_a_clients_fields_unreadable_everywhere(setup: dict[str, Any
     out = fieldguard(gw, "keys", "shred", "--client", str(victim), "--reason", "Art.17 request T-1", "--yes")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["destroyed"] >= 2  # record and process_notes scopes
-    time.sleep(1)
-    r = gw.get(f"/clients/{victim}/session-notes", alice)
+    def unreadable() -> httpx.Response | None:  # the gateway drops the keys at its next revocation poll
+        r = gw.get(f"/clients/{victim}/session-notes", alice)
+        return r if "body" not in r.json()["items"][0] else None
+
+    r = wait_until(unreadable, "the shredded client's notes unreadable", timeout=10)
+    assert r is not None
     note = r.json()["items"][0]
     assert "body" not in note and "summary" not in note and "fg1." not in r.text
     assert any("unknown or destroyed key" in f for f in gw.audit_for(r.headers["x-request-id"])["decrypt_failures"])
