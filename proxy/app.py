@@ -29,6 +29,8 @@ from proxy.asgi import Incoming, Receive, Reply, Scope, Send, error_body, send_r
 from proxy.audit import AuditRecord, AuditUnavailable, Siem
 from proxy.changes import kind_of
 from proxy.config import Settings
+from proxy.emergency import HEADER as BREAK_GLASS
+from proxy.emergency import emergency
 from proxy.errors import GatewayError
 from proxy.identity import Principal
 from proxy.officer import PREFIX, compare_shadow, officer
@@ -111,6 +113,8 @@ class Gateway:
             reply = await self._answer(req, bundle, record)
         finally:
             runtime.coming -= 1  # the record is handed over next, with no await in between
+        if record.break_glass and not any(name == BREAK_GLASS for name, _ in reply.headers):
+            reply.headers.append((BREAK_GLASS, record.break_glass.encode()))  # marked, whatever the answer
         record.status = reply.status
         record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
         runtime.metrics.inc("fieldguard_requests_total", outcome=record.outcome, status=str(reply.status))
@@ -192,6 +196,10 @@ class Gateway:
         # 1. authenticate (a public route has nobody to: it is decided for the anonymous role, like any caller)
         principal = ANONYMOUS if public else runtime.verifier.authenticate(req.headers)
         _record_caller(record, principal)
+        if req.segments[:2] == (PREFIX, "break-glass"):  # a practitioner's emergency, not an officer's tool
+            record.route = "/_fieldguard/break-glass" + ("/{grant}" if len(req.segments) > 2 else "")
+            _authorise(bundle, principal)
+            return await emergency(runtime, req, principal, bundle, record)
         if req.segments[:1] == (PREFIX,):
             record.route = "/" + "/".join(req.segments)
             return await officer(runtime, req, principal, bundle, record)
@@ -237,7 +245,7 @@ ANONYMOUS = Principal(subject="", roles=frozenset({ANONYMOUS_ROLE}), role=ANONYM
 def _record_caller(record: AuditRecord, principal: Principal) -> None:
     record.user = principal.user if principal is not ANONYMOUS else ANONYMOUS_ROLE
     record.role, record.roles = principal.role, sorted(principal.roles)
-    record.purpose, record.token_id, record.break_glass = principal.purpose, principal.token_id, principal.break_glass
+    record.purpose, record.token_id = principal.purpose, principal.token_id
 
 
 def _authorise(bundle: PolicyBundle, principal: Principal) -> None:

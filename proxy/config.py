@@ -123,6 +123,18 @@ class AuditSection:
 
 
 @dataclass(frozen=True, slots=True)
+class CasesSection:
+    """The confidentiality workflows' state (break-glass grants, reviews, alerts) and where alerts go."""
+
+    store: str = _path("cases.sqlite3")  # SQLite, shared by every gateway and command of the deployment
+    refresh_seconds: float = 2.0  # re-read open grants this often (grants made or ended on another gateway)
+    alert_url: str = ""  # webhook each break-glass alert is POSTed to as JSON ("" : the JSON log only)
+    alert_headers: dict[str, str] = field(default_factory=dict)  # e.g. an Authorization for the webhook
+    alert_timeout_seconds: float = 5.0
+    alert_attempts: int = 8  # tries before an alert is given up (retried after 2, 4, 8 ... seconds)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSection = field(default_factory=ServerSection)
     upstream: UpstreamSection = field(default_factory=UpstreamSection)
@@ -131,6 +143,7 @@ class Settings:
     keys: KeysSection = field(default_factory=KeysSection)
     relations: RelationsSection = field(default_factory=RelationsSection)
     audit: AuditSection = field(default_factory=AuditSection)
+    cases: CasesSection = field(default_factory=CasesSection)
     base_dir: Path = field(default_factory=Path.cwd)
 
     def path(self, value: str) -> Path:

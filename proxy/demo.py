@@ -102,7 +102,7 @@ def demo_kek(keys_dir: Path) -> Path:
     return passphrase
 
 
-def write_config(data_dir: Path, port: int, crm_port: int, keys: Path) -> Path:
+def write_config(data_dir: Path, port: int, crm_port: int, keys: Path, alerts_port: int | None = None) -> Path:
     """The demo's fieldguard.toml: the embedded defaults plus the demo's own keys and ports."""
     text = f"""# Written by `fieldguard demo`; see examples/fieldguard.toml for every setting.
 [server]
@@ -127,6 +127,10 @@ passphrase_file = "{keys / 'demo-passphrase'}"
 [audit]
 log = "{data_dir / 'audit.jsonl'}"
 store = "{data_dir / 'audit.sqlite3'}"
+
+[cases]
+store = "{data_dir / 'cases.sqlite3'}"
+alert_url = "{f'http://127.0.0.1:{alerts_port}/alerts' if alerts_port else ''}"
 """
     path = data_dir / "fieldguard.toml"
     path.write_text(text)
@@ -153,7 +157,13 @@ def start_crm(db: Path, port: int, log_file: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"the example CRM did not start on port {port}; see {log_file}")
 
 
-def banner(port: int, crm_port: int, private_key: Path, data_dir: Path) -> str:
+def start_webhook(port: int, out: Path) -> subprocess.Popen[bytes]:
+    """The demo's alert receiver (examples/webhook.py): its lines go to the demo's own output."""
+    return subprocess.Popen([sys.executable, "-m", "examples.webhook", "--port", str(port), "--out", str(out)],
+                            cwd=REPO, start_new_session=True)
+
+
+def banner(port: int, crm_port: int, private_key: Path, data_dir: Path, alerts_port: int = 8200) -> str:
     base = f"http://127.0.0.1:{port}"
     lines = [
         "",
@@ -178,19 +188,35 @@ def banner(port: int, crm_port: int, private_key: Path, data_dir: Path) -> str:
         lines.append(f"  # {user.sub} ({user.role}): {user.shows}")
         for path in user.paths:
             lines.append(f"  curl -s -H \"Authorization: Bearer ${user.name}\" '{base}{path}'; echo")
-    lines += ["", "Stop with Ctrl-C.", ""]
+    config = data_dir / "fieldguard.toml"
+    lines += [
+        "",
+        "Break-glass: alice declares an emergency for bob's client 2 (a coded reason and her own words); for an",
+        "hour she sees who the client is, how to reach them, their GP and the risk, and nothing else. The alert",
+        f"goes to the demo's webhook on port {alerts_port} (printed here, kept in {data_dir / 'alerts.jsonl'}).",
+        f"  curl -s -X POST -H \"Authorization: Bearer $ALICE\" -H 'content-type: application/json' -d "
+        "'{\"client\": 2, \"reason\": \"risk_to_self\", \"justification\": \"Client phoned saying she has "
+        f"taken tablets\"}}' '{base}/_fieldguard/break-glass'; echo",
+        f"  curl -s -i -H \"Authorization: Bearer $ALICE\" '{base}/clients/2'; echo",
+        "The service manager reviews it (nobody reviews their own):",
+        f"  .venv/bin/fieldguard review list --config {config}",
+        f"  .venv/bin/fieldguard review sign GRANT --decision justified --role service_manager --actor dana "
+        f"--note 'Called the client back; risk confirmed' --config {config}",
+        "", "Stop with Ctrl-C.", ""]
     return "\n".join(lines)
 
 
-def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys: Path | None = None) -> int:
+def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys: Path | None = None,
+             alerts_port: int = 8200) -> int:
     from proxy.server import port_taken, run
 
-    # both ports before anything is printed, reset or started: a second demo says so and leaves the first alone
-    taken = [t for t in (port_taken("127.0.0.1", port), port_taken("127.0.0.1", crm_port)) if t]
+    # every port before anything is printed, reset or started: a second demo says so and leaves the first alone
+    taken = [t for p in (port, crm_port, alerts_port) if (t := port_taken("127.0.0.1", p))]
     if taken:
-        ours = any(name in t for t in taken for name in ("fieldguard", "proxy.cli", "examples.crm"))
-        print(f"{' and '.join(taken)}: {'a demo is running already; ' if ours else ''}stop it (Ctrl-C in its "
-              "shell), or start this one on other ports with `fieldguard demo --port N --crm-port M`.",
+        ours = any(name in t for t in taken for name in ("fieldguard", "proxy.cli", "examples.crm", "examples.webhook"))
+        named = ", ".join(taken[:-1]) + f" and {taken[-1]}" if len(taken) > 1 else taken[0]
+        print(f"{named}: {'a demo is running already; ' if ours else ''}stop it (Ctrl-C in its shell), or start "
+              "this one on other ports with `fieldguard demo --port N --crm-port M --alerts-port K`.",
               file=sys.stderr)
         return 1
     data_dir = (data_dir or Path.cwd() / "demo-data").resolve()
@@ -201,8 +227,9 @@ def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys:
     _private_keys_dir(keys)
     private_key = demo_keys(keys)
     demo_kek(keys)
-    config = write_config(data_dir, port, crm_port, keys)
+    config = write_config(data_dir, port, crm_port, keys, alerts_port)
     crm = start_crm(data_dir / "crm.sqlite3", crm_port, data_dir / "crm.log")
+    webhook = start_webhook(alerts_port, data_dir / "alerts.jsonl")
     try:
         settings = build_settings(_toml(config), os.environ, data_dir)
         sealed = asyncio.run(encrypt_seeded(settings))
@@ -211,17 +238,19 @@ def run_demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys:
                   "(fieldguard encrypt-existing).", flush=True)
         # the tokens and curl lines once the gateway answers, so that pasting them right away works
         threading.Thread(target=_when_ready, args=(f"http://127.0.0.1:{port}/healthz",
-                                                   banner(port, crm_port, private_key, data_dir)), daemon=True).start()
+                                                   banner(port, crm_port, private_key, data_dir, alerts_port)),
+                         daemon=True).start()
         trail = MultiTrail([JsonLinesTrail(str(data_dir / "audit.jsonl")), JsonLinesTrail("-")])
         # uvicorn re-raises SIGTERM once it has shut down; as SystemExit it reaches the `finally` below
         signal.signal(signal.SIGTERM, _exit_on_signal)
         return run(settings, trail)
     finally:
-        try:
-            os.killpg(crm.pid, signal.SIGTERM)
-            crm.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            crm.kill()
+        for proc in (webhook, crm):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                proc.kill()
 
 
 def _when_ready(url: str, text: str, timeout: float = 120) -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -27,6 +27,7 @@ import orjson
 
 from proxy.asgi import JSON, Incoming, Reply
 from proxy.audit import AuditRecord
+from proxy.cases import GlassBook, GrantRow
 from proxy.errors import GatewayError
 from proxy.identity import Principal
 from proxy.keys import FieldCipher, KeyRing
@@ -37,7 +38,7 @@ from proxy.routes import Route, Shape, encode_path
 from proxy.scrub import ClientNames
 from proxy.upstream import OpenStream, Upstream, UpstreamResponse
 
-NEEDS_RELATIONS = (Relation.CASELOAD, Relation.SUPERVISION, Relation.COVER, Relation.SELF)
+NEEDS_RELATIONS = (Relation.CASELOAD, Relation.SUPERVISION, Relation.COVER, Relation.SELF, Relation.BREAKGLASS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,7 @@ class Context:
     refresh_soon: Callable[[], None]  # a client the facts do not know: re-read them soon
     names: ClientNames  # clients' names, to scrub from what pseudonymising views are shown
     trusted_proxies: frozenset[str] = frozenset()  # peers whose X-Forwarded-For is believed
+    glass: GlassBook = field(default_factory=GlassBook)  # open break-glass grants
 
     def forwarded(self, req: Incoming) -> dict[str, str]:
         """The headers the CRM receives: the allowed few, the forwarding chain, our request id."""
@@ -86,6 +88,7 @@ class Exchange:
         self.resource: Resource = bundle.fieldmap.resources[route.resource]
         self.now = datetime.now(UTC)
         self.cover = (*bundle.cover, *ctx.index.cover)  # the officers' grants and the CRM's
+        self.glass: Mapping[str, GrantRow] = ctx.glass.open_for(principal.user, time.time())  # by client id
         self.disclosure = Disclosure()
         self.pseudonyms: dict[str, str] = {}
         self.erased: set[str] = set()  # clients in this response whose keys and pseudonym were destroyed
@@ -124,13 +127,19 @@ class Exchange:
             grants = {g.name: g.reason for c in covered
                       for g in self.ctx.index.cover_grants(self.who.staff, c, self.cover, self.now)}
             self.record.cover = [{"grant": name, "reason": reason} for name, reason in sorted(grants.items())]
+        used = sorted({g.grant_id: g for c, rels in self.disclosure.clients.items() if Relation.BREAKGLASS in rels
+                       and (g := self.glass.get(c)) is not None}.values(), key=lambda g: g.grant_id)
+        if used:  # the emergency's purpose of use, and the grants it was made under
+            self.record.break_glass = ",".join(g.grant_id for g in used)
+            self.record.purpose = used[0].purpose
 
     # ------------------------------------------------------------------ facts
     def relations_of(self, client_id: str) -> Relation:
         index = self.ctx.index
         if client_id not in index.counsellor_of:
             self.ctx.refresh_soon()
-        return index.relations(self.who.staff, self.who.client_id, client_id, self.cover, self.now)
+        rels = index.relations(self.who.staff, self.who.client_id, client_id, self.cover, self.now)
+        return rels | Relation.BREAKGLASS if client_id in self.glass else rels
 
     def require_fresh_relations(self) -> None:
         """Decisions that depend on relations are refused, never guessed, while the facts are missing or old."""
@@ -250,6 +259,8 @@ class Exchange:
             return any_view.outcome(field_class) is Outcome.CLEAR
         ok = False
         for rel in NEEDS_RELATIONS:
+            if rel is Relation.BREAKGLASS and not self.glass:  # no grant held: no row shown through one
+                continue
             view = self.bundle.table.view(self.who.role, Relation.ANY | rel)
             if view is None or not view.shows(self.resource.record_class):
                 continue
@@ -415,8 +426,10 @@ class ListRead(Exchange):
                 wanted |= rel
         if not wanted:
             raise self._hidden(self.view(None), f"role {self.who.role} has no access to {self.resource.name} records")
-        return self.ctx.index.clients_for(self.who.staff, self.who.client_id, wanted, self.cover,
-                                          self.now)
+        found = self.ctx.index.clients_for(self.who.staff, self.who.client_id, wanted, self.cover, self.now)
+        if Relation.BREAKGLASS in wanted:
+            found.update(self.glass)
+        return found
 
 
 class OpaqueRead(Exchange):

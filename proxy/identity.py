@@ -45,7 +45,6 @@ class Principal:
     role: str  # the active role (NIST RBAC: one at a time)
     purpose: str  # HL7 PurposeOfUse
     client_id: str | None = None  # for the client role: whose record "self" means
-    break_glass: str | None = None
     token_id: str | None = None  # jti, for the audit record (never the token itself)
     issuer: str = ""
     crm_user: str | None = None  # who the CRM knows them as (identity.user_claim), matched to a staff row
@@ -201,14 +200,15 @@ class TokenVerifier:
                                reason="no purpose chosen")
         if purpose not in PURPOSES:
             raise GatewayError(403, "unknown purpose of use", reason="unknown purpose")
-        glass = headers.get(BREAK_GLASS_HEADER)
+        if BREAK_GLASS_HEADER in headers:  # it used to be free text that granted nothing: say so, not ignore it
+            raise GatewayError(400, "break-glass is declared with POST /_fieldguard/break-glass (a coded reason and a "
+                                    "justification), not with a header", reason="break-glass header refused")
         return Principal(
             subject=claims.subject,
             roles=claims.roles,
             role=role,
             purpose=purpose,
             client_id=claims.client_id,
-            break_glass=glass.strip()[:500] if glass else None,
             token_id=claims.token_id,
             issuer=claims.issuer,
             crm_user=claims.crm_user,

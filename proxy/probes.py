@@ -5,6 +5,7 @@ text and lines, relation errors, paths) only a security officer's token is shown
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,6 +64,10 @@ async def readiness(runtime: Runtime) -> Reply:
     free = audit.get("free_bytes")
     audit["ok"] = audit["ok"] and (free is None or free >= runtime.settings.audit.min_free_bytes)
     checks["audit"] = audit
+    glass = runtime.glass
+    checks["breakglass"] = {"ok": True, "open": glass.open_count(time.time()), "reviews_overdue": glass.overdue,
+                            "refreshed_at": glass.refreshed_at,
+                            "alerts_given_up": runtime.alerter.given_up if runtime.alerter else 0}
     checks["tasks"] = {"ok": runtime.supervisor.healthy, **tasks}
     ready = all(check["ok"] for check in checks.values())
     return Reply(200 if ready else 503, orjson.dumps({"ready": ready, "checks": checks}))

@@ -12,11 +12,13 @@ import contextlib
 import os
 import secrets
 import signal
+import time
 from pathlib import Path
 
 import structlog
 
 from proxy.audit import AuditRecord, AuditUnavailable, Siem, load_public, open_trail
+from proxy.cases import Alerter, AlertTarget, CasesStore, GlassBook
 from proxy.config import Settings
 from proxy.exchange import Context
 from proxy.identity import TokenVerifier
@@ -56,6 +58,9 @@ class Runtime:
         self.coming = 0  # requests being served whose audit record is not yet handed to the trail
         self.trail = open_trail(settings, siem, coming=lambda: self.coming)
         self.supervisor = Supervisor()
+        self.glass = GlassBook()  # open break-glass grants, re-read from the cases store
+        self.cases: CasesStore | None = None
+        self.alerter: Alerter | None = None
         self._relations: Task | None = None
         self._policy: Task | None = None
         self.context: Context | None = None
@@ -70,13 +75,19 @@ class Runtime:
         await self.trail.open()
         self.ring = await open_keyring(s.keys, self.kek)
         await self.upstream.start()
+        c = s.cases
+        self.cases = await CasesStore.open(Path(c.store))
+        target = AlertTarget(c.alert_url, dict(c.alert_headers), c.alert_timeout_seconds, c.alert_attempts) \
+            if c.alert_url else None
+        self.alerter = Alerter(self.cases, target)
+        await self.glass.refresh(self.cases)
         self.context = Context(
             upstream=self.upstream, index=self.index, ring=self.ring,
             forward_headers=tuple(h.lower() for h in s.upstream.forward_headers),
             max_body_bytes=s.server.max_body_bytes, body_timeout_seconds=s.server.body_timeout_seconds,
             relations_max_age=s.relations.max_age_seconds,
             refresh_soon=self._refresh_soon, names=ClientNames(self.upstream),
-            trusted_proxies=frozenset(s.server.trusted_proxies))
+            trusted_proxies=frozenset(s.server.trusted_proxies), glass=self.glass)
         sup = self.supervisor
         poll = s.policy.poll_seconds
         self._policy = sup.add("policy", self._poll_policy, poll, stale_after=max(10 * poll, 60.0))
@@ -86,13 +97,21 @@ class Runtime:
         every = s.keys.revocation_poll_seconds
         sup.add("revocations", ring.poll_revocations, every, stale_after=max(20 * every, 10.0))
         sup.add("keystore", ring.beat, BEAT_SECONDS, stale_after=LIVE_SECONDS)
+        cases = self.cases
+        sup.add("breakglass", lambda: self.glass.refresh(cases), c.refresh_seconds,
+                stale_after=max(10 * c.refresh_seconds, 30.0))
+        sup.add("alerts", self.alerter.deliver, 1.0, stale_after=60.0)
         beat = min(s.audit.checkpoint_seconds, 5.0)
         sup.add("audit", self.trail.tick, beat, stale_after=max(6 * beat, 4 * s.audit.timeout_seconds))
         await sup.start()
+        alerter = self.alerter
         if s.server.pid_file:
             await asyncio.to_thread(Path(s.server.pid_file).write_text, f"{os.getpid()}\n")
         self.metrics.gauge("fieldguard_audit_records", lambda: float(self.trail.health()["records"]))
         self.metrics.gauge("fieldguard_relations_clients", lambda: float(len(self.index.counsellor_of)))
+        self.metrics.gauge("fieldguard_breakglass_open", lambda: float(self.glass.open_count(time.time())))
+        self.metrics.gauge("fieldguard_breakglass_reviews_overdue", lambda: float(self.glass.overdue))
+        self.metrics.gauge("fieldguard_breakglass_alerts_given_up", lambda: float(alerter.given_up))
         self.metrics.gauge("fieldguard_background_tasks_stale",
                            lambda: float(sum(not t.fresh for t in sup.tasks.values())))
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -106,6 +125,10 @@ class Runtime:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await self.supervisor.stop()
         await self.upstream.close()
+        if self.alerter is not None:
+            await self.alerter.close()
+        if self.cases is not None:
+            await self.cases.close()
         if self.settings.server.pid_file:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(Path(self.settings.server.pid_file).unlink)
@@ -114,6 +137,12 @@ class Runtime:
                 await self.ring.leave()
             await self.ring.store.close()
         await self.trail.close()
+
+    def wake(self, task: str) -> None:
+        """Run a background task's step soon (an alert to deliver now, not at the next beat)."""
+        found = self.supervisor.tasks.get(task)
+        if found is not None:
+            found.wake()
 
     # ------------------------------------------------------------------ policy
     def request_reload(self) -> None:

@@ -25,8 +25,8 @@ def test_denials_are_recorded(gateway: Gateway) -> None:
     r = gateway.get("/clients/2", gateway.as_user("alice", "counsellor"))
     rec = gateway.audit_for(r.headers["x-request-id"])
     assert rec["status"] == 403 and rec["outcome"] == "denied"
-    assert rec["reason"] == ("not on the caseload: policy.csv:33 grants counsellor identity only through "
-                             "caseload; the caller holds any") and len(rec["clients"]) == 1
+    assert rec["reason"] == ("not on the caseload: policy.csv:35 grants counsellor identity only through "
+                             "breakglass or caseload; the caller holds any") and len(rec["clients"]) == 1
     r = gateway.get("/nowhere", gateway.as_user("alice", "counsellor"))
     assert gateway.audit_for(r.headers["x-request-id"])["reason"] == "unknown route"
 

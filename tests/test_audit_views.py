@@ -212,7 +212,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     port, crm_port = free_port(), free_port()
     (d / "keys").mkdir(mode=0o700)
     (d / "keys" / "proofs").symlink_to(proofs_dir(), target_is_directory=True)
-    svc = Service([sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--crm-port", str(crm_port),
+    svc = Service([sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--crm-port", str(crm_port), "--alerts-port", str(free_port()),
                    "--data", str(d / "demo-data"), "--keys", str(d / "keys")], d / "demo.log",
                   f"http://127.0.0.1:{port}/readyz", cwd=REPO)
     svc.start(timeout=90)
@@ -397,8 +397,10 @@ def mixed(signing: Signing, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                             (me, "/clients/1/letters"), (None, "/clients/1"), ("not-a-token", "/clients/1"),
                             (u["alice"], "/no-such-route")):
             seen.append(gw.get(path, token).status_code)
-        glass = gw.get("/clients/2", u["alice"], headers={"x-fieldguard-break-glass": "risk of serious harm, T-9"})
-        seen.append(glass.status_code)
+        declared = gw.request("POST", "/_fieldguard/break-glass", u["alice"], json={
+            "client": 2, "reason": "risk_to_self", "justification": "Client phoned saying she has taken tablets."})
+        seen.append(declared.status_code)
+        seen.append(gw.get("/clients/2", u["alice"]).status_code)
         note = {"session_date": "2026-11-20", "summary": "First session", "body": "Talked about sleep.",
                 "risk": {"level": "low", "factors": []}}
         seen.append(gw.request("POST", "/clients/1/session-notes", u["alice"], json=note).status_code)
@@ -428,7 +430,7 @@ def test_the_mixed_trail_has_every_kind_of_record(mixed: dict[str, Any]) -> None
     assert any(r["reason"] == "unknown route" for r in records)
     assert {r["role"] for r in records} >= {"counsellor", "supervisor", "admin", "service_manager", "researcher",
                                             "auditor", "client", None}
-    assert any(r["break_glass"] == "risk of serious harm, T-9" for r in records)
+    assert any(r["break_glass"] and r["break_glass"].startswith("bg-") and r["purpose"] == "ETREAT" for r in records)
     assert any(r["cover"] for r in records) and any(r["refused"] for r in records)
     assert any(r["user"] is None and r["purpose"] is None and r["route"] is None for r in records)
     assert any(len(r["clients"]) >= 3 for r in records) and any(not r["policy"] for r in records)  # CLI: no policy

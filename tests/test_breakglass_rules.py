@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.cases.breakglass import NONE, parse_breakglass
+from proxy.policy.breakglass import NONE, parse_breakglass
 from proxy.policy.yamlfile import MapError
 from tests.conftest import REPO
 

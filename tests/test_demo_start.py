@@ -14,14 +14,14 @@ from tests.conftest import HTTP, REPO, Service, free_port, proofs_dir
 
 
 def test_a_second_demo_names_the_ports_and_their_holders_and_prints_no_token(tmp_path: Path) -> None:
-    port, crm_port = free_port(), free_port()
+    port, crm_port, alerts_port = free_port(), free_port(), free_port()
     keys = tmp_path / "keys"
     keys.mkdir()
     keys.chmod(0o755)  # as git leaves keys/ after a clone
     (keys / "proofs").symlink_to(proofs_dir(), target_is_directory=True)
     data = tmp_path / "demo"
     args = [sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--crm-port", str(crm_port),
-            "--data", str(data), "--keys", str(keys)]
+            "--alerts-port", str(alerts_port), "--data", str(data), "--keys", str(keys)]
     first = Service(args, tmp_path / "first.log", f"http://127.0.0.1:{port}/healthz", cwd=REPO)
     first.start(timeout=90)
     try:
@@ -34,10 +34,11 @@ def test_a_second_demo_names_the_ports_and_their_holders_and_prints_no_token(tmp
         sentence = second.stderr.strip()
         assert "\n" not in sentence and "Traceback" not in sentence
         assert re.fullmatch(
-            rf"port {port} is in use by process {first.proc.pid} \(python -m proxy\.cli demo --port {port} [^)]*\) "
-            rf"and port {crm_port} is in use by process \d+ \(python -m examples\.crm --db [^)]*\): "
+            rf"port {port} is in use by process {first.proc.pid} \(python -m proxy\.cli demo --port {port} [^)]*\)"
+            rf", port {crm_port} is in use by process \d+ \(python -m examples\.crm --db [^)]*\) "
+            rf"and port {alerts_port} is in use by process \d+ \(python -m examples\.webhook --port [^)]*\): "
             r"a demo is running already; stop it \(Ctrl-C in its shell\), or start this one on other ports with "
-            r"`fieldguard demo --port N --crm-port M`\.", sentence), sentence
+            r"`fieldguard demo --port N --crm-port M --alerts-port K`\.", sentence), sentence
         # the first demo is untouched: --reset did not remove its data, and it still serves
         assert (data / "crm.sqlite3").exists() and (data / "fieldguard.toml").exists()
         assert HTTP.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200

@@ -120,9 +120,9 @@ def test_roles_and_purposes_chosen_by_header(gateway: Gateway, signing: Signing)
 def test_subject_cannot_masquerade_as_a_role(gateway: Gateway, signing: Signing) -> None:
     """Casbin's g(x, x) is true; the gateway never puts a user id where a role goes."""
     rec = refused(gateway, sign(signing, sub="admin", roles=["counsellor"]), 403,
-                  "no access to this client's records: not on the caseload: policy.csv:33 grants counsellor "
-                  "identity only through caseload; the caller holds any",
-                  "not on the caseload: policy.csv:33 grants counsellor identity only through caseload; "
+                  "no access to this client's records: not on the caseload: policy.csv:35 grants counsellor "
+                  "identity only through breakglass or caseload; the caller holds any",
+                  "not on the caseload: policy.csv:35 grants counsellor identity only through breakglass or caseload; "
                   "the caller holds any", "/clients/2")
     assert (rec["user"], rec["role"]) == ("u:admin", "counsellor")
 

@@ -44,6 +44,14 @@ EXPECTED: dict[tuple[str, str], dict[str, str]] = {
                                            referral=CLEAR, service=CLEAR, appointments=CLEAR,
                                            clinical_notes=CLEAR, safeguarding=CLEAR, letters=CLEAR,
                                            communications=CLEAR, third_party=CLEAR, feedback=CLEAR),
+    # break-glass: who the client is, how to reach them, their GP and the risk; notes listed, their text removed
+    ("counsellor", "breakglass"): outcomes(staff=CLEAR, reference=CLEAR, identity=CLEAR, contact=CLEAR, gp=CLEAR,
+                                           safeguarding=CLEAR, clinical_notes=MASK),
+    ("supervisor", "breakglass"): outcomes(staff=CLEAR, reference=CLEAR, identity=CLEAR, contact=CLEAR, gp=CLEAR,
+                                           safeguarding=CLEAR, clinical_notes=MASK),
+    ("service_manager", "breakglass"): outcomes(staff=CLEAR, reference=CLEAR, identity=CLEAR, contact=CLEAR,
+                                                gp=CLEAR, service=CLEAR, appointments=CLEAR, feedback=CLEAR,
+                                                safeguarding=CLEAR, clinical_notes=MASK),
     ("researcher", "any"): outcomes(reference=PSEUDO, identity=MASK, service=CLEAR, referral=CLEAR,
                                     appointments=MASK, feedback=CLEAR),
     ("auditor", "any"): outcomes(),
@@ -141,6 +149,9 @@ SCENARIOS = [
     ("sam", "security_officer", None, "alice's", "any"),
     ("client1", "client", "1", "alice's", "self"),
     ("client1", "client", "1", "bob's", "any"),
+    ("alice", "counsellor", None, "bob's", "breakglass"),
+    ("carol", "supervisor", None, "fatima's", "breakglass"),
+    ("dana", "service_manager", None, "alice's", "breakglass"),
 ]
 
 
@@ -151,6 +162,19 @@ def test_every_class_outcome_through_the_gateway(
     client = _clients(crm)[whose]
     expected = EXPECTED[(role, relation)]
     token = gateway.as_user(sub, role, client_id=client_claim)
+    if relation == "breakglass":  # declared for this client, and ended when the scenario is done
+        declared = gateway.request("POST", "/_fieldguard/break-glass", token, json={
+            "client": client, "reason": "risk_to_others", "justification": "Threat to a named person reported."})
+        assert declared.status_code == 201, declared.text
+        try:
+            _scenario(gateway, crm, token, client, role, expected)
+        finally:
+            gateway.request("DELETE", f"/_fieldguard/break-glass/{declared.json()['grant']}", token)
+        return
+    _scenario(gateway, crm, token, client, role, expected)
+
+
+def _scenario(gateway: Gateway, crm: str, token: str, client: int, role: str, expected: dict[str, str]) -> None:
     record = direct(crm, f"/clients/{client}")
     names = [record["name"]["first"], record["name"]["last"]] if anonymous(expected) else None
     checked = 0

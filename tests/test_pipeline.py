@@ -65,7 +65,7 @@ STEPS: list[tuple[str, dict[str, Any], int, str, str, str]] = [
     # 5. locate (need to know)
     ("another counsellor's client", {"path": "/clients/2/session-notes"}, 403, "no access to this client",
      "denied", f"not on the caseload: policy.csv:{CASELOAD_NOTES} grants counsellor clinical_notes only through "
-     "caseload; the caller holds any"),
+     "breakglass or caseload; the caller holds any"),
     ("an explicit deny", {"path": "/clients/1/session-notes", "role": "admin", "purpose": "HOPERAT"}, 403,
      f"explicit deny at policy.csv:{ADMIN_DENY}", "denied", f"explicit deny at policy.csv:{ADMIN_DENY}"),
     ("a query that is not allowed", {"path": "/clients?email=a@b.c"}, 400, "query parameter not allowed",

@@ -104,7 +104,7 @@ def test_diff_compares_relation_sets_whole(bundle: Path) -> None:
     assert code == 0
     rows = [line.split() for line in out.splitlines() if line.startswith("loses")]
     assert [r[:5] for r in rows] == [["loses", "supervisor", "any+supervision+cover", "clinical_notes", "read"]], out
-    assert rows[0][5].startswith("policy.csv:71")  # the allow it loses
+    assert rows[0][5].startswith("policy.csv:73")  # the allow it loses
 
 
 def test_diff_shows_what_the_field_map_changed(bundle: Path) -> None:

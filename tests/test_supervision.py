@@ -165,7 +165,7 @@ async def _fifty_sighups(app: App, client: httpx.AsyncClient, policies: Path, to
 
     try:
         tasks = set(app.runtime.supervisor.tasks)
-        assert tasks == {"policy", "relations", "revocations", "keystore", "audit"}
+        assert tasks == {"policy", "relations", "revocations", "keystore", "audit", "breakglass", "alerts"}
         loop.set_task_factory(counting)
         cover = policies / "cover.yaml"  # a change that needs no new proof: the reload is quick
         cover.write_text(cover.read_text().replace("test cover while bob is away", "bob is away"))

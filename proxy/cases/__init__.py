@@ -1,5 +1,23 @@
-"""The confidentiality workflows, each a case with a reason, an approver and an audit record: break-glass,
-disclosure grants, consent, subject access, restriction, erasure and retention (issues 9 and 10).
+"""The confidentiality workflows, each a case with a reason, an approver and an audit record: break-glass
+(emergency access, alerted and reviewed), and to come disclosure grants, consent, subject access,
+restriction, erasure and retention (issues 9 and 10).
 
-They sit beside the request path as the lifecycles do: the app consults them (is this client restricted,
-is a break-glass grant open), they never import the app or the CLI."""
+They sit beside the request path as the lifecycles do: the app consults them (is a break-glass grant
+open for this caller and client), they never import the app or the CLI."""
+
+from proxy.cases.breakglass import (
+    DECISIONS,
+    REVIEWER_ROLES,
+    Alerter,
+    AlertTarget,
+    GlassBook,
+    iso,
+    new_alert,
+    new_grant_id,
+)
+from proxy.cases.store import AlreadySigned, CasesStore, GrantRow, Review
+
+__all__ = [
+    "DECISIONS", "REVIEWER_ROLES", "AlertTarget", "Alerter", "AlreadySigned", "CasesStore", "GlassBook", "GrantRow",
+    "Review", "iso", "new_alert", "new_grant_id",
+]

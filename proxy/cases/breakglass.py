@@ -1,97 +1,149 @@
-"""Break-glass rules: who may open a client they have no relation to in an emergency, why, and for how long.
+"""Break-glass grants: emergency access to one client, time-boxed, alerted at once and reviewed after.
 
-`policies/breakglass.yaml` is the officers' file. Each reason is coded (a reason list the service chose,
-mapped to an HL7 purpose of use, ETREAT for an emergency), the roles that may ask are listed, a grant is
-time-boxed (a default and a maximum, in minutes), and every use must be reviewed within `review_days`.
-Which classes a grant opens is not said here: policy.csv says it, with rows under the relation
-`breakglass`, in the officers' one language for what is shown.
+A practitioner asks with a coded reason and free text (`POST /_fieldguard/break-glass`); the gateway
+stores a `GrantRow`, and for that client, until it expires, the caller holds the relation `breakglass`,
+which shows what policy.csv's `breakglass` rows name. The `GlassBook` is the request path's view of the
+open grants (a dictionary lookup per request), re-read from the store every few seconds so a grant made
+or ended on another gateway counts there too. The `Alerter` delivers the alert owed for each grant to the
+configured webhook, retrying with a growing pause; the alert names the grant, never the client's data.
 """
 
 from __future__ import annotations
 
+import secrets
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from proxy.policy.yamlfile import MapError, line_of, load_yaml
+import httpx
+import structlog
 
-FILE = "breakglass.yaml"
-PURPOSES = frozenset({"ETREAT", "TREAT", "HOPERAT"})
-_KEYS = {"reasons", "roles", "default_minutes", "max_minutes", "review_days", "min_justification_chars"}
+from proxy.cases.store import Alert, CasesStore, GrantRow
+
+log = structlog.get_logger("fieldguard.breakglass")
+
+DECISIONS = ("justified", "unjustified")
+REVIEWER_ROLES = ("service_manager", "dpo")
+
+
+def new_grant_id() -> str:
+    return "bg-" + secrets.token_hex(8)
+
+
+def iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds")
+
+
+def alert_payload(grant: GrantRow, label: str) -> dict[str, Any]:
+    """What the alert says: who opened which client (by pseudonym), why (the code), what and until when.
+    Never the client's CRM id, never the justification (the practitioner's words about the client)."""
+    return {"event": "break-glass opened", "grant": grant.grant_id, "user": grant.user, "role": grant.role,
+            "client": grant.pseudonym, "reason": grant.reason, "reason_label": label, "purpose": grant.purpose,
+            "classes": list(grant.classes), "opened_at": iso(grant.opened_at), "expires_at": iso(grant.expires_at),
+            "review_by": iso(grant.review_due)}
+
+
+def new_alert(grant: GrantRow, label: str) -> Alert:
+    return Alert("al-" + secrets.token_hex(8), grant.grant_id, alert_payload(grant, label), 0)
+
+
+class GlassBook:
+    """The open grants, by user and client: what the request path asks once per request."""
+
+    def __init__(self) -> None:
+        self._by_user: dict[str, dict[str, GrantRow]] = {}
+        self.overdue = 0  # unreviewed uses past their review date, counted at the last refresh
+        self.refreshed_at: float | None = None
+
+    def open_for(self, user: str | None, now: float) -> Mapping[str, GrantRow]:
+        """The caller's open grants by client id (an empty mapping for nearly everyone)."""
+        held = self._by_user.get(user or "")
+        if not held:
+            return {}
+        return {c: g for c, g in held.items() if g.open_at(now)}
+
+    def add(self, grant: GrantRow) -> None:
+        self._by_user.setdefault(grant.user, {})[grant.client_id] = grant
+
+    def end(self, grant: GrantRow) -> None:
+        held = self._by_user.get(grant.user, {})
+        if grant.client_id in held and held[grant.client_id].grant_id == grant.grant_id:
+            del held[grant.client_id]
+
+    def open_count(self, now: float) -> int:
+        return sum(g.open_at(now) for held in self._by_user.values() for g in held.values())
+
+    async def refresh(self, store: CasesStore) -> None:
+        """Re-read the open grants (and the overdue count): grants made or ended by another gateway."""
+        now = time.time()
+        by_user: dict[str, dict[str, GrantRow]] = {}
+        for grant in await store.open_grants(now):
+            by_user.setdefault(grant.user, {})[grant.client_id] = grant
+        self.overdue = await store.overdue(now)
+        self._by_user = by_user
+        self.refreshed_at = now
 
 
 @dataclass(frozen=True, slots=True)
-class Reason:
-    """One coded reason a practitioner may give (`risk_to_self`, `child_safeguarding`, ...)."""
-
-    code: str
-    label: str
-    purpose: str  # the purpose of use the grant's requests carry
-
-
-@dataclass(frozen=True, slots=True)
-class BreakGlassRules:
-    reasons: dict[str, Reason]
-    roles: frozenset[str]  # the roles that may ask
-    default_minutes: int = 60
-    max_minutes: int = 60
-    review_days: int = 5  # a use unreviewed for longer is overdue (counted in /metrics and /readyz)
-    min_justification_chars: int = 20  # the free text beside the code: a code alone is not a reason
-
-    def minutes(self, asked: int | None) -> int:
-        """The grant's length: the default, or what was asked, never past the maximum."""
-        return self.default_minutes if asked is None else max(1, min(asked, self.max_minutes))
+class AlertTarget:
+    url: str
+    headers: Mapping[str, str]
+    timeout_seconds: float = 5.0
+    attempts: int = 8  # then given up, counted in /metrics, and left in the store for the operator
+    first_retry_seconds: float = 2.0
 
 
-NONE = BreakGlassRules({}, frozenset())  # no file: nobody may break the glass
+class Alerter:
+    """Delivers the alerts owed: each POSTed as JSON; a failure is retried after 2, 4, 8 ... seconds."""
 
+    def __init__(self, store: CasesStore, target: AlertTarget | None) -> None:
+        self.store = store
+        self.target = target
+        self.delivered = 0
+        self.given_up = 0
+        self._client: httpx.AsyncClient | None = None
 
-def parse_breakglass(text: str, file: str = FILE) -> BreakGlassRules:
-    """The rules, or a `MapError` naming the line of the first thing wrong (an unknown key, a reason with no
-    label, a purpose that is not an emergency's, a default above the maximum)."""
-    doc = load_yaml(text, file)
-    if doc is None:
-        return NONE
-    if not isinstance(doc, dict):
-        raise MapError(1, "expected a mapping with reasons, roles and the time box", file)
-    unknown = sorted(set(doc) - _KEYS)
-    if unknown:
-        raise MapError(line_of(doc, unknown[0]), f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})",
-                       file)
-    reasons = _reasons(doc.get("reasons"), line_of(doc, "reasons"), file)
-    roles = doc.get("roles") or []
-    if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
-        raise MapError(line_of(doc, "roles"), "roles must be a list of role names", file)
-    numbers = {k: _positive(doc, k, file) for k in ("default_minutes", "max_minutes", "review_days",
-                                                    "min_justification_chars") if k in doc}
-    rules = BreakGlassRules(reasons, frozenset(roles), **numbers)
-    if rules.default_minutes > rules.max_minutes:
-        raise MapError(line_of(doc, "default_minutes"), "default_minutes is above max_minutes", file)
-    if rules.roles and not rules.reasons:
-        raise MapError(line_of(doc, "roles"), "roles may ask, but no reason is listed", file)
-    return rules
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
 
+    async def deliver(self) -> int:
+        """One pass over the alerts due; the number delivered. Never raises for a webhook's fault: that is
+        the alert's state (retried, then given up), not the task's."""
+        target = self.target
+        if target is None:
+            return 0
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=target.timeout_seconds)
+        sent = 0
+        for alert in await self.store.due_alerts(time.time(), hold_seconds=target.timeout_seconds * 2):
+            error = await self._post(alert, target)
+            now = time.time()
+            if error is None:
+                await self.store.delivered(alert.alert_id, now)
+                self.delivered += 1
+                sent += 1
+                log.info("break-glass alert delivered", grant=alert.grant_id, attempts=alert.attempts + 1)
+                continue
+            tried = alert.attempts + 1
+            if tried >= target.attempts:
+                await self.store.failed(alert.alert_id, error, None, now)
+                self.given_up += 1
+                log.error("break-glass alert given up", grant=alert.grant_id, attempts=tried, error=error)
+            else:
+                retry = target.first_retry_seconds * 2 ** (tried - 1)
+                await self.store.failed(alert.alert_id, error, now + retry, now)
+                log.warning("break-glass alert failed; retrying", grant=alert.grant_id, attempts=tried,
+                            retry_in=retry, error=error)
+        return sent
 
-def _reasons(value: Any, line: int | None, file: str) -> dict[str, Reason]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise MapError(line, "reasons must map a code to {label, purpose}", file)
-    out: dict[str, Reason] = {}
-    for code, spec in value.items():
-        at = line_of(value, code)
-        if not isinstance(code, str) or not code.replace("_", "").isalnum():
-            raise MapError(at, f"reason code {code!r} must be letters, digits and _", file)
-        if not isinstance(spec, dict) or set(spec) - {"label", "purpose"} or not str(spec.get("label", "")).strip():
-            raise MapError(at, f"reason {code} needs a label (and may name a purpose)", file)
-        purpose = str(spec.get("purpose", "ETREAT"))
-        if purpose not in PURPOSES:
-            raise MapError(at, f"reason {code}: purpose {purpose} is not one of {', '.join(sorted(PURPOSES))}", file)
-        out[code] = Reason(code, str(spec["label"]).strip(), purpose)
-    return out
-
-
-def _positive(doc: dict[str, Any], key: str, file: str) -> int:
-    value = doc[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MapError(line_of(doc, key), f"{key} must be a whole number above 0", file)
-    return value
+    async def _post(self, alert: Alert, target: AlertTarget) -> str | None:
+        assert self._client is not None
+        try:
+            resp = await self._client.post(target.url, json=alert.payload,
+                                           headers={**target.headers, "x-fieldguard-alert": alert.alert_id})
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        return None if resp.status_code < 300 else f"webhook answered {resp.status_code}"

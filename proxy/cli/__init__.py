@@ -1,5 +1,5 @@
 """The `fieldguard` command line, one module per command group: `run` (serve, demo, token), `keys` (keys and
-the CRM migration), `policy`, `audit`."""
+the CRM migration), `policy`, `audit`, `review` (break-glass reviews)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import click
 from proxy.cli.audit import audit
 from proxy.cli.keys import decrypt_export, encrypt_existing, keys
 from proxy.cli.policy import policy
+from proxy.cli.review import review
 from proxy.cli.run import demo, serve, token
 
 
@@ -17,5 +18,5 @@ def main() -> None:
     """FieldGuard: need-to-know field redaction, encryption and audit in front of a client CRM."""
 
 
-for command in (serve, demo, token, keys, encrypt_existing, decrypt_export, policy, audit):
+for command in (serve, demo, token, keys, encrypt_existing, decrypt_export, policy, audit, review):
     main.add_command(command)

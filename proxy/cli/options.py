@@ -52,9 +52,9 @@ def operator(actor: str | None) -> str:
 
 def record(settings: Settings, action: str, actor: str | None, *, dry_run: bool = False,
            counts: dict[str, int] | None = None, reason: str | None = None, clients: list[str] | None = None,
-           key_ids: list[str] | None = None) -> None:
+           key_ids: list[str] | None = None, break_glass: str | None = None) -> None:
     """The operator's command into the durable trail, beside a running gateway."""
     from proxy.audit import record_operation
 
     run(record_operation(settings, action, who=operator(actor), dry_run=dry_run, counts=counts, reason=reason,
-                         clients=clients, key_ids=key_ids))
+                         clients=clients, key_ids=key_ids, break_glass=break_glass))

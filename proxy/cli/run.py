@@ -53,13 +53,17 @@ def token(sub: str, roles: tuple[str, ...], purposes: tuple[str, ...], client_id
 @click.command()
 @click.option("--port", default=8000, show_default=True, help="gateway port on 127.0.0.1")
 @click.option("--crm-port", default=8100, show_default=True, help="example CRM port on 127.0.0.1")
+@click.option("--alerts-port", default=8200, show_default=True,
+              help="the demo's break-glass alert receiver on 127.0.0.1 (examples/webhook.py)")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where the demo keeps its CRM database and audit log (default: ./demo-data)")
 @click.option("--reset", is_flag=True, help="start from a freshly seeded CRM")
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where the demo keeps its keys (default: keys/ in the repository)")
-def demo(port: int, crm_port: int, data_dir: Path | None, reset: bool, keys_dir: Path | None) -> None:
+def demo(port: int, crm_port: int, alerts_port: int, data_dir: Path | None, reset: bool,
+         keys_dir: Path | None) -> None:
     """Start the example CRM and the gateway in front of it; print a curl line per demo user."""
     from proxy.demo import run_demo
 
-    sys.exit(run_demo(port=port, crm_port=crm_port, data_dir=data_dir, reset=reset, keys=keys_dir))
+    sys.exit(run_demo(port=port, crm_port=crm_port, data_dir=data_dir, reset=reset, keys=keys_dir,
+                      alerts_port=alerts_port))

@@ -1,8 +1,9 @@
-"""The policy lifecycle: the officers' bundle (Casbin model and rows, field map, cover grants) loaded,
-linted, compiled to a decision table, proved equal to Casbin, watched and swapped; the need-to-know
+"""The policy lifecycle: the officers' bundle (Casbin model and rows, field map, cover grants, break-glass
+rules) loaded, linted, compiled to a decision table, proved equal to Casbin, watched and swapped; the need-to-know
 relations read from the CRM. The review tools (`proxy.policy.review`) and the expectation tests
 (`proxy.policy.expectations`) sit on top of it and are imported by their own names."""
 
+from proxy.policy.breakglass import BreakGlassRules, Reason
 from proxy.policy.bundle import (
     SIGNATURE_FILE,
     BundleSource,
@@ -10,6 +11,7 @@ from proxy.policy.bundle import (
     bundle_digest,
     compile_bundle,
     load_bundle,
+    opened_by_breakglass,
     read_bundle_files,
     sign_bundle,
 )
@@ -45,10 +47,45 @@ from proxy.policy.reload import PolicyWatcher
 from proxy.policy.yamlfile import MapError
 
 __all__ = [
-    "ALL_RELATION_SETS", "ANONYMOUS", "KEY_SCOPES", "PURPOSES", "SIGNATURE_FILE", "Action", "BundleSource",
-    "ClassDecision", "CoverGrant", "DecisionTable", "Effect", "FieldClass", "FieldMap", "FieldSpec", "Finding",
-    "ListFormat", "MapError", "Node", "Outcome", "PolicyBundle", "PolicyError", "PolicyWatcher", "Relation",
-    "RelationIndex", "RelationSource", "Resource", "Rule", "Severity", "View", "assigned_ids", "bundle_digest",
-    "compile_bundle", "load_bundle", "load_fieldmap", "parse_fieldmap", "read_bundle_files", "sign_bundle",
+    "ALL_RELATION_SETS",
+    "ANONYMOUS",
+    "KEY_SCOPES",
+    "PURPOSES",
+    "SIGNATURE_FILE",
+    "Action",
+    "BreakGlassRules",
+    "BundleSource",
+    "ClassDecision",
+    "CoverGrant",
+    "DecisionTable",
+    "Effect",
+    "FieldClass",
+    "FieldMap",
+    "FieldSpec",
+    "Finding",
+    "ListFormat",
+    "MapError",
+    "Node",
+    "Outcome",
+    "PolicyBundle",
+    "PolicyError",
+    "PolicyWatcher",
+    "Reason",
+    "Relation",
+    "RelationIndex",
+    "RelationSource",
+    "Resource",
+    "Rule",
+    "Severity",
+    "View",
+    "assigned_ids",
+    "bundle_digest",
+    "compile_bundle",
+    "load_bundle",
+    "load_fieldmap",
+    "opened_by_breakglass",
+    "parse_fieldmap",
+    "read_bundle_files",
+    "sign_bundle",
     "values_at",
 ]

@@ -22,8 +22,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from proxy.config import PolicySection
+from proxy.policy.breakglass import NONE, BreakGlassRules, parse_breakglass
 from proxy.policy.compiler import compile_table, prove
-from proxy.policy.decision import DecisionTable, Rule
+from proxy.policy.decision import DecisionTable, Outcome, Relation, Rule
 from proxy.policy.fieldmap import FieldMap, parse_fieldmap
 from proxy.policy.lint import (
     Finding,
@@ -39,7 +40,7 @@ from proxy.policy.yamlfile import MapError, decode
 from proxy.routes import RouteTable
 from proxy.secretfile import private_dir
 
-BUNDLE_FILES = ("model.conf", "policy.csv", "fields.yaml", "cover.yaml")
+BUNDLE_FILES = ("model.conf", "policy.csv", "fields.yaml", "cover.yaml", "breakglass.yaml")
 SIGNATURE_FILE = "bundle.sig"  # optional: an officer's Ed25519 signature over the bundle's digest
 REQUIRED_FILES = ("model.conf", "policy.csv", "fields.yaml")
 
@@ -55,6 +56,7 @@ class PolicyBundle:
     table: DecisionTable
     rules: tuple[Rule, ...]
     cover: tuple[CoverGrant, ...]
+    breakglass: BreakGlassRules
     warnings: tuple[Finding, ...]
     loaded_at: float
     proof_checks: int
@@ -166,14 +168,17 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
     except MapError as exc:
         raise PolicyError([Finding(exc.file, exc.line, Severity.ERROR, exc.detail)]) from None
     cover: tuple[CoverGrant, ...] = ()
+    glass = NONE
     texts: dict[str, str] = {}
-    for name in ("cover.yaml", "model.conf", "policy.csv"):
+    for name in ("cover.yaml", "breakglass.yaml", "model.conf", "policy.csv"):
         if name not in files:
             continue
         try:
             texts[name] = decode(files[name], name)
             if name == "cover.yaml":
                 cover = parse_cover(texts[name])
+            elif name == "breakglass.yaml":
+                glass = parse_breakglass(texts[name])
         except MapError as exc:
             findings.append(Finding(exc.file, exc.line, Severity.ERROR, exc.detail))
     if "model.conf" not in texts or "policy.csv" not in texts:
@@ -190,6 +195,8 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
     if errors:
         raise PolicyError(errors)
     table = compile_table(parsed, fieldmap.classes)
+    if errors := _breakglass_findings(glass, table, texts.get("breakglass.yaml", "")):
+        raise PolicyError(errors)
     digest = bundle_digest(files)
     stamp = proof_stamp(proofs, bundle_digest({n: files[n] for n in PROVED_FILES if n in files}), table.digest())
     checks = _proved(stamp, lambda: prove(table, model_text, policy_text, fieldmap.classes))
@@ -201,11 +208,43 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
         table=table,
         rules=tuple(parsed.rules),
         cover=cover,
+        breakglass=glass,
         warnings=(*(f for f in findings if f.severity is Severity.WARNING),
                   *coverage_warnings(fieldmap, table, parsed.rules)),
         loaded_at=time.time(),
         proof_checks=checks,
     )
+
+
+def opened_by_breakglass(table: DecisionTable, role: str) -> list[str]:
+    """What a break-glass grant shows `role` that it would not see of any client without one: each class by
+    name when shown in clear, else with its outcome ("clinical_notes (mask)")."""
+    glass, base = table.view(role, Relation.ANY | Relation.BREAKGLASS), table.view(role, Relation.ANY)
+    if glass is None:
+        return []
+    opened = [c for c in glass.classes if glass.shows(c) and (base is None or glass.outcome(c) != base.outcome(c))]
+    return sorted(c if glass.outcome(c) is Outcome.CLEAR else f"{c} ({glass.outcome(c)})" for c in opened)
+
+
+def _breakglass_findings(glass: BreakGlassRules, table: DecisionTable, text: str) -> list[Finding]:
+    """A role allowed to break the glass must get something by it, for the purposes its reasons carry: a
+    grant that opens nothing, or that its own purpose rule then refuses, is a rule written wrong."""
+    out: list[Finding] = []
+    line = next((n for n, row in enumerate(text.splitlines(), 1) if row.startswith("roles")), None)
+    for role in sorted(glass.roles):
+        if role not in table.roles:
+            out.append(Finding("breakglass.yaml", line, Severity.ERROR, f"role {role} is not in policy.csv"))
+            continue
+        if not opened_by_breakglass(table, role):
+            out.append(Finding("breakglass.yaml", line, Severity.ERROR,
+                               f"role {role} may break the glass, but policy.csv opens nothing to it under "
+                               "relation breakglass (add rows: p, ROLE, breakglass, CLASS, read, allow)"))
+        for purpose in sorted({r.purpose for r in glass.reasons.values()}):
+            if not table.purpose_allowed(role, purpose):
+                out.append(Finding("breakglass.yaml", line, Severity.ERROR,
+                                   f"role {role} may break the glass for {purpose}, which policy.csv does not "
+                                   f"allow it (add: p2, {role}, {purpose})"))
+    return out
 
 
 def _proved(stamp: Path | None, run: Callable[[], int]) -> int:

@@ -55,6 +55,7 @@ class Relation(IntFlag):
     SUPERVISION = 4
     COVER = 8
     SELF = 16
+    BREAKGLASS = 32  # an emergency grant the caller declared for this one client (breakglass.yaml)
 
     @classmethod
     def parse(cls, name: str) -> Relation:
@@ -73,7 +74,7 @@ RELATIONS: tuple[Relation, ...] = tuple(Relation)
 ALL_RELATION_SETS: tuple[Relation, ...] = tuple(
     Relation(Relation.ANY | bits << 1) for bits in range(1 << (len(RELATIONS) - 1))
 )
-"""Every relation set a request can carry: ANY plus any subset of the other four (16 sets)."""
+"""Every relation set a request can carry: ANY plus any subset of the other five (32 sets)."""
 
 
 class Effect(StrEnum):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from proxy.policy.decision import ALL_RELATION_SETS, RELATIONS, Action, DecisionTable, Effect, Outcome, Relation
+from proxy.policy.decision import ALL_RELATION_SETS, RELATIONS, Action, DecisionTable, Effect, Outcome, Relation, Rule
 from proxy.policy.fieldmap import FieldMap
 from proxy.policy.mapdiff import MapChange, Weight
 
@@ -141,7 +141,7 @@ def explain_class(table: DecisionTable, role: str, relations: Relation, purpose:
                 Action.READ, Action.PSEUDO, Action.MASK) and rel not in relations:
             needed.append(rule)
     if needed:
-        first = min(needed, key=lambda r: r.source)
+        first = min(needed, key=_written_order)
         rels = sorted({r.relation.label for r in needed})
         holds = relations.label
         what = "not on the caseload" if "caseload" in rels else f"no {' or '.join(rels)} relation"
@@ -233,3 +233,9 @@ def render_explanations(items: list[Explanation], visible: bool, resource: str, 
 def render_writes(items: list[Explanation]) -> str:
     width = max((len(e.path) for e in items), default=4)
     return "\n".join(f"  {e.path.ljust(width)}  {e.field_class:<16} {e.outcome:<6} {e.reason}" for e in items)
+
+
+def _written_order(rule: Rule) -> tuple[str, int]:
+    """Where a rule was written, in file order (policy.csv:38 before policy.csv:134)."""
+    file, _, line = rule.source.rpartition(":")
+    return (file, int(line)) if line.isdigit() else (rule.source, 0)
