@@ -212,7 +212,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     port, crm_port = free_port(), free_port()
     (d / "keys").mkdir(mode=0o700)
     (d / "keys" / "proofs").symlink_to(proofs_dir(), target_is_directory=True)
-    svc = Service([sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--crm-port", str(crm_port), "--alerts-port", str(free_port()),
+    svc = Service([sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--crm-port", str(crm_port),
+                   "--alerts-port", str(free_port()),
                    "--data", str(d / "demo-data"), "--keys", str(d / "keys")], d / "demo.log",
                   f"http://127.0.0.1:{port}/readyz", cwd=REPO)
     svc.start(timeout=90)

@@ -33,7 +33,8 @@ def test_demo_shows_each_role_what_the_rules_allow(tmp_path: Path) -> None:
     port, crm_port = free_port(), free_port()
     (tmp_path / "keys").mkdir(mode=0o700)  # everything else in it the demo makes; the run's proofs it may reuse
     (tmp_path / "keys" / "proofs").symlink_to(proofs_dir(), target_is_directory=True)
-    demo = Service([sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--crm-port", str(crm_port), "--alerts-port", str(free_port()),
+    demo = Service([sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--crm-port", str(crm_port),
+                    "--alerts-port", str(free_port()),
                     "--data", str(tmp_path / "demo"), "--keys", str(tmp_path / "keys")], tmp_path / "demo.log",
                    f"http://127.0.0.1:{port}/readyz", cwd=REPO)
     demo.start(timeout=90)

@@ -195,7 +195,8 @@ def test_every_readme_command_runs_as_written(clone: Path) -> None:
     operator_env = {**env, "FIELDGUARD_SERVER_PORT": str(op_port), "FIELDGUARD_UPSTREAM_URL": f"http://127.0.0.1:{crm_port}"}
     threads = [run("operator", operator_env, {"127.0.0.1:8000": op_port})]
     port, demo_crm = free_port(), free_port()
-    demo = Service([".venv/bin/fieldguard", "demo", "--port", str(port), "--crm-port", str(demo_crm), "--alerts-port", str(free_port()),
+    demo = Service([".venv/bin/fieldguard", "demo", "--port", str(port), "--crm-port", str(demo_crm),
+                    "--alerts-port", str(free_port()),
                     "--keys", str(clone / "keys")], clone / "demo.log", f"http://127.0.0.1:{port}/healthz",
                    cwd=clone, env={**env})
     try:
