@@ -38,7 +38,7 @@ from tests.conftest import (
     proofs_dir,
     start_gateway,
 )
-from tests.test_need_to_know import EXPECTED, PSEUDONYM, SCENARIOS, anonymous, check
+from tests.test_need_to_know import EXPECTED, PSEUDONYM, SCENARIOS, anonymous, breaking_glass, check
 
 JSON_SERVER = REPO / "node_modules" / ".bin" / "json-server"
 DB = REPO / "examples" / "json-server" / "db.json"
@@ -142,7 +142,11 @@ def test_every_class_outcome_through_the_gateway(
     client = WHOSE[whose]
     expected = EXPECTED[(role, relation)]
     token = gw.as_user(sub, role, client_id=client_claim)
-    where = f"{sub}/{role} on {whose} client {client}"
+    with breaking_glass(gw, token, client, relation):
+        _outcomes(gw, js, token, f"{sub}/{role} on {whose} client {client}", client, expected)
+
+
+def _outcomes(gw: Gateway, js: JsonServer, token: str, where: str, client: int, expected: dict[str, str]) -> None:
     checked = 0
     record = js.json(f"/clients/{client}")
     names = [record["firstName"], record["lastName"]] if anonymous(expected) else None

@@ -8,8 +8,10 @@ absent. The expected outcomes below are the services' confidentiality rules, wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -162,16 +164,24 @@ def test_every_class_outcome_through_the_gateway(
     client = _clients(crm)[whose]
     expected = EXPECTED[(role, relation)]
     token = gateway.as_user(sub, role, client_id=client_claim)
-    if relation == "breakglass":  # declared for this client, and ended when the scenario is done
-        declared = gateway.request("POST", "/_fieldguard/break-glass", token, json={
-            "client": client, "reason": "risk_to_others", "justification": "Threat to a named person reported."})
-        assert declared.status_code == 201, declared.text
-        try:
-            _scenario(gateway, crm, token, client, role, expected)
-        finally:
-            gateway.request("DELETE", f"/_fieldguard/break-glass/{declared.json()['grant']}", token)
+    with breaking_glass(gateway, token, client, relation):
+        _scenario(gateway, crm, token, client, role, expected)
+
+
+@contextlib.contextmanager
+def breaking_glass(gateway: Gateway, token: str, client: int | str, relation: str) -> Iterator[None]:
+    """For a `breakglass` scenario: the emergency declared for this client, and ended when the scenario is done
+    (the module's other tests see the caller's usual relations)."""
+    if relation != "breakglass":
+        yield
         return
-    _scenario(gateway, crm, token, client, role, expected)
+    declared = gateway.request("POST", "/_fieldguard/break-glass", token, json={
+        "client": client, "reason": "risk_to_others", "justification": "Threat to a named person reported."})
+    assert declared.status_code == 201, declared.text
+    try:
+        yield
+    finally:
+        gateway.request("DELETE", f"/_fieldguard/break-glass/{declared.json()['grant']}", token)
 
 
 def _scenario(gateway: Gateway, crm: str, token: str, client: int, role: str, expected: dict[str, str]) -> None:

@@ -55,8 +55,8 @@ class Command:
 
 
 def readme_commands() -> list[tuple[str, list[Command]]]:
-    """The ```sh blocks, each with the `## ` section it is in and its commands (a line, or a line with its
-    heredoc)."""
+    """The ```sh blocks, each with the `## ` section it is in and its commands (a line, lines joined by a
+    trailing backslash, or a line with its heredoc)."""
     text = README.read_text()
     blocks = []
     for fence in re.finditer(r"^```sh\n(.*?)^```$", text, re.M | re.S):
@@ -66,6 +66,9 @@ def readme_commands() -> list[tuple[str, list[Command]]]:
         commands, i = [], 0
         while i < len(lines):
             start, chunk = i, [lines[i]]
+            while chunk[-1].endswith("\\") and i + 1 < len(lines):  # a command continued on the next line
+                i += 1
+                chunk.append(lines[i])
             heredoc = re.search(r"<<'?(\w+)'?", lines[i])
             if heredoc:
                 while i + 1 < len(lines) and lines[i] != heredoc.group(1):
