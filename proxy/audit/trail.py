@@ -498,13 +498,16 @@ def open_trail(settings: Settings, siem: Siem | None = None, coming: Callable[[]
 async def record_operation(settings: Settings, action: str, *, who: str, dry_run: bool = False,
                            counts: dict[str, int] | None = None, reason: str | None = None,
                            clients: list[str] | None = None, key_ids: list[str] | None = None,
-                           break_glass: str | None = None) -> AuditRecord:
-    """An operator's command (a key shred, an audit query) is an access too: one record, appended to the
+                           break_glass: str | None = None, disclosure: dict[str, Any] | None = None,
+                           denied: str | None = None) -> AuditRecord:
+    """An operator's command (a key shred, an audit query) is an access too: one record (`denied`: the
+    command was refused, and why), appended to the
     deployment's durable trail beside a running gateway (the chain head is read inside the write lock)."""
     record = AuditRecord(request_id=secrets.token_hex(12), method="CLI", user=f"u:{who}", route=action,
-                         status=0 if dry_run else 200, outcome="dry-run" if dry_run else "allowed",
-                         reason=reason, clients=clients or [], key_ids=sorted(key_ids or []),
-                         counts=dict(counts or {}), break_glass=break_glass)
+                         status=403 if denied else 0 if dry_run else 200,
+                         outcome="denied" if denied else "dry-run" if dry_run else "allowed",
+                         reason=denied or reason, clients=clients or [], key_ids=sorted(key_ids or []),
+                         counts=dict(counts or {}), break_glass=break_glass, disclosure=disclosure)
     trail = open_trail(settings)
     await trail.open()
     try:

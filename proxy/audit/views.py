@@ -246,9 +246,19 @@ def access_report(records: list[dict[str, Any]], pseudonym: str, integrity: Inte
     """Who saw the client's record, when, why and what: for a subject access request. `trail` and
     `warnings` say whether the trail it was made from verifies, and what could not be read."""
     entries = []
+    disclosures = []
     for r in records:
         if r.get("amends") is not None:
             continue  # said on the record it amends
+        released = r.get("disclosure")
+        if isinstance(released, dict) and released.get("exemption"):
+            continue  # telling the client would be an offence (the Terrorism Act, POCA): left out of their report
+        if isinstance(released, dict) and r.get("route") == "disclose export" and r.get("outcome") == "allowed":
+            disclosures.append({"when": r.get("time"), "to": released.get("recipient"),
+                                "basis": released.get("basis"), "reference": released.get("reference"),
+                                "classes": released.get("classes"), "by": r.get("user"),
+                                "approved_by": released.get("approved_by")})
+            continue  # a release, not an access: listed with the disclosures
         if r.get("amended_by") is not None:  # committed after its time-out: the caller got 503 and nothing
             r = {**r, "outcome": "withheld", "shown": {}, "pseudonymised": {}, "masked": {}}
         entries.append({
@@ -256,10 +266,10 @@ def access_report(records: list[dict[str, Any]], pseudonym: str, integrity: Inte
             "action": f"{r.get('method')} {r.get('route')}", "outcome": r.get("outcome"),
             "shown": sorted(_names(r.get("shown"))), "pseudonymised": sorted(_names(r.get("pseudonymised"))),
             "masked": sorted(_names(r.get("masked"))), "withheld": sorted(_names(r.get("removed"))),
-            "break_glass": r.get("break_glass"),
+            "break_glass": r.get("break_glass"), "disclosed_to": (released or {}).get("recipient"),
         })
     check = integrity or Integrity(ok=True)
-    return {"client": pseudonym, "accesses": entries, "count": len(entries),
+    return {"client": pseudonym, "accesses": entries, "count": len(entries), "disclosures": disclosures,
             "trail": check.as_dict(unreadable), "warnings": check.warnings(unreadable)}
 
 
@@ -270,6 +280,11 @@ def report_html(report: dict[str, Any]) -> str:
             a["when"], a["who"], a["role"], a["why"], a["action"], a["outcome"], ", ".join(a["shown"]) or "-",
             ", ".join(a["pseudonymised"] + a["masked"]) or "-")) + "</tr>"
         for a in report["accesses"])
+    disclosed = "\n".join(
+        "<tr>" + "".join(f"<td>{e(str(x))}</td>" for x in (
+            d["when"], d["to"], d["basis"], d["reference"], ", ".join(d["classes"] or []), d["by"],
+            d["approved_by"] or "-")) + "</tr>"
+        for d in report.get("disclosures") or [])
     warnings = "\n".join(f'<p class="warning" role="alert"><strong>Warning:</strong> {e(w)}</p>'
                          for w in report.get("warnings") or [])
     return f"""<!doctype html>
@@ -283,6 +298,11 @@ role), when, why (purpose of use), what they did and which kinds of information 
 <table><tr><th>When</th><th>Who</th><th>Role</th><th>Why</th><th>Action</th><th>Outcome</th>
 <th>Shown</th><th>Shown in reduced form</th></tr>
 {rows}
+</table>
+<h2>Released outside the service</h2>
+<p>{len(report.get("disclosures") or [])} disclosure(s): to whom, on what basis, what.</p>
+<table><tr><th>When</th><th>To</th><th>Basis</th><th>Reference</th><th>What</th><th>By</th><th>Approved by</th></tr>
+{disclosed}
 </table></body></html>
 """
 

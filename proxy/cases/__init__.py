@@ -15,9 +15,22 @@ from proxy.cases.breakglass import (
     new_alert,
     new_grant_id,
 )
-from proxy.cases.store import AlreadySigned, CasesStore, GrantRow, Review
+from proxy.cases.store import AlreadySigned, CasesStore, Consent, DisclosureGrant, GrantRow, Release, Review
 
 __all__ = [
-    "DECISIONS", "REVIEWER_ROLES", "AlertTarget", "Alerter", "AlreadySigned", "CasesStore", "GlassBook", "GrantRow",
-    "Review", "iso", "new_alert", "new_grant_id",
+    "DECISIONS",
+    "REVIEWER_ROLES",
+    "AlertTarget",
+    "Alerter",
+    "AlreadySigned",
+    "CasesStore",
+    "Consent",
+    "DisclosureGrant",
+    "GlassBook",
+    "GrantRow",
+    "Release",
+    "Review",
+    "iso",
+    "new_alert",
+    "new_grant_id",
 ]

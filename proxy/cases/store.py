@@ -60,6 +60,53 @@ CREATE TABLE IF NOT EXISTS alerts (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS alerts_due ON alerts (delivered_at, given_up_at, next_at);
+CREATE TABLE IF NOT EXISTS consents (
+    consent_id TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    pseudonym TEXT NOT NULL,
+    classes TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    form TEXT NOT NULL,
+    evidence_sha256 TEXT NOT NULL,
+    recorded_by TEXT NOT NULL,
+    recorded_at REAL NOT NULL,
+    valid_until REAL NOT NULL,
+    withdrawn_at REAL,
+    withdrawn_by TEXT,
+    withdrawn_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS disclosures (
+    grant_id TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    pseudonym TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    basis TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    classes TEXT NOT NULL,
+    date_from TEXT,
+    date_until TEXT,
+    expires_at REAL NOT NULL,
+    notify INTEGER NOT NULL,
+    exemption TEXT,
+    consent_id TEXT REFERENCES consents (consent_id),
+    granted_by TEXT NOT NULL,
+    granted_at REAL NOT NULL,
+    needs_approval INTEGER NOT NULL,
+    approved_by TEXT,
+    approved_at REAL,
+    revoked_at REAL,
+    revoked_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS releases (
+    release_id TEXT PRIMARY KEY,
+    grant_id TEXT NOT NULL REFERENCES disclosures (grant_id),
+    released_by TEXT NOT NULL,
+    released_at REAL NOT NULL,
+    records TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    html_sha256 TEXT NOT NULL
+);
 """
 
 
@@ -109,6 +156,95 @@ class Alert:
     grant_id: str
     payload: dict[str, Any]
     attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Consent:
+    """The client's informed, written consent, as data: what, to whom, why, until when, and the evidence's hash."""
+
+    consent_id: str
+    client_id: str
+    pseudonym: str
+    classes: tuple[str, ...]
+    recipient: str
+    purpose: str
+    form: str
+    evidence_sha256: str
+    recorded_by: str
+    recorded_at: float
+    valid_until: float
+    withdrawn_at: float | None = None
+    withdrawn_by: str | None = None
+    withdrawn_reason: str | None = None
+
+    def in_force(self, now: float) -> bool:
+        return self.withdrawn_at is None and self.recorded_at <= now < self.valid_until
+
+
+@dataclass(frozen=True, slots=True)
+class DisclosureGrant:
+    """What may be released of one client: to whom, on what basis, which classes, of which dates."""
+
+    grant_id: str
+    client_id: str
+    pseudonym: str
+    recipient: str
+    basis: str
+    reference: str
+    classes: tuple[str, ...]
+    date_from: str | None
+    date_until: str | None
+    expires_at: float
+    notify: bool
+    exemption: str | None
+    consent_id: str | None
+    granted_by: str
+    granted_at: float
+    needs_approval: bool
+    approved_by: str | None = None
+    approved_at: float | None = None
+    revoked_at: float | None = None
+    revoked_reason: str | None = None
+
+    def state(self, now: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if now >= self.expires_at:
+            return "expired"
+        if self.needs_approval and self.approved_by is None:
+            return "awaiting approval"
+        return "approved"
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    release_id: str
+    grant_id: str
+    released_by: str
+    released_at: float
+    records: dict[str, list[str]]  # resource -> record ids released
+    sha256: str
+    html_sha256: str
+
+
+_CONSENT = ("consent_id, client_id, pseudonym, classes, recipient, purpose, form, evidence_sha256, recorded_by, "
+            "recorded_at, valid_until, withdrawn_at, withdrawn_by, withdrawn_reason")
+_DISCLOSURE = ("grant_id, client_id, pseudonym, recipient, basis, reference, classes, date_from, date_until, "
+               "expires_at, notify, exemption, consent_id, granted_by, granted_at, needs_approval, approved_by, "
+               "approved_at, revoked_at, revoked_reason")
+
+
+def _consent(row: tuple[Any, ...]) -> Consent:
+    values = list(row)
+    values[3] = tuple(json.loads(values[3]))
+    return Consent(*values)
+
+
+def _disclosure(row: tuple[Any, ...]) -> DisclosureGrant:
+    values = list(row)
+    values[6] = tuple(json.loads(values[6]))
+    values[10], values[15] = bool(values[10]), bool(values[15])
+    return DisclosureGrant(*values)
 
 
 class AlreadySigned(Exception):
@@ -233,6 +369,74 @@ class CasesStore:
             await self._db.execute(
                 "INSERT INTO reviews (grant_id, reviewer, role, decision, note, signed_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (review.grant_id, review.reviewer, review.role, review.decision, review.note, review.signed_at))
+
+    # ------------------------------------------------------------------ consent
+    async def record_consent(self, c: Consent) -> None:
+        await self._run(f"INSERT INTO consents ({_CONSENT}) VALUES ({','.join('?' * 14)})",  # noqa: S608
+                        (c.consent_id, c.client_id, c.pseudonym, json.dumps(list(c.classes)), c.recipient, c.purpose,
+                         c.form, c.evidence_sha256, c.recorded_by, c.recorded_at, c.valid_until, None, None, None))
+
+    async def consent(self, consent_id: str) -> Consent | None:
+        rows = await self._all(f"SELECT {_CONSENT} FROM consents WHERE consent_id = ?", (consent_id,))  # noqa: S608
+        return _consent(rows[0]) if rows else None
+
+    async def consents(self, client_id: str | None = None) -> list[Consent]:
+        where, args = ("WHERE client_id = ?", (client_id,)) if client_id is not None else ("", ())
+        return [_consent(r) for r in await self._all(
+            f"SELECT {_CONSENT} FROM consents {where} ORDER BY recorded_at DESC", args)]  # noqa: S608
+
+    async def withdraw_consent(self, consent_id: str, by: str, reason: str, now: float) -> list[str]:
+        """Withdraw a consent and revoke the grants resting on it, in one transaction; the grants revoked."""
+        async with self._transaction():
+            async with self._db.execute("UPDATE consents SET withdrawn_at = ?, withdrawn_by = ?, withdrawn_reason = ? "
+                                        "WHERE consent_id = ? AND withdrawn_at IS NULL",
+                                        (now, by, reason, consent_id)) as cur:
+                if cur.rowcount != 1:
+                    return []
+            async with self._db.execute("SELECT grant_id FROM disclosures WHERE consent_id = ? AND revoked_at IS NULL",
+                                        (consent_id,)) as cur:
+                grants = [str(r[0]) for r in await cur.fetchall()]
+            await self._db.execute("UPDATE disclosures SET revoked_at = ?, revoked_reason = ? WHERE consent_id = ? "
+                                   "AND revoked_at IS NULL", (now, f"consent {consent_id} withdrawn", consent_id))
+        return grants
+
+    # ------------------------------------------------------------------ disclosure grants
+    async def grant_disclosure(self, g: DisclosureGrant) -> None:
+        await self._run(f"INSERT INTO disclosures ({_DISCLOSURE}) VALUES ({','.join('?' * 20)})",  # noqa: S608
+                        (g.grant_id, g.client_id, g.pseudonym, g.recipient, g.basis, g.reference,
+                         json.dumps(list(g.classes)), g.date_from, g.date_until, g.expires_at, int(g.notify),
+                         g.exemption, g.consent_id, g.granted_by, g.granted_at, int(g.needs_approval), None, None,
+                         None, None))
+
+    async def disclosure(self, grant_id: str) -> DisclosureGrant | None:
+        rows = await self._all(f"SELECT {_DISCLOSURE} FROM disclosures WHERE grant_id = ?", (grant_id,))  # noqa: S608
+        return _disclosure(rows[0]) if rows else None
+
+    async def disclosures(self, client_id: str | None = None) -> list[DisclosureGrant]:
+        where, args = ("WHERE client_id = ?", (client_id,)) if client_id is not None else ("", ())
+        return [_disclosure(r) for r in await self._all(
+            f"SELECT {_DISCLOSURE} FROM disclosures {where} ORDER BY granted_at DESC", args)]  # noqa: S608
+
+    async def approve_disclosure(self, grant_id: str, by: str, now: float) -> bool:
+        return await self._run("UPDATE disclosures SET approved_by = ?, approved_at = ? WHERE grant_id = ? "
+                               "AND approved_by IS NULL AND revoked_at IS NULL", (by, now, grant_id)) == 1
+
+    async def revoke_disclosure(self, grant_id: str, reason: str, now: float) -> bool:
+        return await self._run("UPDATE disclosures SET revoked_at = ?, revoked_reason = ? WHERE grant_id = ? "
+                               "AND revoked_at IS NULL", (now, reason, grant_id)) == 1
+
+    async def record_release(self, r: Release) -> None:
+        await self._run("INSERT INTO releases (release_id, grant_id, released_by, released_at, records, sha256, "
+                        "html_sha256) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (r.release_id, r.grant_id, r.released_by, r.released_at, json.dumps(r.records), r.sha256,
+                         r.html_sha256))
+
+    async def releases(self, grant_id: str | None = None) -> list[Release]:
+        where, args = ("WHERE grant_id = ?", (grant_id,)) if grant_id is not None else ("", ())
+        columns = "release_id, grant_id, released_by, released_at, records, sha256, html_sha256"
+        sql = f"SELECT {columns} FROM releases {where}"  # noqa: S608
+        rows = await self._all(sql + " ORDER BY released_at", args)
+        return [Release(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
 
     # ------------------------------------------------------------------ alerts
     async def due_alerts(self, now: float, hold_seconds: float, limit: int = 20) -> list[Alert]:

@@ -1,11 +1,12 @@
 """The `fieldguard` command line, one module per command group: `run` (serve, demo, token), `keys` (keys and
-the CRM migration), `policy`, `audit`, `review` (break-glass reviews)."""
+the CRM migration), `policy`, `audit`, `review` (break-glass reviews), `disclose` and `consent`."""
 
 from __future__ import annotations
 
 import click
 
 from proxy.cli.audit import audit
+from proxy.cli.disclose import consent, disclose
 from proxy.cli.keys import decrypt_export, encrypt_existing, keys
 from proxy.cli.policy import policy
 from proxy.cli.review import review
@@ -18,5 +19,6 @@ def main() -> None:
     """FieldGuard: need-to-know field redaction, encryption and audit in front of a client CRM."""
 
 
-for command in (serve, demo, token, keys, encrypt_existing, decrypt_export, policy, audit, review):
+for command in (serve, demo, token, keys, encrypt_existing, decrypt_export, policy, audit, review, disclose,
+                consent):
     main.add_command(command)

@@ -7,7 +7,7 @@ import asyncio
 import getpass
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -50,11 +50,20 @@ def operator(actor: str | None) -> str:
         return "unknown"
 
 
+def refuse(settings: Settings, action: str, actor: str | None, why: str, *, clients: list[str] | None = None
+           ) -> NoReturn:
+    """A refused command: audited as a denial, then one line on stderr and exit 1."""
+    record(settings, action, actor, denied=why, clients=clients)
+    raise click.ClickException(why)
+
+
 def record(settings: Settings, action: str, actor: str | None, *, dry_run: bool = False,
            counts: dict[str, int] | None = None, reason: str | None = None, clients: list[str] | None = None,
-           key_ids: list[str] | None = None, break_glass: str | None = None) -> None:
+           key_ids: list[str] | None = None, break_glass: str | None = None,
+           disclosure: dict[str, Any] | None = None, denied: str | None = None) -> None:
     """The operator's command into the durable trail, beside a running gateway."""
     from proxy.audit import record_operation
 
     run(record_operation(settings, action, who=operator(actor), dry_run=dry_run, counts=counts, reason=reason,
-                         clients=clients, key_ids=key_ids, break_glass=break_glass))
+                         clients=clients, key_ids=key_ids, break_glass=break_glass, disclosure=disclosure,
+                         denied=denied))

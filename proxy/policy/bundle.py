@@ -25,6 +25,8 @@ from proxy.config import PolicySection
 from proxy.policy.breakglass import NONE, BreakGlassRules, parse_breakglass
 from proxy.policy.compiler import compile_table, prove
 from proxy.policy.decision import DecisionTable, Outcome, Relation, Rule
+from proxy.policy.disclosure import NONE as NO_DISCLOSURE
+from proxy.policy.disclosure import DisclosureRules, parse_disclosure
 from proxy.policy.fieldmap import FieldMap, parse_fieldmap
 from proxy.policy.lint import (
     Finding,
@@ -40,7 +42,8 @@ from proxy.policy.yamlfile import MapError, decode
 from proxy.routes import RouteTable
 from proxy.secretfile import private_dir
 
-BUNDLE_FILES = ("model.conf", "policy.csv", "fields.yaml", "cover.yaml", "breakglass.yaml")
+BUNDLE_FILES = ("model.conf", "policy.csv", "fields.yaml", "cover.yaml", "breakglass.yaml",
+                "disclosure.yaml")
 SIGNATURE_FILE = "bundle.sig"  # optional: an officer's Ed25519 signature over the bundle's digest
 REQUIRED_FILES = ("model.conf", "policy.csv", "fields.yaml")
 
@@ -57,6 +60,7 @@ class PolicyBundle:
     rules: tuple[Rule, ...]
     cover: tuple[CoverGrant, ...]
     breakglass: BreakGlassRules
+    disclosure: DisclosureRules
     warnings: tuple[Finding, ...]
     loaded_at: float
     proof_checks: int
@@ -168,9 +172,9 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
     except MapError as exc:
         raise PolicyError([Finding(exc.file, exc.line, Severity.ERROR, exc.detail)]) from None
     cover: tuple[CoverGrant, ...] = ()
-    glass = NONE
+    glass, release = NONE, NO_DISCLOSURE
     texts: dict[str, str] = {}
-    for name in ("cover.yaml", "breakglass.yaml", "model.conf", "policy.csv"):
+    for name in ("cover.yaml", "breakglass.yaml", "disclosure.yaml", "model.conf", "policy.csv"):
         if name not in files:
             continue
         try:
@@ -179,6 +183,8 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
                 cover = parse_cover(texts[name])
             elif name == "breakglass.yaml":
                 glass = parse_breakglass(texts[name])
+            elif name == "disclosure.yaml":
+                release = parse_disclosure(texts[name])
         except MapError as exc:
             findings.append(Finding(exc.file, exc.line, Severity.ERROR, exc.detail))
     if "model.conf" not in texts or "policy.csv" not in texts:
@@ -209,6 +215,7 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
         rules=tuple(parsed.rules),
         cover=cover,
         breakglass=glass,
+        disclosure=release,
         warnings=(*(f for f in findings if f.severity is Severity.WARNING),
                   *coverage_warnings(fieldmap, table, parsed.rules)),
         loaded_at=time.time(),

@@ -77,6 +77,7 @@ class Resource:
     root: Node
     specs: tuple[FieldSpec, ...]
     record_id: str | None = None  # top-level field holding the CRM's stable id of the record (bound into ciphertexts)
+    dated: str | None = None  # top-level field dating the record (ISO 8601): disclosure ranges, retention
 
     @property
     def classes(self) -> frozenset[str]:
@@ -317,7 +318,7 @@ def _parse_resource(
     where = f"resource {name}"
     if not isinstance(body, dict):
         raise MapError(line_of(parent, name), f"{where}: expected a mapping")
-    _known(body, {"client", "record_class", "fields", "routes", "record_id"}, where)
+    _known(body, {"client", "record_class", "fields", "routes", "record_id", "dated"}, where)
     record_class = body.get("record_class")
     if record_class not in classes:
         raise MapError(line_of(body, "record_class"), f"{where}: record_class {record_class!r} is not a class")
@@ -348,7 +349,12 @@ def _parse_resource(
                                   or (root.children or {})[record_id].spec is None):
         raise MapError(line_of(body, "record_id"), f"{where}: record_id must name a top-level classified field "
                                                    "(the CRM's stable id of the record)")
-    resource = Resource(name, client, str(record_class), root, tuple(specs), record_id)
+    dated = body.get("dated")
+    if dated is not None and (not isinstance(dated, str) or dated not in (root.children or {})
+                              or (root.children or {})[dated].spec is None):
+        raise MapError(line_of(body, "dated"), f"{where}: dated must name a top-level classified field "
+                                               "(the record's date, ISO 8601)")
+    resource = Resource(name, client, str(record_class), root, tuple(specs), record_id, dated)
     routes = _parse_routes(resource, body.get("routes"), line_of(body, "routes"), where)
     return resource, routes
 
