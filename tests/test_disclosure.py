@@ -13,19 +13,33 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Gateway, Signing, direct, fieldguard, make_keys, policies_copy, start_crm, start_gateway
+from tests.conftest import (
+    Gateway,
+    Signing,
+    direct,
+    fieldguard,
+    make_keys,
+    policies_copy,
+    start_crm,
+    start_gateway,
+    wait_until,
+)
+from tests.test_breakglass import Webhook
 
 
 @pytest.fixture(scope="module")
 def world(signing: Signing, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     d = tmp_path_factory.mktemp("disclosure")
     crm, url = start_crm(d / "crm")
-    gw = start_gateway(d / "gw", url, signing, make_keys(d / "keys"), policies=policies_copy(d / "gw"))
+    hook = Webhook()
+    gw = start_gateway(d / "gw", url, signing, make_keys(d / "keys"), policies=policies_copy(d / "gw"),
+                       sections=f'[cases]\nalert_url = "{hook.url}"\n')
     sealed = fieldguard(gw.config, "encrypt-existing", "--rate", "0")
     assert sealed.returncode == 0, sealed.stderr
-    yield {"gw": gw, "url": url, "dir": d}
+    yield {"gw": gw, "url": url, "dir": d, "hook": hook}
     gw.service.stop()
     crm.stop()
+    hook.server.shutdown()
 
 
 def cli(gw: Gateway, *args: str) -> Any:
@@ -74,6 +88,9 @@ def test_a_court_order_for_two_classes_and_one_year_exports_exactly_that(world: 
     ok = cli(gw, "disclose", "approve", g["grant"], "--role", "service_manager", "--actor", "dana")
     assert ok.returncode == 0, ok.stderr
 
+    dry = cli(gw, "disclose", "export", g["grant"], "--out", str(world["dir"] / "dry"), "--dry-run")
+    assert dry.returncode == 0 and json.loads(dry.stdout)["records"] == 4, dry.stdout + dry.stderr
+    assert not (world["dir"] / "dry").exists() and last_record(gw, "disclose export")["outcome"] == "dry-run"
     out = cli(gw, "disclose", "export", g["grant"], "--out", str(world["dir"] / "out"), "--actor", "dana")
     assert out.returncode == 0, out.stderr
     made_export = json.loads(out.stdout)
@@ -102,6 +119,12 @@ def test_a_court_order_for_two_classes_and_one_year_exports_exactly_that(world: 
     assert rec["outcome"] == "allowed" and rec["disclosure"]["sha256"] == made_export["sha256"]
     assert sorted(rec["disclosure"]["records"]["session_note"]) == sorted(str(i) for i in inside)
     assert "court-year note" not in json.dumps(rec)  # names, never values
+
+    hook: Webhook = world["hook"]  # the service manager is told, through the running gateway's alerts
+    told_manager = wait_until(lambda: next((a for a in hook.received if a["grant"] == g["grant"]), None),
+                              "the release's alert at the webhook", timeout=15)
+    assert told_manager["event"] == "disclosure released" and told_manager["records"] == 4
+    assert "court-year note" not in json.dumps(told_manager)
 
     register = json.loads(cli(gw, "disclose", "list", "--json", "--client", "1").stdout)
     entry = next(e for e in register if e["grant"] == g["grant"])
@@ -193,3 +216,39 @@ def test_a_grant_on_an_erased_client_is_refused(world: dict[str, Any]) -> None:
     assert shred.returncode == 0, shred.stderr
     out = grant(gw, client="5")
     assert out.returncode == 1 and "client 5 was erased" in out.stderr
+
+
+def test_the_register_exports_as_valid_fhir_disclosures_and_consents(world: dict[str, Any], tmp_path: Path) -> None:
+    """Run after the tests above made grants, releases and consents: every resource of the FHIR export is
+    valid R4 (fhir.resources' R4B models, the official R4 JSON schema); a release is a BALP PrivacyDisclosure
+    (Export, subtype disclose, the recipient as destination), a consent a Consent, inactive once withdrawn."""
+    from fhir.resources.R4B.consent import Consent
+    from pydantic import ValidationError
+
+    from tests.test_audit_views import fhir_problems, fhir_schema
+
+    gw: Gateway = world["gw"]
+    out = cli(gw, "audit", "export", "--format", "fhir", "--output", str(tmp_path / "trail.ndjson"))
+    assert out.returncode == 0, out.stderr
+    resources = [json.loads(line) for line in (tmp_path / "trail.ndjson").read_text().splitlines()]
+    events = [r for r in resources if r["resourceType"] == "AuditEvent"]
+    consents = [r for r in resources if r["resourceType"] == "Consent"]
+    bad = {e.get("id"): p for e in events if (p := fhir_problems(e))}
+    assert not bad, bad
+    whole, _ = fhir_schema()
+    for c in consents:
+        try:
+            Consent.model_validate(c)
+        except ValidationError as exc:
+            raise AssertionError(f"{c['id']}: {exc}") from None
+        assert whole.is_valid(c), [e.message[:160] for e in whole.iter_errors(c)][:3]
+    releases = [e for e in events if e["type"]["code"] == "110106"]
+    court = next(e for e in releases if any(d.get("valueString") == "court_order"
+                                            for x in e["entity"] for d in x.get("detail", [])))
+    assert court["subtype"][0]["code"] == "disclose" and court["action"] == "R"
+    assert court["purposeOfEvent"][0]["coding"][0]["code"] == "HLEGAL"
+    destination = [a for a in court["agent"] if a["type"]["coding"][0]["code"] == "110152"]
+    assert destination[0]["who"]["display"] == "Derby Family Court"
+    assert any(a.get("who", {}).get("identifier", {}).get("value") == "u:dana" for a in court["agent"])
+    assert consents and all(c["status"] == "inactive" for c in consents)  # the one recorded above was withdrawn
+    assert consents[0]["provision"]["actor"][0]["reference"]["display"] == "Dr Patel, Riverside Medical Practice"

@@ -75,7 +75,8 @@ def readme_commands() -> list[tuple[str, list[Command]]]:
                     i += 1
                     chunk.append(lines[i])
             i += 1
-            expect = re.search(r"#\s*exit (\d+)", chunk[0])
+            said = chunk[-1] if chunk[0].endswith("\\") else chunk[0]  # a continued command says it at its end
+            expect = re.search(r"#\s*exit (\d+)", said)
             commands.append(Command("\n".join(chunk), first + start, int(expect.group(1)) if expect else 0))
         blocks.append((headings[-1] if headings else "", commands))
     return blocks

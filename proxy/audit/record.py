@@ -48,6 +48,7 @@ class AuditRecord:
     policy: str = ""
     break_glass: str | None = None
     disclosure: dict[str, Any] | None = None  # a release outside the service: grant, recipient, basis, what, told
+    consent: dict[str, Any] | None = None  # a consent recorded or withdrawn: what, to whom, why, until when
     cover: list[dict[str, str]] = field(default_factory=list)  # cover grants that decided: id and reason
     key_ids: list[str] = field(default_factory=list)
     decrypt_failures: list[str] = field(default_factory=list)  # "resource.path: reason", never the ciphertext

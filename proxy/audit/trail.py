@@ -499,7 +499,7 @@ async def record_operation(settings: Settings, action: str, *, who: str, dry_run
                            counts: dict[str, int] | None = None, reason: str | None = None,
                            clients: list[str] | None = None, key_ids: list[str] | None = None,
                            break_glass: str | None = None, disclosure: dict[str, Any] | None = None,
-                           denied: str | None = None) -> AuditRecord:
+                           denied: str | None = None, consent: dict[str, Any] | None = None) -> AuditRecord:
     """An operator's command (a key shred, an audit query) is an access too: one record (`denied`: the
     command was refused, and why), appended to the
     deployment's durable trail beside a running gateway (the chain head is read inside the write lock)."""
@@ -507,7 +507,8 @@ async def record_operation(settings: Settings, action: str, *, who: str, dry_run
                          status=403 if denied else 0 if dry_run else 200,
                          outcome="denied" if denied else "dry-run" if dry_run else "allowed",
                          reason=denied or reason, clients=clients or [], key_ids=sorted(key_ids or []),
-                         counts=dict(counts or {}), break_glass=break_glass, disclosure=disclosure)
+                         counts=dict(counts or {}), break_glass=break_glass, disclosure=disclosure,
+                         consent=consent)
     trail = open_trail(settings)
     await trail.open()
     try:

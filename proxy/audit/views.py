@@ -1,5 +1,5 @@
 """What auditors, data-protection officers and clients ask of the trail: queries, the "who accessed my
-record" report, and exports in FHIR R4 AuditEvent (IHE BALP shape) and Elastic Common Schema.
+record" report (the exports to other systems are `proxy.audit.exports`).
 
 A view reads what is stored, and what is stored may have been edited by hand (sqlite3 keeps a Python str
 as TEXT where the writer stored a BLOB, and the text need not even be JSON): a body that is not a JSON
@@ -9,7 +9,6 @@ object is left out and counted, never a traceback, and every view says when the 
 from __future__ import annotations
 
 import html
-import ipaddress
 import json
 import re
 import textwrap
@@ -19,7 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proxy.audit.trail import connect, read_checkpoints, read_records
+from proxy.audit.exports import names_in
+from proxy.audit.trail import connect
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -264,8 +264,8 @@ def access_report(records: list[dict[str, Any]], pseudonym: str, integrity: Inte
         entries.append({
             "when": r.get("time"), "who": r.get("user"), "role": r.get("role"), "why": r.get("purpose"),
             "action": f"{r.get('method')} {r.get('route')}", "outcome": r.get("outcome"),
-            "shown": sorted(_names(r.get("shown"))), "pseudonymised": sorted(_names(r.get("pseudonymised"))),
-            "masked": sorted(_names(r.get("masked"))), "withheld": sorted(_names(r.get("removed"))),
+            "shown": sorted(names_in(r.get("shown"))), "pseudonymised": sorted(names_in(r.get("pseudonymised"))),
+            "masked": sorted(names_in(r.get("masked"))), "withheld": sorted(names_in(r.get("removed"))),
             "break_glass": r.get("break_glass"), "disclosed_to": (released or {}).get("recipient"),
         })
     check = integrity or Integrity(ok=True)
@@ -305,278 +305,3 @@ role), when, why (purpose of use), what they did and which kinds of information 
 {disclosed}
 </table></body></html>
 """
-
-
-# ---------------------------------------------------------------------------------------------- exports
-def export_jsonl(store: Path) -> Iterator[str]:
-    """Records with their hashes and the signed checkpoints: `fieldguard audit verify --export` reads this.
-    Every record goes in as stored, readable or not, so that the export verifies exactly as the store does."""
-    conn = connect(store, readonly=True)
-    try:
-        for rec in read_records(conn):
-            yield json.dumps({"seq": rec.seq, "leaf": rec.leaf.hex(), "link": rec.link.hex(),
-                              "body": rec.body.decode("utf-8", "replace")})
-        for cp in read_checkpoints(conn):
-            yield json.dumps({"checkpoint": cp.as_dict()})
-    finally:
-        conn.close()
-
-
-class Unexportable(ValueError):
-    """A record that cannot be put in the format (it has no valid time): left out of the export, and counted."""
-
-
-def _text(value: object) -> str | None:
-    """A value as a FHIR string (or an ECS keyword): None for nothing, since FHIR has no empty strings and
-    "None" is not a value; other whitespace than space, tab and newline, and control characters, are spaces."""
-    if value is None or isinstance(value, dict | list):
-        return None
-    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-    text = "".join(ch if ch.isprintable() or ch in "\r\n\t" else " " for ch in text).strip()
-    return text or None
-
-
-def _names(value: object) -> list[str]:
-    """The names a record lists, in its order: a dict's keys (class -> paths), a list's items; once each,
-    without empties."""
-    items = value.keys() if isinstance(value, dict) else value if isinstance(value, list) else [value]
-    return list(dict.fromkeys(t for item in items if (t := _text(item)) is not None))
-
-
-def _instant(value: object) -> str:
-    """The record's time as a FHIR instant / ECS date (UTC, milliseconds), or Unexportable."""
-    try:
-        at = datetime.fromisoformat(str(value))
-    except ValueError:
-        raise Unexportable("no valid time") from None
-    if at.tzinfo is None:
-        raise Unexportable("no time zone in its time")
-    return at.astimezone(UTC).isoformat(timespec="milliseconds")
-
-
-def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-_CODE = re.compile(r"[^\s]+( [^\s]+)*")  # FHIR's `code`: no leading, trailing or double whitespace
-_ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
-_PURPOSE_CODE = re.compile(r"[A-Z][A-Z0-9_]*")  # what v3-ActReason codes look like (TREAT, HOPERAT, ...)
-_DCM = "http://dicom.nema.org/resources/ontology/DCM"
-_FHIR_ACTION = {"POST": "C", "PUT": "U", "PATCH": "U", "DELETE": "D"}
-_FHIR_SUBTYPE = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete", "OPTIONS": "capabilities"}
-_OUTCOME = {"allowed": "0", "dry-run": "0", "denied": "4", "error": "8"}
-_DISCLOSED = ("shown", "pseudonymised", "masked", "removed")  # field classes, per kind of outcome
-
-
-def _is_item_route(route: str | None) -> bool:
-    """A route ending in an id reads one resource (BALP Read); any other GET is a search (BALP Query)."""
-    return route is not None and route.rstrip("/").endswith("}")
-
-
-def _detail(kind: str, value: object) -> dict[str, str] | None:
-    text = _text(value)
-    return {"type": kind, "valueString": text} if text is not None else None
-
-
-def fhir_audit_event(r: dict[str, Any], origin: str) -> dict[str, Any]:
-    """One FHIR R4 AuditEvent in the IHE BALP shape: a RESTful interaction (Read, Query, Create, Update,
-    Delete) with the user (requestor), the client's address (Source Role ID) and FieldGuard (Destination
-    Role ID) as agents, the purpose of use, a Patient entity per client pseudonym whose `detail` lists the
-    field classes disclosed, and a System Object entity for the request (route, policy, rules). An operator's
-    command (method CLI) is an Application Activity, or Audit Log Used for the audit commands. No element is
-    empty: what a record does not have is left out. Raises Unexportable for a record with no valid time."""
-    method = _text(r.get("method")) or ""
-    route = _text(r.get("route"))
-    cli = method == "CLI"
-    event: dict[str, Any] = {"resourceType": "AuditEvent"}
-    seq = _int(r.get("seq"))
-    if seq is not None:
-        event["id"] = f"fieldguard-{seq}"
-    if cli:
-        audit_use = bool(route and route.startswith("audit "))
-        event["type"] = {"system": _DCM, "code": "110101" if audit_use else "110100",
-                         "display": "Audit Log Used" if audit_use else "Application Activity"}
-        if route and _CODE.fullmatch(route):
-            event["subtype"] = [{"system": "urn:fieldguard:command", "code": route}]
-        event["action"] = "E"
-    else:
-        event["type"] = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
-                         "display": "RESTful Operation"}
-        if method in ("GET", "HEAD"):
-            item = _is_item_route(route)
-            subtype, action = ("read", "R") if item else ("search-type", "E")
-        else:
-            subtype, action = _FHIR_SUBTYPE.get(method, "operation"), _FHIR_ACTION.get(method, "E")
-        event["subtype"] = [{"system": "http://hl7.org/fhir/restful-interaction", "code": subtype}]
-        event["action"] = action
-    event["recorded"] = _instant(r.get("time"))
-    outcome = _OUTCOME.get(str(r.get("outcome")))
-    if outcome is not None:
-        event["outcome"] = outcome
-    reason = _text(r.get("reason"))
-    if reason is not None:
-        event["outcomeDesc"] = reason
-    purpose = _purpose(r.get("purpose"))
-    if purpose:
-        event["purposeOfEvent"] = purpose
-    event["agent"] = _agents(r, purpose, origin)
-    event["source"] = {"observer": {"display": _text(origin) or "FieldGuard"},
-                       "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
-                                 "code": "4", "display": "Application Server"}]}
-    event["entity"] = _entities(r, route, cli)
-    return event
-
-
-def _purpose(value: object) -> list[dict[str, Any]]:
-    text = _text(value)
-    if text is None:
-        return []
-    if _PURPOSE_CODE.fullmatch(text):
-        return [{"coding": [{"system": _ACT_REASON, "code": text}]}]
-    return [{"text": text}]
-
-
-def _agents(r: dict[str, Any], purpose: list[dict[str, Any]], origin: str) -> list[dict[str, Any]]:
-    user = _text(r.get("user"))
-    person: dict[str, Any] = {
-        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
-                             "code": "humanuser", "display": "human user"}]},
-        "who": {"identifier": {"value": user}} if user else {"display": "unidentified caller"},
-        "requestor": True,
-    }
-    role = _text(r.get("role"))
-    if role is not None:
-        person["role"] = [{"text": role}]
-    if purpose:
-        person["purposeOfUse"] = purpose
-    agents = [person]
-    peer = _text(r.get("peer"))
-    if peer is not None:
-        agents.append({"type": {"coding": [{"system": _DCM, "code": "110153", "display": "Source Role ID"}]},
-                       "who": {"display": peer}, "requestor": False,
-                       "network": {"address": peer, "type": "2" if _is_ip(peer) else "1"}})
-    agents.append({"type": {"coding": [{"system": _DCM, "code": "110152", "display": "Destination Role ID"}]},
-                   "who": {"display": f"FieldGuard at {_text(origin)}" if _text(origin) else "FieldGuard"},
-                   "requestor": False})
-    return agents
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _entities(r: dict[str, Any], route: str | None, cli: bool) -> list[dict[str, Any]]:
-    disclosed = [d for kind in _DISCLOSED if (d := _detail(kind, ",".join(_names(r.get(kind))))) is not None]
-    disclosed += [d for kind in ("written", "refused") if (d := _detail(kind, ", ".join(_names(r.get(kind)))))]
-    entities: list[dict[str, Any]] = []
-    for pseudonym in _names(r.get("clients")):
-        patient: dict[str, Any] = {
-            "what": {"identifier": {"system": "urn:fieldguard:client-pseudonym", "value": pseudonym}},
-            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1",
-                     "display": "Person"},
-            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1",
-                     "display": "Patient"},
-        }
-        if disclosed:
-            patient["detail"] = disclosed
-        entities.append(patient)
-    details = [d for d in (
-        _detail("command" if cli else "route", route), _detail("status", _int(r.get("status")) or None),
-        _detail("policy", r.get("policy")), _detail("token", r.get("token_id")),
-        _detail("break-glass", r.get("break_glass")),
-    ) if d is not None]
-    details += [d for rule in _names(r.get("rules")) if (d := _detail("rule", rule)) is not None]
-    cover = r.get("cover")
-    for grant in cover if isinstance(cover, list) else []:
-        if isinstance(grant, dict) and (d := _detail("cover", "; ".join(
-                t for t in (_text(grant.get("grant")), _text(grant.get("reason"))) if t))) is not None:
-            details.append(d)
-    counts = r.get("counts")
-    for name, n in sorted(counts.items()) if isinstance(counts, dict) else []:
-        if (d := _detail(f"count {name}", n)) is not None:
-            details.append(d)
-    request: dict[str, Any] = {"type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
-                                        "code": "2", "display": "System Object"}}
-    request_id = _text(r.get("request_id"))
-    if request_id is not None:
-        request["what"] = {"identifier": {"system": "urn:fieldguard:request-id", "value": request_id}}
-    if details:
-        request["detail"] = details
-    if len(request) > 1:
-        entities.append(request)
-    return entities
-
-
-# ECS 8.x: event.category `database` expects event.type access, change, info or error (ecs_flat.yml)
-_ECS_VERSION = "8.11.0"
-_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_ECS_OUTCOME = {"allowed": "success", "dry-run": "success", "denied": "failure", "error": "failure"}
-_FIELDGUARD = ("purpose", "role", "clients", "relations", "shown", "pseudonymised", "masked", "removed", "written",
-               "refused", "unclassified", "key_ids", "decrypt_failures", "break_glass", "cover", "counts",
-               "rows_dropped", "caller_request_id", "token_id", "upstream_status", "shadow", "shadow_policy")
-
-
-def ecs_event(r: dict[str, Any], origin: str = "") -> dict[str, Any]:
-    """One Elastic Common Schema document. The categorisation is ECS's for a data store: `event.kind: event`,
-    `event.category: [database]`, `event.type` `access` (a read), `change` (a write), `error` (the gateway or
-    the CRM failed) or `info` (an operator's command), `event.outcome` success / failure / unknown. The
-    decision is `event.action` (allowed, denied, error, dry-run) with `event.reason`, and the policy rows
-    that made it are `rule.id` under `rule.version` (the policy hash). FieldGuard's own fields are under
-    `fieldguard.*`; empty ones are left out. Raises Unexportable for a record with no valid time."""
-    method = _text(r.get("method"))
-    decision = _text(r.get("outcome"))
-    if decision == "error":
-        kind = "error"
-    elif method == "CLI":
-        kind = "info"
-    elif method in _WRITES:
-        kind = "change"
-    else:
-        kind = "access"
-    event: dict[str, Any] = {"kind": "event", "category": ["database"], "type": [kind],
-                             "outcome": _ECS_OUTCOME.get(decision or "", "unknown"),
-                             "provider": "fieldguard", "dataset": "fieldguard.audit"}
-    for key, value in (("action", decision), ("reason", _text(r.get("reason"))),
-                       ("id", _text(r.get("request_id"))), ("sequence", _int(r.get("seq")))):
-        if value is not None:
-            event[key] = value
-    duration = r.get("duration_ms")
-    if isinstance(duration, int | float) and not isinstance(duration, bool) and duration > 0:
-        event["duration"] = int(duration * 1_000_000)  # nanoseconds
-    doc: dict[str, Any] = {"@timestamp": _instant(r.get("time")), "ecs": {"version": _ECS_VERSION}, "event": event}
-    user: dict[str, Any] = {}
-    if (uid := _text(r.get("user"))) is not None:
-        user["id"] = uid
-        user["name"] = uid.removeprefix("u:")
-    if roles := _names(r.get("roles")):
-        user["roles"] = roles
-    if user:
-        doc["user"] = user
-    status = _int(r.get("status"))
-    if method is not None and method != "CLI":
-        doc["http"] = {"request": {"method": method}}
-        if status:
-            doc["http"]["response"] = {"status_code": status}
-    peer = _text(r.get("peer"))
-    if peer is not None:
-        doc["source"] = {"address": peer, **({"ip": peer} if _is_ip(peer) else {})}
-    rule: dict[str, Any] = {"ruleset": "fieldguard policy"}
-    if rules := _names(r.get("rules")):
-        rule["id"] = rules
-    if (policy := _text(r.get("policy"))) is not None:
-        rule["version"] = policy
-    if len(rule) > 1:
-        doc["rule"] = rule
-    if (name := _text(origin)) is not None:
-        doc["observer"] = {"product": "FieldGuard", "name": name}
-    own: dict[str, Any] = {}
-    if (route := _text(r.get("route"))) is not None:
-        own["command" if method == "CLI" else "route"] = route
-    own.update({k: v for k in _FIELDGUARD if (v := r.get(k)) not in (None, "", [], {}, 0)})
-    if own:
-        doc["fieldguard"] = own
-    return doc

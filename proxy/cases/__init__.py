@@ -15,11 +15,12 @@ from proxy.cases.breakglass import (
     new_alert,
     new_grant_id,
 )
-from proxy.cases.store import AlreadySigned, CasesStore, Consent, DisclosureGrant, GrantRow, Release, Review
+from proxy.cases.store import Alert, AlreadySigned, CasesStore, Consent, DisclosureGrant, GrantRow, Release, Review
 
 __all__ = [
     "DECISIONS",
     "REVIEWER_ROLES",
+    "Alert",
     "AlertTarget",
     "Alerter",
     "AlreadySigned",

@@ -439,6 +439,11 @@ class CasesStore:
         return [Release(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
 
     # ------------------------------------------------------------------ alerts
+    async def queue_alert(self, alert: Alert, now: float) -> None:
+        """An alert for a running gateway to deliver (a disclosure released by a command, not by the gateway)."""
+        await self._run("INSERT INTO alerts (alert_id, grant_id, payload, created_at, next_at) VALUES (?, ?, ?, ?, ?)",
+                        (alert.alert_id, alert.grant_id, json.dumps(alert.payload), now, now))
+
     async def due_alerts(self, now: float, hold_seconds: float, limit: int = 20) -> list[Alert]:
         """Alerts to send now, each held for `hold_seconds` so another gateway does not send it too."""
         async with self._transaction():

@@ -260,7 +260,8 @@ def audit_export(config: Path | None, fmt: str, output: Path | None, public_key:
     cannot be read are left out of fhir and ecs, and counted; a trail that does not verify is said on stderr."""
     import socket
 
-    from proxy.audit.views import Unexportable, all_records, ecs_event, export_jsonl, fhir_audit_event
+    from proxy.audit.exports import Unexportable, ecs_event, export_jsonl, fhir_audit_event
+    from proxy.audit.views import all_records
 
     settings = settings_of(config)
     store = _store(settings, None)
@@ -279,7 +280,7 @@ def audit_export(config: Path | None, fmt: str, output: Path | None, public_key:
     if fmt == "jsonl":
         lines = export_jsonl(store)
     elif fmt == "fhir":
-        lines = converted(lambda r: fhir_audit_event(r, origin))
+        lines = _with_consents(converted(lambda r: fhir_audit_event(r, origin)), store)
     else:
         lines = converted(lambda r: ecs_event(r, origin))
     count = 0
@@ -295,6 +296,25 @@ def audit_export(config: Path | None, fmt: str, output: Path | None, public_key:
     record(settings, f"audit export {fmt}", actor, counts={"lines": count, "left_out": len(unreadable)
                                                            + len(unexportable)} if fmt != "jsonl" else
            {"lines": count}, reason=_reason(integrity))
+
+
+def _with_consents(events: Any, store: Path) -> Any:
+    """The AuditEvents, then a FHIR Consent for each consent the trail recorded (inactive once withdrawn)."""
+    from proxy.audit.exports import fhir_consent
+    from proxy.audit.views import all_records
+
+    yield from events
+    consents: dict[str, dict[str, Any]] = {}
+    withdrawn: set[str] = set()
+    for r in all_records(store, []):
+        held = r.get("consent")
+        if isinstance(held, dict) and r.get("outcome") == "allowed" and isinstance(held.get("consent"), str):
+            if held.get("withdrawn"):
+                withdrawn.add(held["consent"])
+            else:
+                consents[held["consent"]] = held
+    for consent_id, held in consents.items():
+        yield json.dumps(fhir_consent(held, consent_id in withdrawn))
 
 
 @audit.command("public-key")

@@ -269,10 +269,12 @@ def disclose_revoke(grant_id: str, reason: str, config: Path | None, dry_run: bo
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="where the bundle's .json and .html are written (0600)")
 @CONFIG
+@DRY_RUN
 @ACTOR
-def disclose_export(grant_id: str, out_dir: Path, config: Path | None, actor: str | None) -> None:
-    """Produce exactly what the grant names, decrypted, as JSON and a printable HTML bundle."""
-    from proxy.cases import Release
+def disclose_export(grant_id: str, out_dir: Path, config: Path | None, dry_run: bool, actor: str | None) -> None:
+    """Produce exactly what the grant names, decrypted, as JSON and a printable HTML bundle. With --dry-run,
+    say what would be released and withheld, and write nothing."""
+    from proxy.cases import Alert, Release
     from proxy.keys import open_kek, open_keyring
     from proxy.release import export
     from proxy.secretfile import private_dir, write_private
@@ -307,6 +309,12 @@ def disclose_export(grant_id: str, out_dir: Path, config: Path | None, actor: st
             await ring.store.close()
 
     made = run(go())
+    count = sum(len(v) for v in made.records.values())
+    if dry_run:
+        record(settings, act, actor, dry_run=True, clients=[g.pseudonym], counts={"records": count},
+               disclosure=_grant_audit(g), reason=f"would disclose to {g.recipient}")
+        echo({"grant": grant_id, "would_release": made.records, "records": count, "withheld": made.withheld})
+        return
     private_dir(out_dir)
     n = len(run(_with_store(settings, lambda s: s.releases(grant_id)))) + 1
     stem = out_dir / f"{grant_id}-{n}"
@@ -314,8 +322,17 @@ def disclose_export(grant_id: str, out_dir: Path, config: Path | None, actor: st
     write_private(stem.with_suffix(".html"), made.html.encode())
     release = Release("dr-" + secrets.token_hex(8), grant_id, f"u:{who}", now, made.records, made.sha256,
                       made.html_sha256)
-    run(_with_store(settings, lambda s: s.record_release(release)))
-    count = sum(len(v) for v in made.records.values())
+    alert = Alert("al-" + secrets.token_hex(8), grant_id, {
+        "event": "disclosure released", "grant": grant_id, "release": release.release_id, "client": g.pseudonym,
+        "recipient": g.recipient, "basis": g.basis, "reference": g.reference, "classes": list(g.classes),
+        "records": count, "by": f"u:{who}", "approved_by": g.approved_by, "client_told": g.notify,
+        "sha256": made.sha256}, 0)
+
+    async def keep(s: Any) -> None:  # the service manager is told: the running gateway delivers the alert
+        await s.record_release(release)
+        await s.queue_alert(alert, now)
+
+    run(_with_store(settings, keep))
     record(settings, act, actor, clients=[g.pseudonym], reason=f"disclosed to {g.recipient}",
            counts={"records": count}, disclosure={**_grant_audit(g), "release": release.release_id,
                                                   "records": made.records, "sha256": made.sha256,
@@ -403,11 +420,13 @@ def consent_record(client_id: str, scope: str, recipient: str, purpose: str, for
                    _end_of(str(ends)))
     if not dry_run:
         run(_with_store(settings, lambda s: s.record_consent(held)))
-    record(settings, act, actor, dry_run=dry_run, clients=[held.pseudonym], reason=f"consent to share with {recipient}")
-    echo({"consent": held.consent_id, "client": held.pseudonym, "classes": list(classes), "recipient": recipient,
-          "purpose": purpose, "form": form, "evidence_sha256": held.evidence_sha256,
-          "until": (datetime.fromtimestamp(held.valid_until, UTC) - timedelta(seconds=1)).date().isoformat(),
-          "recorded": not dry_run})
+    shown = {"consent": held.consent_id, "client": held.pseudonym, "classes": list(classes), "recipient": recipient,
+             "purpose": purpose, "form": form, "evidence_sha256": held.evidence_sha256,
+             "recorded_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+             "until": (datetime.fromtimestamp(held.valid_until, UTC) - timedelta(seconds=1)).date().isoformat()}
+    record(settings, act, actor, dry_run=dry_run, clients=[held.pseudonym], reason=f"consent to share with {recipient}",
+           consent=shown)
+    echo({**shown, "recorded": not dry_run})
 
 
 @consent.command("withdraw")
@@ -430,7 +449,7 @@ def consent_withdraw(consent_id: str, reason: str, config: Path | None, dry_run:
         revoked = run(_with_store(settings, lambda s: s.withdraw_consent(consent_id, f"u:{operator(actor)}", reason,
                                                                          time.time())))
     record(settings, "consent withdraw", actor, dry_run=dry_run, clients=[held.pseudonym], reason=reason,
-           counts={"grants_revoked": len(revoked)})
+           counts={"grants_revoked": len(revoked)}, consent={"consent": consent_id, "withdrawn": True})
     echo({"consent": consent_id, "withdrawn": not dry_run, "grants_revoked": revoked})
 
 

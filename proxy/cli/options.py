@@ -60,10 +60,11 @@ def refuse(settings: Settings, action: str, actor: str | None, why: str, *, clie
 def record(settings: Settings, action: str, actor: str | None, *, dry_run: bool = False,
            counts: dict[str, int] | None = None, reason: str | None = None, clients: list[str] | None = None,
            key_ids: list[str] | None = None, break_glass: str | None = None,
-           disclosure: dict[str, Any] | None = None, denied: str | None = None) -> None:
+           disclosure: dict[str, Any] | None = None, denied: str | None = None,
+           consent: dict[str, Any] | None = None) -> None:
     """The operator's command into the durable trail, beside a running gateway."""
     from proxy.audit import record_operation
 
     run(record_operation(settings, action, who=operator(actor), dry_run=dry_run, counts=counts, reason=reason,
                          clients=clients, key_ids=key_ids, break_glass=break_glass, disclosure=disclosure,
-                         denied=denied))
+                         denied=denied, consent=consent))
