@@ -111,6 +111,7 @@ class Write(Exchange):
         class, `write` on every class it writes); a change under those held to the client now, and a move (to
         another client, or a client to another practitioner) under those it will hold afterwards as well."""
         await self._refuse_erased()
+        self._refuse_restricted({self.client, self._client_in_body()})
         creating = self.route.verb is Verb.CREATE
         view = self._established(self.client) if creating else self.view(self.client)
         if creating and self.resource.record_class not in view.creatable:
@@ -279,6 +280,7 @@ class Delete(Exchange):
         self.client = await self._located_client()
 
     async def check(self) -> bytes | None:
+        self._refuse_restricted({self.client})
         if self.resource.record_class not in self.view(self.client).deletable:
             raise GatewayError(403, f"not allowed to delete {self.resource.name} records",
                                reason=f"no delete on {self.resource.record_class}")

@@ -132,6 +132,7 @@ class CasesSection:
     alert_headers: dict[str, str] = field(default_factory=dict)  # e.g. an Authorization for the webhook
     alert_timeout_seconds: float = 5.0
     alert_attempts: int = 8  # tries before an alert is given up (retried after 2, 4, 8 ... seconds)
+    restriction_exempt_roles: list[str] = field(default_factory=lambda: ["dpo"])  # a restriction does not stop
 
 
 @dataclass(frozen=True, slots=True)

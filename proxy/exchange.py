@@ -55,7 +55,8 @@ class Context:
     refresh_soon: Callable[[], None]  # a client the facts do not know: re-read them soon
     names: ClientNames  # clients' names, to scrub from what pseudonymising views are shown
     trusted_proxies: frozenset[str] = frozenset()  # peers whose X-Forwarded-For is believed
-    glass: GlassBook = field(default_factory=GlassBook)  # open break-glass grants
+    glass: GlassBook = field(default_factory=GlassBook)  # open break-glass grants, restricted clients
+    restriction_exempt: frozenset[str] = frozenset({"dpo"})  # roles a restriction does not stop
 
     def forwarded(self, req: Incoming) -> dict[str, str]:
         """The headers the CRM receives: the allowed few, the forwarding chain, our request id."""
@@ -89,6 +90,7 @@ class Exchange:
         self.now = datetime.now(UTC)
         self.cover = (*bundle.cover, *ctx.index.cover)  # the officers' grants and the CRM's
         self.glass: Mapping[str, GrantRow] = ctx.glass.open_for(principal.user, time.time())  # by client id
+        self.restricted: set[str] = set()  # restricted clients this request asked about
         self.disclosure = Disclosure()
         self.pseudonyms: dict[str, str] = {}
         self.erased: set[str] = set()  # clients in this response whose keys and pseudonym were destroyed
@@ -138,8 +140,18 @@ class Exchange:
         index = self.ctx.index
         if client_id not in index.counsellor_of:
             self.ctx.refresh_soon()
+        if client_id in self.ctx.glass.restricted and self.who.role not in self.ctx.restriction_exempt:
+            # Art. 18: stored, not processed; only an emergency declared for the client opens what it opens
+            self.restricted.add(client_id)
+            return Relation.ANY | Relation.BREAKGLASS if client_id in self.glass else Relation(0)
         rels = index.relations(self.who.staff, self.who.client_id, client_id, self.cover, self.now)
         return rels | Relation.BREAKGLASS if client_id in self.glass else rels
+
+    def _refuse_restricted(self, clients: set[str | None]) -> None:
+        """No change to a restricted client's records (storage only), but by a role the restriction exempts."""
+        if self.who.role not in self.ctx.restriction_exempt and clients & self.ctx.glass.restricted:
+            raise GatewayError(403, "this client's records are restricted (UK GDPR Art. 18): nothing is changed "
+                                    "while the restriction stands", reason="client restricted")
 
     def require_fresh_relations(self) -> None:
         """Decisions that depend on relations are refused, never guessed, while the facts are missing or old."""
@@ -173,6 +185,9 @@ class Exchange:
     def _hidden(self, view: View, message: str) -> GatewayError:
         """A refusal with its true reason: an explicit deny (and where it is written), a relation the caller
         does not hold, or no rule at all; the same words `policy explain` gives."""
+        if self.restricted and not view.relations:
+            return GatewayError(403, "this client's records are restricted (UK GDPR Art. 18): they are kept, "
+                                     "not processed", reason="client restricted")
         why = explain_class(self.bundle.table, self.who.role, view.relations, None, self.resource.record_class)
         return GatewayError(403, f"{message}: {why.reason}", reason=why.reason)
 

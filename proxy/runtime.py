@@ -87,7 +87,8 @@ class Runtime:
             max_body_bytes=s.server.max_body_bytes, body_timeout_seconds=s.server.body_timeout_seconds,
             relations_max_age=s.relations.max_age_seconds,
             refresh_soon=self._refresh_soon, names=ClientNames(self.upstream),
-            trusted_proxies=frozenset(s.server.trusted_proxies), glass=self.glass)
+            trusted_proxies=frozenset(s.server.trusted_proxies), glass=self.glass,
+            restriction_exempt=frozenset(c.restriction_exempt_roles))
         sup = self.supervisor
         poll = s.policy.poll_seconds
         self._policy = sup.add("policy", self._poll_policy, poll, stale_after=max(10 * poll, 60.0))

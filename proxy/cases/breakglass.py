@@ -50,11 +50,13 @@ def new_alert(grant: GrantRow, label: str) -> Alert:
 
 
 class GlassBook:
-    """The open grants, by user and client: what the request path asks once per request."""
+    """The open grants, by user and client, and the restricted clients: what the request path asks once per
+    request, re-read from the cases store by one background task."""
 
     def __init__(self) -> None:
         self._by_user: dict[str, dict[str, GrantRow]] = {}
         self.overdue = 0  # unreviewed uses past their review date, counted at the last refresh
+        self.restricted: frozenset[str] = frozenset()  # clients whose processing is restricted (Art. 18)
         self.refreshed_at: float | None = None
 
     def open_for(self, user: str | None, now: float) -> Mapping[str, GrantRow]:
@@ -82,6 +84,7 @@ class GlassBook:
         for grant in await store.open_grants(now):
             by_user.setdefault(grant.user, {})[grant.client_id] = grant
         self.overdue = await store.overdue(now)
+        self.restricted = frozenset(await store.restricted())
         self._by_user = by_user
         self.refreshed_at = now
 

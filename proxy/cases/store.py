@@ -98,6 +98,13 @@ CREATE TABLE IF NOT EXISTS disclosures (
     revoked_at REAL,
     revoked_reason TEXT
 );
+CREATE TABLE IF NOT EXISTS restrictions (
+    client_id TEXT PRIMARY KEY,
+    pseudonym TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    restricted_by TEXT NOT NULL,
+    restricted_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS releases (
     release_id TEXT PRIMARY KEY,
     grant_id TEXT NOT NULL REFERENCES disclosures (grant_id),
@@ -369,6 +376,19 @@ class CasesStore:
             await self._db.execute(
                 "INSERT INTO reviews (grant_id, reviewer, role, decision, note, signed_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (review.grant_id, review.reviewer, review.role, review.decision, review.note, review.signed_at))
+
+    # ------------------------------------------------------------------ restriction (UK GDPR Art. 18)
+    async def restrict(self, client_id: str, pseudonym: str, reason: str, by: str, now: float) -> bool:
+        """True if the client was not restricted already."""
+        return await self._run("INSERT OR IGNORE INTO restrictions (client_id, pseudonym, reason, restricted_by, "
+                               "restricted_at) VALUES (?, ?, ?, ?, ?)", (client_id, pseudonym, reason, by, now)) == 1
+
+    async def unrestrict(self, client_id: str) -> bool:
+        return await self._run("DELETE FROM restrictions WHERE client_id = ?", (client_id,)) == 1
+
+    async def restricted(self) -> dict[str, dict[str, Any]]:
+        rows = await self._all("SELECT client_id, pseudonym, reason, restricted_by, restricted_at FROM restrictions")
+        return {r[0]: {"client": r[1], "reason": r[2], "by": r[3], "at": r[4]} for r in rows}
 
     # ------------------------------------------------------------------ consent
     async def record_consent(self, c: Consent) -> None:

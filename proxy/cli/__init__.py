@@ -10,6 +10,7 @@ from proxy.cli.disclose import consent, disclose
 from proxy.cli.keys import decrypt_export, encrypt_existing, keys
 from proxy.cli.policy import policy
 from proxy.cli.review import review
+from proxy.cli.rights import restrict, unrestrict
 from proxy.cli.run import demo, serve, token
 
 
@@ -20,5 +21,5 @@ def main() -> None:
 
 
 for command in (serve, demo, token, keys, encrypt_existing, decrypt_export, policy, audit, review, disclose,
-                consent):
+                consent, restrict, unrestrict):
     main.add_command(command)

@@ -18,7 +18,20 @@ from typing import Any
 
 import click
 
-from proxy.cli.options import ACTOR, CONFIG, DRY_RUN, echo, operator, record, refuse, run, settings_of
+from proxy.cli.options import (
+    ACTOR,
+    CONFIG,
+    DRY_RUN,
+    bundle_of,
+    client_facts,
+    echo,
+    operator,
+    record,
+    refuse,
+    run,
+    settings_of,
+    with_cases,
+)
 from proxy.config import Settings
 
 DAY = 86400
@@ -35,12 +48,6 @@ def consent() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _bundle(settings: Settings) -> Any:
-    from proxy.policy import BundleSource, load_bundle
-
-    return load_bundle(BundleSource.configured(settings.policy), settings.keys.in_dir("proofs"))
-
-
 def _classes(settings: Settings, action: str, actor: str | None, text: str, bundle: Any) -> tuple[str, ...]:
     classes = tuple(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
     unknown = [c for c in classes if c not in bundle.fieldmap.classes]
@@ -62,43 +69,6 @@ def _day(settings: Settings, action: str, actor: str | None, name: str, text: st
 
 def _end_of(day: str) -> float:
     return datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp() + DAY
-
-
-async def _client(settings: Settings, client_id: str) -> tuple[str | None, bool, bool]:
-    """(pseudonym, erased, known to the CRM) of a client. A pseudonym is made only for a client the CRM has."""
-    import httpx
-
-    from proxy.keys import open_keyring
-
-    fm = _bundle(settings).fieldmap
-    route = next((r for r in fm.routes if r.resource == fm.relations.resource and r.method == "GET"
-                  and [p[1] for p in r.params] == ["client_id"] and r.shape.name == "RECORD"), None)
-    known = False
-    if route is not None and (route.params[0][2] != "int" or client_id.isdigit()):
-        async with httpx.AsyncClient(base_url=settings.upstream.url, headers=dict(settings.upstream.headers),
-                                     timeout=settings.upstream.timeout_seconds) as crm:
-            known = (await crm.get(route.render(route.template, {"client_id": client_id}))).status_code == 200
-    ring = await open_keyring(settings.keys, None)
-    try:
-        erased = bool(await ring.store.tombstoned([client_id]))
-        pseudonym = (await ring.pseudonyms([client_id]))[client_id] if known and not erased else None
-    finally:
-        await ring.store.close()
-    return pseudonym, erased, known
-
-
-async def _store(settings: Settings) -> Any:
-    from proxy.cases import CasesStore
-
-    return await CasesStore.open(Path(settings.cases.store))
-
-
-async def _with_store(settings: Settings, work: Any) -> Any:
-    store = await _store(settings)
-    try:
-        return await work(store)
-    finally:
-        await store.close()
 
 
 def _register_entry(g: Any, now: float) -> dict[str, Any]:
@@ -140,7 +110,7 @@ def disclose_grant(client_id: str, recipient: str, basis: str, reference: str, c
     from proxy.cases import DisclosureGrant, iso
 
     settings = settings_of(config)
-    bundle = _bundle(settings)
+    bundle = bundle_of(settings)
     rules = bundle.disclosure
     act = "disclose grant"
     if basis in rules.refused:
@@ -165,7 +135,7 @@ def disclose_grant(client_id: str, recipient: str, basis: str, reference: str, c
     if notify_exempt is not None and notify_exempt not in rules.notify_exempt:
         refuse(settings, act, actor, f"unknown exemption {notify_exempt!r} (disclosure.yaml's: "
                                      f"{', '.join(sorted(rules.notify_exempt))})")
-    pseudonym, erased, known = run(_client(settings, client_id))
+    pseudonym, erased, known = run(client_facts(settings, client_id))
     if erased:
         refuse(settings, act, actor, f"client {client_id} was erased (keys shredded): nothing is left to disclose")
     if not known:
@@ -174,7 +144,7 @@ def disclose_grant(client_id: str, recipient: str, basis: str, reference: str, c
         if consent_id is None:
             refuse(settings, act, actor, f"basis {basis} needs --consent: the client's recorded consent "
                                          "(`fieldguard consent record`)", clients=[pseudonym])
-        held = run(_with_store(settings, lambda s: s.consent(consent_id)))
+        held = run(with_cases(settings, lambda s: s.consent(consent_id)))
         problem = _consent_problem(held, client_id, recipient, named, now)
         if problem:
             refuse(settings, act, actor, f"consent {consent_id} {problem}", clients=[pseudonym])
@@ -186,7 +156,7 @@ def disclose_grant(client_id: str, recipient: str, basis: str, reference: str, c
         notify=not no_notify, exemption=notify_exempt, consent_id=consent_id, granted_by=f"u:{operator(actor)}",
         granted_at=now, needs_approval=chosen.approval)
     if not dry_run:
-        run(_with_store(settings, lambda s: s.grant_disclosure(grant)))
+        run(with_cases(settings, lambda s: s.grant_disclosure(grant)))
     record(settings, act, actor, dry_run=dry_run, clients=[grant.pseudonym], disclosure=_grant_audit(grant),
            reason=f"disclosure granted: {basis}")
     shown = _register_entry(grant, now)
@@ -223,9 +193,9 @@ def _consent_problem(held: Any, client_id: str, recipient: str, classes: tuple[s
 def disclose_approve(grant_id: str, role: str, config: Path | None, dry_run: bool, actor: str | None) -> None:
     """The second person's approval of a grant, before anything is exported."""
     settings = settings_of(config)
-    rules = _bundle(settings).disclosure
+    rules = bundle_of(settings).disclosure
     act = "disclose approve"
-    g = run(_with_store(settings, lambda s: s.disclosure(grant_id)))
+    g = run(with_cases(settings, lambda s: s.disclosure(grant_id)))
     if g is None:
         refuse(settings, act, actor, f"no disclosure grant {grant_id}")
     who = f"u:{operator(actor)}"
@@ -239,7 +209,7 @@ def disclose_approve(grant_id: str, role: str, config: Path | None, dry_run: boo
     if state != "awaiting approval":
         refuse(settings, act, actor, f"{grant_id} is {state}: nothing to approve", clients=[g.pseudonym])
     if not dry_run:
-        run(_with_store(settings, lambda s: s.approve_disclosure(grant_id, who, time.time())))
+        run(with_cases(settings, lambda s: s.approve_disclosure(grant_id, who, time.time())))
     record(settings, act, actor, dry_run=dry_run, clients=[g.pseudonym],
            disclosure={**_grant_audit(g), "approved_by": who}, reason=f"disclosure approved as {role}")
     click.echo(f"{'would approve' if dry_run else 'approved'} {grant_id} as {role} {operator(actor)}")
@@ -254,10 +224,10 @@ def disclose_approve(grant_id: str, role: str, config: Path | None, dry_run: boo
 def disclose_revoke(grant_id: str, reason: str, config: Path | None, dry_run: bool, actor: str | None) -> None:
     """Stop a grant: nothing more is exported under it."""
     settings = settings_of(config)
-    g = run(_with_store(settings, lambda s: s.disclosure(grant_id)))
+    g = run(with_cases(settings, lambda s: s.disclosure(grant_id)))
     if g is None:
         refuse(settings, "disclose revoke", actor, f"no disclosure grant {grant_id}")
-    if not dry_run and not run(_with_store(settings, lambda s: s.revoke_disclosure(grant_id, reason, time.time()))):
+    if not dry_run and not run(with_cases(settings, lambda s: s.revoke_disclosure(grant_id, reason, time.time()))):
         refuse(settings, "disclose revoke", actor, f"{grant_id} is revoked already", clients=[g.pseudonym])
     record(settings, "disclose revoke", actor, dry_run=dry_run, clients=[g.pseudonym],
            disclosure=_grant_audit(g), reason=reason)
@@ -280,10 +250,10 @@ def disclose_export(grant_id: str, out_dir: Path, config: Path | None, dry_run: 
     from proxy.secretfile import private_dir, write_private
 
     settings = settings_of(config)
-    bundle = _bundle(settings)
+    bundle = bundle_of(settings)
     act = "disclose export"
     now = time.time()
-    g = run(_with_store(settings, lambda s: s.disclosure(grant_id)))
+    g = run(with_cases(settings, lambda s: s.disclosure(grant_id)))
     if g is None:
         refuse(settings, act, actor, f"no disclosure grant {grant_id}")
     state = g.state(now)
@@ -292,7 +262,7 @@ def disclose_export(grant_id: str, out_dir: Path, config: Path | None, dry_run: 
                "expired": "it has expired", "revoked": f"it was revoked ({g.revoked_reason})"}[state]
         refuse(settings, act, actor, f"{grant_id} cannot be exported: {why}", clients=[g.pseudonym])
     if g.consent_id is not None:
-        held = run(_with_store(settings, lambda s: s.consent(g.consent_id)))
+        held = run(with_cases(settings, lambda s: s.consent(g.consent_id)))
         if held is None or not held.in_force(now):
             refuse(settings, act, actor, f"{grant_id} cannot be exported: consent {g.consent_id} is no longer in "
                                          "force", clients=[g.pseudonym])
@@ -316,7 +286,7 @@ def disclose_export(grant_id: str, out_dir: Path, config: Path | None, dry_run: 
         echo({"grant": grant_id, "would_release": made.records, "records": count, "withheld": made.withheld})
         return
     private_dir(out_dir)
-    n = len(run(_with_store(settings, lambda s: s.releases(grant_id)))) + 1
+    n = len(run(with_cases(settings, lambda s: s.releases(grant_id)))) + 1
     stem = out_dir / f"{grant_id}-{n}"
     write_private(stem.with_suffix(".json"), made.json_bytes)
     write_private(stem.with_suffix(".html"), made.html.encode())
@@ -332,7 +302,7 @@ def disclose_export(grant_id: str, out_dir: Path, config: Path | None, dry_run: 
         await s.record_release(release)
         await s.queue_alert(alert, now)
 
-    run(_with_store(settings, keep))
+    run(with_cases(settings, keep))
     record(settings, act, actor, clients=[g.pseudonym], reason=f"disclosed to {g.recipient}",
            counts={"records": count}, disclosure={**_grant_audit(g), "release": release.release_id,
                                                   "records": made.records, "sha256": made.sha256,
@@ -360,7 +330,7 @@ def disclose_list(client_id: str | None, as_json: bool, config: Path | None, act
         glass = [g for g, _ in await s.grants() if client_id is None or g.client_id == client_id]
         return grants, releases, glass
 
-    grants, releases, glass = run(_with_store(settings, gather))
+    grants, releases, glass = run(with_cases(settings, gather))
     by_grant: dict[str, list[Any]] = {}
     for r in releases:
         by_grant.setdefault(r.grant_id, []).append(r)
@@ -405,21 +375,21 @@ def consent_record(client_id: str, scope: str, recipient: str, purpose: str, for
     from proxy.cases import Consent
 
     settings = settings_of(config)
-    bundle = _bundle(settings)
+    bundle = bundle_of(settings)
     act = "consent record"
     classes = _classes(settings, act, actor, scope, bundle)
     ends = _day(settings, act, actor, "--until", until)
     now = time.time()
     if ends is None or _end_of(ends) <= now:
         refuse(settings, act, actor, f"--until {until} is not in the future")
-    pseudonym, erased, known = run(_client(settings, client_id))
+    pseudonym, erased, known = run(client_facts(settings, client_id))
     if erased or not known:
         refuse(settings, act, actor, f"client {client_id} {'was erased' if erased else 'is not in the CRM'}")
     held = Consent("cs-" + secrets.token_hex(8), client_id, str(pseudonym), classes, recipient, purpose, form,
                    hashlib.sha256(evidence.read_bytes()).hexdigest(), f"u:{operator(actor)}", now,
                    _end_of(str(ends)))
     if not dry_run:
-        run(_with_store(settings, lambda s: s.record_consent(held)))
+        run(with_cases(settings, lambda s: s.record_consent(held)))
     shown = {"consent": held.consent_id, "client": held.pseudonym, "classes": list(classes), "recipient": recipient,
              "purpose": purpose, "form": form, "evidence_sha256": held.evidence_sha256,
              "recorded_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
@@ -438,7 +408,7 @@ def consent_record(client_id: str, scope: str, recipient: str, purpose: str, for
 def consent_withdraw(consent_id: str, reason: str, config: Path | None, dry_run: bool, actor: str | None) -> None:
     """Withdraw a consent: every grant resting on it is revoked at once."""
     settings = settings_of(config)
-    held = run(_with_store(settings, lambda s: s.consent(consent_id)))
+    held = run(with_cases(settings, lambda s: s.consent(consent_id)))
     if held is None:
         refuse(settings, "consent withdraw", actor, f"no consent {consent_id}")
     if held.withdrawn_at is not None:
@@ -446,7 +416,7 @@ def consent_withdraw(consent_id: str, reason: str, config: Path | None, dry_run:
                clients=[held.pseudonym])
     revoked: list[str] = []
     if not dry_run:
-        revoked = run(_with_store(settings, lambda s: s.withdraw_consent(consent_id, f"u:{operator(actor)}", reason,
+        revoked = run(with_cases(settings, lambda s: s.withdraw_consent(consent_id, f"u:{operator(actor)}", reason,
                                                                          time.time())))
     record(settings, "consent withdraw", actor, dry_run=dry_run, clients=[held.pseudonym], reason=reason,
            counts={"grants_revoked": len(revoked)}, consent={"consent": consent_id, "withdrawn": True})
@@ -463,7 +433,7 @@ def consent_list(client_id: str | None, config: Path | None, actor: str | None) 
 
     settings = settings_of(config)
     now = time.time()
-    held = run(_with_store(settings, lambda s: s.consents(client_id)))
+    held = run(with_cases(settings, lambda s: s.consents(client_id)))
     record(settings, "consent list", actor, counts={"consents": len(held)})
     echo([{"consent": c.consent_id, "client": c.pseudonym, "classes": list(c.classes), "recipient": c.recipient,
            "purpose": c.purpose, "form": c.form, "until": iso(c.valid_until), "in_force": c.in_force(now),

@@ -68,3 +68,49 @@ def record(settings: Settings, action: str, actor: str | None, *, dry_run: bool 
     run(record_operation(settings, action, who=operator(actor), dry_run=dry_run, counts=counts, reason=reason,
                          clients=clients, key_ids=key_ids, break_glass=break_glass, disclosure=disclosure,
                          denied=denied, consent=consent))
+
+
+# ------------------------------------------------------------------ what the case commands share
+def bundle_of(settings: Settings) -> Any:
+    """The policy bundle the deployment runs (proved once per keys/proofs, as the gateway does)."""
+    from proxy.policy import BundleSource, load_bundle
+
+    return load_bundle(BundleSource.configured(settings.policy), settings.keys.in_dir("proofs"))
+
+
+async def client_facts(settings: Settings, client_id: str) -> tuple[str | None, bool, bool]:
+    """(pseudonym, erased, known to the CRM) of a client. A pseudonym is made only for a client the CRM has."""
+    import httpx
+
+    from proxy.keys import open_keyring
+
+    fm = bundle_of(settings).fieldmap
+    route = next((r for r in fm.routes if r.resource == fm.relations.resource and r.method == "GET"
+                  and [p[1] for p in r.params] == ["client_id"] and r.shape.name == "RECORD"), None)
+    known = False
+    if route is not None and (route.params[0][2] != "int" or client_id.isdigit()):
+        async with httpx.AsyncClient(base_url=settings.upstream.url, headers=dict(settings.upstream.headers),
+                                     timeout=settings.upstream.timeout_seconds) as crm:
+            known = (await crm.get(route.render(route.template, {"client_id": client_id}))).status_code == 200
+    ring = await open_keyring(settings.keys, None)
+    try:
+        erased = bool(await ring.store.tombstoned([client_id]))
+        pseudonym = (await ring.pseudonyms([client_id]))[client_id] if known and not erased else None
+    finally:
+        await ring.store.close()
+    return pseudonym, erased, known
+
+
+async def open_cases(settings: Settings) -> Any:
+    from proxy.cases import CasesStore
+
+    return await CasesStore.open(Path(settings.cases.store))
+
+
+async def with_cases(settings: Settings, work: Any) -> Any:
+    """`work(store)` on the deployment's cases store, opened and closed around it."""
+    store = await open_cases(settings)
+    try:
+        return await work(store)
+    finally:
+        await store.close()
