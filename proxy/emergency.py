@@ -122,10 +122,6 @@ async def end(runtime: Runtime, principal: Principal, grant_id: str, record: Aud
     return Reply.json(200, {"grant": grant_id, "ended": True})
 
 
-def header_value(grants: list[GrantRow]) -> bytes:
-    return b", ".join(_header(g) for g in grants)
-
-
 def _header(grant: GrantRow) -> bytes:
     return f'{grant.grant_id}; reason="{grant.reason}"; expires="{iso(grant.expires_at)}"'.encode()
 

@@ -362,6 +362,11 @@ class CasesStore:
             "ORDER BY b.opened_at DESC LIMIT ?", (*args, limit))
         return [(_grant(r[:15]), Review(*r[15:]) if r[15] is not None else None) for r in rows]
 
+    async def review_of(self, grant_id: str) -> Review | None:
+        rows = await self._all("SELECT grant_id, reviewer, role, decision, note, signed_at FROM reviews "
+                               "WHERE grant_id = ?", (grant_id,))
+        return Review(*rows[0]) if rows else None
+
     async def overdue(self, now: float) -> int:
         """Uses whose review is past due and not signed."""
         rows = await self._all("SELECT COUNT(*) FROM breakglass b LEFT JOIN reviews r ON r.grant_id = b.grant_id "

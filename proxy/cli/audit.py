@@ -260,7 +260,7 @@ def audit_export(config: Path | None, fmt: str, output: Path | None, public_key:
     cannot be read are left out of fhir and ecs, and counted; a trail that does not verify is said on stderr."""
     import socket
 
-    from proxy.audit.exports import Unexportable, ecs_event, export_jsonl, fhir_audit_event
+    from proxy.audit.exports import Unexportable, ecs_event, export_jsonl, fhir_audit_event, fhir_consent
     from proxy.audit.views import all_records
 
     settings = settings_of(config)
@@ -270,17 +270,28 @@ def audit_export(config: Path | None, fmt: str, output: Path | None, public_key:
     unreadable: list[int] = []
     unexportable: list[str] = []
 
+    consents: dict[str, dict[str, Any]] = {}  # recorded in the trail, for FHIR: the last word on each
+    withdrawn: set[str] = set()
+
     def converted(convert: Any) -> Any:
         for r in all_records(store, unreadable):
+            held = r.get("consent")
+            if isinstance(held, dict) and r.get("outcome") == "allowed" and isinstance(held.get("consent"), str):
+                if held.get("withdrawn"):
+                    withdrawn.add(held["consent"])
+                else:
+                    consents[held["consent"]] = held
             try:
                 yield json.dumps(convert(r))
             except Unexportable as exc:
                 unexportable.append(f"record {r.get('seq')}: {exc}")
+        if fmt == "fhir":  # then a FHIR Consent for each consent recorded (inactive once withdrawn)
+            yield from (json.dumps(fhir_consent(held, cid in withdrawn)) for cid, held in consents.items())
 
     if fmt == "jsonl":
         lines = export_jsonl(store)
     elif fmt == "fhir":
-        lines = _with_consents(converted(lambda r: fhir_audit_event(r, origin)), store)
+        lines = converted(lambda r: fhir_audit_event(r, origin))
     else:
         lines = converted(lambda r: ecs_event(r, origin))
     count = 0
@@ -296,25 +307,6 @@ def audit_export(config: Path | None, fmt: str, output: Path | None, public_key:
     record(settings, f"audit export {fmt}", actor, counts={"lines": count, "left_out": len(unreadable)
                                                            + len(unexportable)} if fmt != "jsonl" else
            {"lines": count}, reason=_reason(integrity))
-
-
-def _with_consents(events: Any, store: Path) -> Any:
-    """The AuditEvents, then a FHIR Consent for each consent the trail recorded (inactive once withdrawn)."""
-    from proxy.audit.exports import fhir_consent
-    from proxy.audit.views import all_records
-
-    yield from events
-    consents: dict[str, dict[str, Any]] = {}
-    withdrawn: set[str] = set()
-    for r in all_records(store, []):
-        held = r.get("consent")
-        if isinstance(held, dict) and r.get("outcome") == "allowed" and isinstance(held.get("consent"), str):
-            if held.get("withdrawn"):
-                withdrawn.add(held["consent"])
-            else:
-                consents[held["consent"]] = held
-    for consent_id, held in consents.items():
-        yield json.dumps(fhir_consent(held, consent_id in withdrawn))
 
 
 @audit.command("public-key")

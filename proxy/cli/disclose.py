@@ -135,7 +135,7 @@ def disclose_grant(client_id: str, recipient: str, basis: str, reference: str, c
     if notify_exempt is not None and notify_exempt not in rules.notify_exempt:
         refuse(settings, act, actor, f"unknown exemption {notify_exempt!r} (disclosure.yaml's: "
                                      f"{', '.join(sorted(rules.notify_exempt))})")
-    pseudonym, erased, known = run(client_facts(settings, client_id))
+    pseudonym, erased, known = run(client_facts(settings, client_id, bundle.fieldmap))
     if erased:
         refuse(settings, act, actor, f"client {client_id} was erased (keys shredded): nothing is left to disclose")
     if not known:
@@ -382,7 +382,7 @@ def consent_record(client_id: str, scope: str, recipient: str, purpose: str, for
     now = time.time()
     if ends is None or _end_of(ends) <= now:
         refuse(settings, act, actor, f"--until {until} is not in the future")
-    pseudonym, erased, known = run(client_facts(settings, client_id))
+    pseudonym, erased, known = run(client_facts(settings, client_id, bundle.fieldmap))
     if erased or not known:
         refuse(settings, act, actor, f"client {client_id} {'was erased' if erased else 'is not in the CRM'}")
     held = Consent("cs-" + secrets.token_hex(8), client_id, str(pseudonym), classes, recipient, purpose, form,

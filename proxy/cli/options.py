@@ -78,13 +78,14 @@ def bundle_of(settings: Settings) -> Any:
     return load_bundle(BundleSource.configured(settings.policy), settings.keys.in_dir("proofs"))
 
 
-async def client_facts(settings: Settings, client_id: str) -> tuple[str | None, bool, bool]:
-    """(pseudonym, erased, known to the CRM) of a client. A pseudonym is made only for a client the CRM has."""
+async def client_facts(settings: Settings, client_id: str, fm: Any = None) -> tuple[str | None, bool, bool]:
+    """(pseudonym, erased, known to the CRM) of a client, asked of the field map's client record route (`fm`:
+    the bundle's, if the caller has it loaded). A pseudonym is made only for a client the CRM has."""
     import httpx
 
     from proxy.keys import open_keyring
 
-    fm = bundle_of(settings).fieldmap
+    fm = fm if fm is not None else bundle_of(settings).fieldmap
     route = next((r for r in fm.routes if r.resource == fm.relations.resource and r.method == "GET"
                   and [p[1] for p in r.params] == ["client_id"] and r.shape.name == "RECORD"), None)
     known = False

@@ -128,7 +128,7 @@ async def _show(settings: Settings, grant_id: str) -> dict[str, Any]:
         grant = await store.grant(grant_id)
         if grant is None:
             raise ValueError(f"no break-glass grant {grant_id}")
-        review = next((r for g, r in await store.grants() if g.grant_id == grant_id), None)
+        review = await store.review_of(grant_id)
         alerts = await store.alerts_of(grant_id)
     finally:
         await store.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.policy.yamlfile import MapError, line_of, load_yaml
+from proxy.policy.yamlfile import MapError, line_of, load_rules
 
 FILE = "breakglass.yaml"
 PURPOSES = frozenset({"ETREAT", "TREAT", "HOPERAT"})
@@ -48,15 +48,9 @@ NONE = BreakGlassRules({}, frozenset())  # no file: nobody may break the glass
 def parse_breakglass(text: str, file: str = FILE) -> BreakGlassRules:
     """The rules, or a `MapError` naming the line of the first thing wrong (an unknown key, a reason with no
     label, a purpose that is not an emergency's, a default above the maximum)."""
-    doc = load_yaml(text, file)
+    doc = load_rules(text, file, _KEYS)
     if doc is None:
         return NONE
-    if not isinstance(doc, dict):
-        raise MapError(1, "expected a mapping with reasons, roles and the time box", file)
-    unknown = sorted(set(doc) - _KEYS)
-    if unknown:
-        raise MapError(line_of(doc, unknown[0]), f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})",
-                       file)
     reasons = _reasons(doc.get("reasons"), line_of(doc, "reasons"), file)
     roles = doc.get("roles") or []
     if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):

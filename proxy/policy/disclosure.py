@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.policy.yamlfile import MapError, line_of, load_yaml
+from proxy.policy.yamlfile import MapError, line_of, load_rules
 
 FILE = "disclosure.yaml"
 _KEYS = {"bases", "refused", "notify_exempt", "approvers", "max_days"}
@@ -40,15 +40,9 @@ NONE = DisclosureRules({}, {}, {}, frozenset())  # no file: nothing may be discl
 
 def parse_disclosure(text: str, file: str = FILE) -> DisclosureRules:
     """The rules, or a `MapError` naming the line of the first thing wrong."""
-    doc = load_yaml(text, file)
+    doc = load_rules(text, file, _KEYS)
     if doc is None:
         return NONE
-    if not isinstance(doc, dict):
-        raise MapError(1, "expected a mapping with bases, refused, notify_exempt, approvers, max_days", file)
-    unknown = sorted(set(doc) - _KEYS)
-    if unknown:
-        raise MapError(line_of(doc, unknown[0]), f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})",
-                       file)
     bases = _bases(doc.get("bases"), line_of(doc, "bases"), file)
     refused = _texts(doc, "refused", file)
     exempt = _texts(doc, "notify_exempt", file)

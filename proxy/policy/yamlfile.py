@@ -67,6 +67,21 @@ def load_yaml(text: str, file: str = "fields.yaml") -> Any:
         loader.dispose()
 
 
+def load_rules(text: str, file: str, keys: frozenset[str] | set[str]) -> dict[str, Any] | None:
+    """An officers' rules file: None when empty, else its top-level mapping, every key one of `keys`
+    (a `MapError` at the line of the first that is not, or when the file is not a mapping)."""
+    doc = load_yaml(text, file)
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise MapError(1, f"expected a mapping with {', '.join(sorted(keys))}", file)
+    unknown = sorted(set(doc) - set(keys))
+    if unknown:
+        raise MapError(line_of(doc, unknown[0]), f"unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})",
+                       file)
+    return doc
+
+
 def line_of(mapping: Any, key: Any) -> int | None:
     if isinstance(mapping, _Mapping):
         return mapping.lines.get(key, mapping.line)
