@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import HTTP, Gateway, Ran, Signing, make_keys, policies_copy, start_gateway
+from tests.conftest import HTTP, Gateway, Ran, Signing, make_keys, policies_copy, start_gateway, wait_until
 from tests.conftest import fieldguard as run_command
 from tests.test_encryption import crm_process
 
@@ -179,11 +179,14 @@ def test_a_shred_that_commits_while_a_write_is_in_flight_is_told_not_hidden(
         alice = gw.as_user("alice", "counsellor")
         assert gw.request("POST", "/clients/1/session-notes", alice,
                           json={"session_date": "2026-11-20", "body": "the first, before any shred"}).status_code == 201
-        HTTP.post(switchable + "/_control", json={"delay": 4.0}).raise_for_status()
+        HTTP.post(switchable + "/_control", json={"delay": 6.0}).raise_for_status()
+        arrived = HTTP.get(switchable + "/_control").json()["arrived"]
         answer: list[httpx.Response] = []
         writer = threading.Thread(target=lambda: answer.append(gw.request(
             "POST", "/clients/1/session-notes", alice, json={"session_date": "2026-11-21", "body": "in flight"})))
         writer.start()
+        wait_until(lambda: HTTP.get(switchable + "/_control").json()["arrived"] > arrived,
+                   "the write reached the CRM", timeout=10)
         shred = cli(gw, "keys", "shred", "--client", "1", "--reason", "Art.17 T-9", "--yes")
         assert shred.returncode == 0, shred.stderr
         writer.join()

@@ -2,7 +2,8 @@
 
 Clients 1 to 4, each with one session note; `POST /_control` sets who counsels whom, how the staff
 list (the supervision facts) answers (`ok`, `fail`: 500, `garbage`: not a list), and how long a note
-list or a new note takes (`delay`, seconds: requests that must overlap at the gateway, do). The records themselves
+list or a new note takes (`delay`, seconds: requests that must overlap at the gateway, do);
+`GET /_control` says how many note requests have arrived (counted before the delay). The records themselves
 keep being served either way, as a CRM whose one endpoint has gone wrong would.
 `python -m tests.upstreams.switchable PORT`.
 """
@@ -19,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-STATE: dict[str, Any] = {"relations": "ok", "delay": 0.0, "written": [],
+STATE: dict[str, Any] = {"relations": "ok", "delay": 0.0, "written": [], "arrived": 0,
                          "counsellor": {1: "alice", 2: "bob", 3: "alice", 4: "bob"}}
 
 
@@ -59,6 +60,7 @@ async def client(request: Request) -> Response:
 
 async def notes(request: Request) -> Response:
     cid = int(request.path_params["cid"])
+    STATE["arrived"] += 1  # counted before the delay: a test can wait until a request is in flight here
     if STATE["delay"]:
         await asyncio.sleep(STATE["delay"])
     if request.method == "POST":  # stored as sent (ciphertext and all), after the same delay
@@ -69,6 +71,8 @@ async def notes(request: Request) -> Response:
 
 
 async def control(request: Request) -> Response:
+    if request.method == "GET":
+        return JSONResponse({"arrived": STATE["arrived"]})
     body = await request.json()
     if "relations" in body:
         STATE["relations"] = body["relations"]
@@ -86,7 +90,7 @@ async def health(_: Request) -> Response:
 app = Starlette(routes=[
     Route("/health", health), Route("/staff", staff), Route("/clients", clients),
     Route("/clients/{cid:int}", client), Route("/clients/{cid:int}/session-notes", notes, methods=["GET", "POST"]),
-    Route("/_control", control, methods=["POST"]),
+    Route("/_control", control, methods=["GET", "POST"]),
 ])
 
 if __name__ == "__main__":
