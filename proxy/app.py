@@ -39,6 +39,7 @@ from proxy.policy import PolicyBundle
 from proxy.probes import PROBES, probe
 from proxy.routes import PSEUDONYM, Route, normalise_path
 from proxy.runtime import Runtime
+from proxy.subject_access import own_copy
 from proxy.writes import WriteRefused
 
 log = structlog.get_logger("fieldguard.gateway")
@@ -200,6 +201,10 @@ class Gateway:
             record.route = "/_fieldguard/break-glass" + ("/{grant}" if len(req.segments) > 2 else "")
             _authorise(bundle, principal)
             return await emergency(runtime, req, principal, bundle, record)
+        if req.segments[:2] == (PREFIX, "subject-access"):  # the client's own copy (UK GDPR Art. 15, 20)
+            record.route = "/_fieldguard/subject-access"
+            _authorise(bundle, principal)
+            return await own_copy(runtime, req, principal, bundle, record)
         if req.segments[:1] == (PREFIX,):
             record.route = "/" + "/".join(req.segments)
             return await officer(runtime, req, principal, bundle, record)

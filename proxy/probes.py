@@ -68,6 +68,7 @@ async def readiness(runtime: Runtime) -> Reply:
     checks["breakglass"] = {"ok": True, "open": glass.open_count(time.time()), "reviews_overdue": glass.overdue,
                             "refreshed_at": glass.refreshed_at,
                             "alerts_given_up": runtime.alerter.given_up if runtime.alerter else 0}
+    checks["rights"] = {"ok": True, "requests_overdue": glass.requests_overdue}  # informs: never unready
     checks["tasks"] = {"ok": runtime.supervisor.healthy, **tasks}
     ready = all(check["ok"] for check in checks.values())
     return Reply(200 if ready else 503, orjson.dumps({"ready": ready, "checks": checks}))

@@ -56,63 +56,100 @@ def grant_view(classes: tuple[str, ...], fieldmap: FieldMap) -> DecisionTable:
     return DecisionTable({(ROLE, Relation.ANY): view}, {ROLE: frozenset()})
 
 
-async def export(settings: Settings, bundle: PolicyBundle, grant: DisclosureGrant, ring: KeyRing,
-                 released_by: str, basis_label: str) -> Export:
-    fm = bundle.fieldmap
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What of one client an export reads: the classes shown in clear, the record classes released (None:
+    every record), and a date range decided on each resource's `dated` field."""
+
+    client_id: str
+    pseudonym: str
+    classes: tuple[str, ...]
+    record_classes: tuple[str, ...] | None = None
+    date_from: str | None = None
+    date_until: str | None = None
+
+
+@dataclass(slots=True)
+class Gathered:
+    """One client's records as a scope shows them, and what was left out (counted, never its content)."""
+
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    withheld: list[dict[str, Any]] = field(default_factory=list)  # by resource: records left out, and why
+    removed: dict[str, list[str]] = field(default_factory=dict)  # class -> the paths removed from records
+    failures: list[str] = field(default_factory=list)  # fields that could not be opened
+
+    def ids(self, fm: FieldMap) -> dict[str, list[str]]:
+        return {name: [str(r.get(fm.resources[name].record_id or "id")) for r in rows]
+                for name, rows in self.records.items()}
+
+
+async def gather(settings: Settings, fm: FieldMap, scope: Scope, ring: KeyRing) -> Gathered:
+    """Read the client's records of every client resource from the CRM and rewrite them for the scope."""
     disclosure = Disclosure()
     cipher = FieldCipher(ring)
-    redactor = Redactor(grant_view(grant.classes, fm), ROLE, lambda _c: Relation.ANY,
-                        {grant.client_id: grant.pseudonym}.get, disclosure, Plans(fm.classes, fm.identifying),
-                        cipher=cipher)
+    names = {scope.client_id: scope.pseudonym}.get
+    redactor = Redactor(grant_view(scope.classes, fm), ROLE, lambda _c: Relation.ANY, names, disclosure,
+                        Plans(fm.classes, fm.identifying), cipher=cipher)
     # the records' dates may be sealed too: read (never released) through a view that opens every class
-    dating = Redactor(grant_view(tuple(fm.classes), fm), ROLE, lambda _c: Relation.ANY,
-                      {grant.client_id: grant.pseudonym}.get, Disclosure(), Plans(fm.classes, fm.identifying),
-                      cipher=cipher)
-    released: dict[str, list[dict[str, Any]]] = {}
-    withheld: list[dict[str, Any]] = []
+    dating = Redactor(grant_view(tuple(fm.classes), fm), ROLE, lambda _c: Relation.ANY, names, Disclosure(),
+                      Plans(fm.classes, fm.identifying), cipher=cipher)
+    out = Gathered()
+    ranged = bool(scope.date_from or scope.date_until)
     async with httpx.AsyncClient(base_url=settings.upstream.url, timeout=settings.upstream.timeout_seconds,
                                  headers=dict(settings.upstream.headers)) as crm:
         for resource in fm.resources.values():
             if resource.client_field is None:
                 continue
-            rows, body = await _rows_of(crm, fm, resource, grant.client_id)
+            rows, body = await _rows_of(crm, fm, resource, scope.client_id)
             if rows is None:
-                withheld.append(_held(resource, None, "the field map gives no route to this client's records"))
+                out.withheld.append(_held(resource, None, "the field map gives no route to this client's records"))
                 continue
             await cipher.prefetch(body)
             kept: list[dict[str, Any]] = []
             outside = undated = unnamed = 0
             for row in rows:
-                if str(redactor.client_of(resource, row)) != grant.client_id:
+                if str(redactor.client_of(resource, row)) != scope.client_id:
                     continue  # a CRM that ignores the filter: never another client's record
-                if resource.record_class not in grant.classes:
+                if scope.record_classes is not None and resource.record_class not in scope.record_classes:
                     unnamed += 1
                     continue
-                when = _date_of(resource, dating.record(resource, row) or {}, fm)
-                if (grant.date_from or grant.date_until) and when is not _UNDATED_OK:
+                when: Any = _date_of(resource, dating.record(resource, row) or {}, fm) if ranged else _UNDATED_OK
+                if when is not _UNDATED_OK:
                     if when is None:
                         undated += 1
                         continue
-                    if (grant.date_from and when < grant.date_from) or (grant.date_until and when > grant.date_until):
+                    if (scope.date_from and when < scope.date_from) or (scope.date_until and when > scope.date_until):
                         outside += 1
                         continue
                 shown = redactor.record(resource, row)
                 if shown is not None:
                     kept.append(shown)
             if kept:
-                released[resource.name] = kept
+                out.records[resource.name] = kept
             if unnamed:
-                withheld.append(_held(resource, unnamed, f"their record class {resource.record_class} is not named"))
+                why = f"their record class {resource.record_class} is not named"
+                out.withheld.append(_held(resource, unnamed, why))
             if outside:
-                withheld.append(_held(resource, outside, "dated outside the grant's range"))
+                out.withheld.append(_held(resource, outside, "dated outside the grant's range"))
             if undated:
-                withheld.append(_held(resource, undated, "undated: the range cannot be applied to them"))
-    summary = redactor.summary()
-    for cls, paths in sorted(summary.removed.items()):
-        withheld.append({"class": cls, "paths": paths, "why": _why_class(cls, grant)})
-    for failure in sorted(disclosure.failures):
-        withheld.append({"field": failure.split(":")[0], "why": f"could not be opened: {failure.split(': ', 1)[-1]}"})
-    ids = {name: [str(r.get(fm.resources[name].record_id or "id")) for r in rows] for name, rows in released.items()}
+                out.withheld.append(_held(resource, undated, "undated: the range cannot be applied to them"))
+    out.removed = dict(sorted(redactor.summary().removed.items()))
+    out.failures = sorted(disclosure.failures)
+    return out
+
+
+def failures_withheld(found: Gathered) -> list[dict[str, Any]]:
+    return [{"field": f.split(":")[0], "why": f"could not be opened: {f.split(': ', 1)[-1]}"} for f in found.failures]
+
+
+async def export(settings: Settings, bundle: PolicyBundle, grant: DisclosureGrant, ring: KeyRing,
+                 released_by: str, basis_label: str) -> Export:
+    fm = bundle.fieldmap
+    scope = Scope(grant.client_id, grant.pseudonym, grant.classes, grant.classes, grant.date_from, grant.date_until)
+    found = await gather(settings, fm, scope, ring)
+    withheld = [*found.withheld, *({"class": cls, "paths": paths, "why": _why_class(cls, grant)}
+                                   for cls, paths in found.removed.items()), *failures_withheld(found)]
+    ids = found.ids(fm)
     head = {
         "grant": grant.grant_id, "client": grant.pseudonym, "recipient": grant.recipient, "basis": grant.basis,
         "basis_label": basis_label, "reference": grant.reference, "classes": list(grant.classes),
@@ -122,7 +159,7 @@ async def export(settings: Settings, bundle: PolicyBundle, grant: DisclosureGran
         "client_told": grant.notify, "exemption": grant.exemption, "consent": grant.consent_id,
         "policy": bundle.digest,
     }
-    document = {"disclosure": head, "records": released, "released_ids": ids, "withheld": withheld}
+    document = {"disclosure": head, "records": found.records, "released_ids": ids, "withheld": withheld}
     data = orjson.dumps(document, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
     return Export(document, data, render_html(document, fm), ids, withheld)
 
@@ -232,7 +269,7 @@ def render_html(document: dict[str, Any], fm: FieldMap) -> str:
         parts.append(f"<h2>{e(name)}</h2>")
         for row in rows:
             parts.append("<table class=record>")
-            parts += [f"<tr><th>{e(k)}</th><td>{e(_cell(v))}</td></tr>" for k, v in _flat(row)]
+            parts += [f"<tr><th>{e(k)}</th><td>{e(cell(v))}</td></tr>" for k, v in flat_fields(row)]
             parts.append("</table>")
     parts.append("</body></html>")
     return "".join(parts)
@@ -247,21 +284,21 @@ def _withheld_text(w: dict[str, Any]) -> str:
     return f"{w.get('field')}: {w['why']}"
 
 
-def _flat(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+def flat_fields(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(value, dict):
         out: list[tuple[str, Any]] = []
         for k, v in value.items():
-            out += _flat(v, f"{prefix}.{k}" if prefix else str(k))
+            out += flat_fields(v, f"{prefix}.{k}" if prefix else str(k))
         return out
     if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
         out = []
         for i, v in enumerate(value):
-            out += _flat(v, f"{prefix}[{i}]")
+            out += flat_fields(v, f"{prefix}[{i}]")
         return out
     return [(prefix, value)]
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(str(v) for v in value)
     return "" if value is None else str(value)

@@ -112,6 +112,7 @@ class Runtime:
         self.metrics.gauge("fieldguard_relations_clients", lambda: float(len(self.index.counsellor_of)))
         self.metrics.gauge("fieldguard_breakglass_open", lambda: float(self.glass.open_count(time.time())))
         self.metrics.gauge("fieldguard_breakglass_reviews_overdue", lambda: float(self.glass.overdue))
+        self.metrics.gauge("fieldguard_rights_requests_overdue", lambda: float(self.glass.requests_overdue))
         self.metrics.gauge("fieldguard_breakglass_alerts_given_up", lambda: float(alerter.given_up))
         self.metrics.gauge("fieldguard_background_tasks_stale",
                            lambda: float(sum(not t.fresh for t in sup.tasks.values())))

@@ -16,10 +16,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.audit.exports import names_in
 from proxy.audit.trail import connect
+from proxy.config import Settings
+
+if TYPE_CHECKING:
+    from proxy.audit.verify import Verdict
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -158,6 +162,51 @@ class Integrity:
         return {"verified": self.ok and self.unsigned is None, "records": self.records,
                 "verified_records": self.verified, "first_bad_record": self.first_bad,
                 "problems": list(self.problems), "unsigned": self.unsigned, "unreadable_records": list(unreadable)}
+
+
+def tail_pending(verdict: Verdict, settings: Settings) -> bool:
+    """True when the unsigned tail is what a running gateway leaves between checkpoints: the last checkpoint
+    is at most two intervals old and the tail no longer than one. Anything older is a trail whose later
+    checkpoints are gone (or a gateway killed before its last), and is reported as such."""
+    if not verdict.unanchored or not verdict.last_checkpoint_time:
+        return False
+    try:
+        signed = datetime.fromisoformat(verdict.last_checkpoint_time)
+    except ValueError:
+        return False
+    age = (datetime.now(UTC) - signed).total_seconds()
+    audit = settings.audit
+    return -5.0 <= age <= 2 * audit.checkpoint_seconds + 5.0 and verdict.unanchored <= audit.checkpoint_every
+
+
+def integrity_of(settings: Settings, store: Path, public_key: Path | None) -> Integrity:
+    """The verification `audit verify` does (without --anchor), for a view to say when its trail does not
+    verify (an edit, a gap, a bad signature: named), or is intact but not signed to its end (said apart, since
+    a running gateway's first records wait a few seconds for theirs). A key that cannot be read is said too,
+    rather than the view refused."""
+    from proxy.audit.checkpoints import load_public, public_path
+    from proxy.audit.verify import verify_store
+
+    key_file = public_key or public_path(settings.keys.in_dir(settings.audit.signing_key))
+    try:
+        public = load_public(key_file)
+    except ValueError as exc:  # one sentence saying what the file holds instead
+        return Integrity(ok=False, problems=(f"it could not be checked: {exc}; pass --public-key with the "
+                                             "checkpoint key you were given",))
+    except OSError as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return Integrity(ok=False, problems=(f"it could not be checked: {key_file} is not a readable Ed25519 "
+                                             f"public key ({why}); pass --public-key",))
+    verdict = verify_store(store, public)
+    unsigned = None
+    if verdict.ok and verdict.total == 0:
+        unsigned = "the trail holds no record (an emptied store looks like this)"
+    elif verdict.ok and verdict.unanchored and not tail_pending(verdict, settings):
+        unsigned = (f"records {verdict.last_checkpoint + 1} to {verdict.records} are covered by no recent signed "
+                    "checkpoint: `fieldguard audit verify` fails on them until the gateway signs them (a running "
+                    "one does within seconds), since a trail re-linked with its checkpoints deleted looks the same")
+    return Integrity(ok=verdict.ok, problems=tuple(verdict.problems), first_bad=verdict.first_bad,
+                     records=verdict.total, verified=verdict.records, unsigned=unsigned)
 
 
 # ---------------------------------------------------------------------------------------------- the table

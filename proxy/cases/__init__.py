@@ -1,6 +1,6 @@
 """The confidentiality workflows, each a case with a reason, an approver and an audit record: break-glass
-(emergency access, alerted and reviewed), and to come disclosure grants, consent, subject access,
-restriction, erasure and retention (issues 9 and 10).
+(emergency access, alerted and reviewed), disclosure grants, consent, restriction, and the clients' requests
+(subject access, portability, rectification, erasure), legal holds and what retention runs from.
 
 They sit beside the request path as the lifecycles do: the app consults them (is a break-glass grant
 open for this caller and client), they never import the app or the CLI."""
@@ -15,10 +15,12 @@ from proxy.cases.breakglass import (
     new_alert,
     new_grant_id,
 )
+from proxy.cases.rights import KINDS, RightsRequest
 from proxy.cases.store import Alert, AlreadySigned, CasesStore, Consent, DisclosureGrant, GrantRow, Release, Review
 
 __all__ = [
     "DECISIONS",
+    "KINDS",
     "REVIEWER_ROLES",
     "Alert",
     "AlertTarget",
@@ -31,6 +33,7 @@ __all__ = [
     "GrantRow",
     "Release",
     "Review",
+    "RightsRequest",
     "iso",
     "new_alert",
     "new_grant_id",

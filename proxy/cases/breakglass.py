@@ -57,6 +57,7 @@ class GlassBook:
         self._by_user: dict[str, dict[str, GrantRow]] = {}
         self.overdue = 0  # unreviewed uses past their review date, counted at the last refresh
         self.restricted: frozenset[str] = frozenset()  # clients whose processing is restricted (Art. 18)
+        self.requests_overdue = 0  # clients' requests (subject access, erasure, ...) open past their due date
         self.refreshed_at: float | None = None
 
     def open_for(self, user: str | None, now: float) -> Mapping[str, GrantRow]:
@@ -85,6 +86,7 @@ class GlassBook:
             by_user.setdefault(grant.user, {})[grant.client_id] = grant
         self.overdue = await store.overdue(now)
         self.restricted = frozenset(await store.restricted())
+        self.requests_overdue = await store.overdue_requests(datetime.now(UTC).date().isoformat())
         self._by_user = by_user
         self.refreshed_at = now
 

@@ -1,4 +1,5 @@
-"""The cases store: break-glass grants, their reviews and the alerts owed for them, beside the gateway.
+"""The cases store: break-glass grants, their reviews and the alerts owed for them, disclosures, consents,
+restrictions and (`proxy.cases.rights`) the clients' requests, holds and retention events, beside the gateway.
 
 SQLite by default (WAL, synchronous=FULL), one file every gateway and command of a deployment shares,
 as they share the keystore. The trail holds the tamper-evident account of each step (every grant, use,
@@ -18,6 +19,7 @@ from typing import Any
 
 import aiosqlite
 
+from proxy.cases.rights import RIGHTS_SCHEMA, RightsCases
 from proxy.secretfile import private_dir
 
 _SCHEMA = """
@@ -268,7 +270,7 @@ def _grant(row: tuple[Any, ...]) -> GrantRow:
     return GrantRow(*values)
 
 
-class CasesStore:
+class CasesStore(RightsCases):
     """One aiosqlite connection shared by a process's coroutines; every statement holds the lock."""
 
     def __init__(self, db: aiosqlite.Connection) -> None:
@@ -282,7 +284,7 @@ class CasesStore:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA busy_timeout=5000")
-        await db.executescript(_SCHEMA)
+        await db.executescript(_SCHEMA + RIGHTS_SCHEMA)
         return cls(db)
 
     async def close(self) -> None:

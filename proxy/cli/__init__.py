@@ -1,5 +1,5 @@
 """The `fieldguard` command line, one module per command group: `run` (serve, demo, token), `keys` (keys and
-the CRM migration), `policy`, `audit`, `review` (break-glass reviews), `disclose` and `consent`."""
+the CRM migration), `policy`, `audit`, `review` (break-glass reviews), `disclose` and `consent`, `restrict`, `sar`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from proxy.cli.policy import policy
 from proxy.cli.review import review
 from proxy.cli.rights import restrict, unrestrict
 from proxy.cli.run import demo, serve, token
+from proxy.cli.sar import sar
 
 
 @click.group()
@@ -21,5 +22,5 @@ def main() -> None:
 
 
 for command in (serve, demo, token, keys, encrypt_existing, decrypt_export, policy, audit, review, disclose,
-                consent, restrict, unrestrict):
+                consent, restrict, unrestrict, sar):
     main.add_command(command)

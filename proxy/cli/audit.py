@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +15,6 @@ from proxy.cli.options import ACTOR, CONFIG, echo, record, run, settings_of
 from proxy.config import Settings
 
 if TYPE_CHECKING:
-    from proxy.audit import Verdict
     from proxy.audit.views import Integrity
 
 
@@ -45,49 +43,10 @@ async def _pseudonym_of(settings: Settings, client_id: str) -> str:
     return found
 
 
-def _pending(verdict: Verdict, settings: Settings) -> bool:
-    """True when the unsigned tail is what a running gateway leaves between checkpoints: the last checkpoint
-    is at most two intervals old and the tail no longer than one. Anything older is a trail whose later
-    checkpoints are gone (or a gateway killed before its last), and is reported as such."""
-    if not verdict.unanchored or not verdict.last_checkpoint_time:
-        return False
-    try:
-        signed = datetime.fromisoformat(verdict.last_checkpoint_time)
-    except ValueError:
-        return False
-    age = (datetime.now(UTC) - signed).total_seconds()
-    audit = settings.audit
-    return -5.0 <= age <= 2 * audit.checkpoint_seconds + 5.0 and verdict.unanchored <= audit.checkpoint_every
-
-
 def _integrity(settings: Settings, store: Path, public_key: Path | None) -> Integrity:
-    """The verification `audit verify` does (without --anchor), for a view to say when its trail does not
-    verify (an edit, a gap, a bad signature: named), or is intact but not signed to its end (said apart, since
-    a running gateway's first records wait a few seconds for theirs). A key that cannot be read is said too,
-    rather than the view refused."""
-    from proxy.audit import load_public, public_path, verify_store
-    from proxy.audit.views import Integrity
+    from proxy.audit.views import integrity_of
 
-    key_file = public_key or public_path(settings.keys.in_dir(settings.audit.signing_key))
-    try:
-        public = load_public(key_file)
-    except ValueError as exc:  # one sentence saying what the file holds instead
-        return Integrity(ok=False, problems=(f"it could not be checked: {exc}; pass --public-key with the "
-                                             "checkpoint key you were given",))
-    except OSError as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return Integrity(ok=False, problems=(f"it could not be checked: {key_file} is not a readable Ed25519 "
-                                             f"public key ({why}); pass --public-key",))
-    verdict = verify_store(store, public)
-    unsigned = None
-    if verdict.ok and verdict.total == 0:
-        unsigned = "the trail holds no record (an emptied store looks like this)"
-    elif verdict.ok and verdict.unanchored and not _pending(verdict, settings):
-        unsigned = (f"records {verdict.last_checkpoint + 1} to {verdict.records} are covered by no recent signed "
-                    "checkpoint: `fieldguard audit verify` fails on them until the gateway signs them (a running "
-                    "one does within seconds), since a trail re-linked with its checkpoints deleted looks the same")
-    return Integrity(ok=verdict.ok, problems=tuple(verdict.problems), first_bad=verdict.first_bad,
-                     records=verdict.total, verified=verdict.records, unsigned=unsigned)
+    return integrity_of(settings, store, public_key)
 
 
 def _warn(warnings: list[str]) -> None:
@@ -151,7 +110,9 @@ def audit_verify(config: Path | None, store: Path | None, export_file: Path | No
             verdict = verify_store(_store(settings, store), public, anchors)
     except VerifyInputError as exc:
         raise click.ClickException(str(exc)) from None
-    pending = _pending(verdict, settings)
+    from proxy.audit.views import tail_pending
+
+    pending = tail_pending(verdict, settings)
     if verdict.ok and anchor is None and not allow_unanchored:
         if verdict.total == 0:
             verdict.fail("the trail holds no record: nothing was verified (an emptied store looks like this)")
@@ -226,20 +187,18 @@ def audit_report(config: Path | None, client_id: str, fmt: str, output: Path | N
                  actor: str | None) -> None:
     """"Who accessed my record": for a subject access request. A trail that does not verify is said in the
     report itself (and on stderr)."""
-    from proxy.audit.views import Query, access_report, query, report_html
+    from proxy.audit.views import report_html
+    from proxy.subject_access import history
 
     settings = settings_of(config)
-    store = _store(settings, None)
+    _store(settings, None)
     pseudonym = run(_pseudonym_of(settings, client_id))
-    integrity = _integrity(settings, store, public_key)
-    found = query(store, Query(pseudonym=pseudonym, limit=1_000_000))
-    # operators' commands are not accesses to the record, but a release outside the service is
-    records = [r for r in found.records if r.get("method") != "CLI" or r.get("route") == "disclose export"]
-    report = access_report(records, pseudonym, integrity, found.unreadable)
+    report = history(settings, pseudonym, public_key)
+    problems = report["trail"]["problems"]
     _warn(report["warnings"])
     text = report_html(report) if fmt == "html" else json.dumps(report, indent=2)
-    record(settings, "audit report", actor, counts={"records": len(records)}, clients=[pseudonym],
-           reason=_reason(integrity))
+    record(settings, "audit report", actor, counts={"records": report["count"]}, clients=[pseudonym],
+           reason=f"the trail did not verify: {problems[0]}"[:300] if problems else None)
     if output is None:
         click.echo(text)
     else:

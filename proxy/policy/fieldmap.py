@@ -36,6 +36,8 @@ class FieldClass:
     key_scope: str | None = None  # encrypted with the client's data key of this scope
     description: str = ""
     plaintext: str = ""  # why the class is deliberately not encrypted (needed to drop `encrypt:` on reload)
+    withheld_from_subject: str = ""  # why a subject access export leaves the class out (third parties' information)
+    portable: bool = True  # in the client's portable copy (Art. 20): false for the service's own assessments
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +255,8 @@ def _parse_classes(raw: Any, line: int | None) -> dict[str, FieldClass]:
         body = body or {}
         if not isinstance(body, dict):
             raise MapError(line_of(raw, name), f"class {name}: expected a mapping")
-        _known(body, {"label", "encrypt", "description", "plaintext"}, f"class {name}")
+        _known(body, {"label", "encrypt", "description", "plaintext", "withheld_from_subject", "portable"},
+               f"class {name}")
         label = body.get("label", "R")
         if label not in LABELS:
             raise MapError(line_of(body, "label"), f"class {name}: label must be one of {', '.join(LABELS)}")
@@ -266,7 +269,15 @@ def _parse_classes(raw: Any, line: int | None) -> dict[str, FieldClass]:
                                                        "encrypt cannot both be set")
         if not isinstance(plaintext, str):
             raise MapError(line_of(body, "plaintext"), f"class {name}: plaintext is the reason, as text")
-        classes[str(name)] = FieldClass(str(name), label, scope, str(body.get("description", "")), plaintext.strip())
+        withheld = body.get("withheld_from_subject", "")
+        if not isinstance(withheld, str):
+            raise MapError(line_of(body, "withheld_from_subject"), f"class {name}: withheld_from_subject is the "
+                                                                   "reason the client is not given it, as text")
+        portable = body.get("portable", True)
+        if not isinstance(portable, bool):
+            raise MapError(line_of(body, "portable"), f"class {name}: portable is true or false")
+        classes[str(name)] = FieldClass(str(name), label, scope, str(body.get("description", "")), plaintext.strip(),
+                                        withheld.strip(), portable)
     return classes
 
 

@@ -115,6 +115,17 @@ def _class_changes(name: str, a: FieldClass | None, b: FieldClass | None) -> lis
         order = "NRV"
         out.append(MapChange(Weight.WEAKER if order.index(b.label) < order.index(a.label) else Weight.STRONGER,
                              what, f"label {a.label} -> {b.label}"))
+    if a.withheld_from_subject != b.withheld_from_subject:
+        if not b.withheld_from_subject:
+            out.append(MapChange(Weight.WEAKER, what, "now GIVEN TO THE CLIENT in a subject access export"))
+        elif not a.withheld_from_subject:
+            out.append(MapChange(Weight.STRONGER, what,
+                                 f"now withheld from subject access ({b.withheld_from_subject})"))
+        else:
+            out.append(MapChange(Weight.CHANGED, what, f"withheld from subject access: {b.withheld_from_subject}"))
+    if a.portable != b.portable:
+        out.append(MapChange(Weight.CHANGED, what, "now in the client's portable copy" if b.portable
+                             else "no longer in the client's portable copy"))
     return out
 
 
