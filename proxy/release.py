@@ -67,6 +67,7 @@ class Scope:
     record_classes: tuple[str, ...] | None = None
     date_from: str | None = None
     date_until: str | None = None
+    resources: frozenset[str] | None = None  # read only these resources (None: every resource of client data)
 
 
 @dataclass(slots=True)
@@ -98,7 +99,7 @@ async def gather(settings: Settings, fm: FieldMap, scope: Scope, ring: KeyRing) 
     async with httpx.AsyncClient(base_url=settings.upstream.url, timeout=settings.upstream.timeout_seconds,
                                  headers=dict(settings.upstream.headers)) as crm:
         for resource in fm.resources.values():
-            if resource.client_field is None:
+            if resource.client_field is None or (scope.resources is not None and resource.name not in scope.resources):
                 continue
             rows, body = await _rows_of(crm, fm, resource, scope.client_id)
             if rows is None:
@@ -209,13 +210,13 @@ async def _rows_of(crm: httpx.AsyncClient, fm: FieldMap, resource: Resource, cli
     nested = next((r for r in routes if r.shape is Shape.LIST and [p[1] for p in r.params] == ["client_id"]), None)
     flat = next((r for r in routes if r.shape is Shape.LIST and not r.params and r.filter_param), None)
     if nested is not None:
-        return await _walk(crm, fm, nested.render(nested.template, {"client_id": client}), {})
+        return await walk(crm, fm, nested.render(nested.template, {"client_id": client}), {})
     if flat is not None and flat.filter_param is not None:
-        return await _walk(crm, fm, flat.template, {flat.filter_param: client})
+        return await walk(crm, fm, flat.template, {flat.filter_param: client})
     return None, b""
 
 
-async def _walk(crm: httpx.AsyncClient, fm: FieldMap, path: str, query: dict[str, str]
+async def walk(crm: httpx.AsyncClient, fm: FieldMap, path: str, query: dict[str, str]
                 ) -> tuple[list[dict[str, Any]], bytes]:
     source, fmt = fm.relations, fm.list_format
     rows: list[dict[str, Any]] = []

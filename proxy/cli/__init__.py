@@ -1,5 +1,6 @@
 """The `fieldguard` command line, one module per command group: `run` (serve, demo, token), `keys` (keys and
-the CRM migration), `policy`, `audit`, `review` (break-glass reviews), `disclose` and `consent`, `restrict`, `sar`."""
+the CRM migration), `policy`, `audit`, `review` (break-glass reviews), `disclose` and `consent`, `restrict`,
+`sar`, `retention`, `erase`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from proxy.cli.audit import audit
 from proxy.cli.disclose import consent, disclose
 from proxy.cli.keys import decrypt_export, encrypt_existing, keys
 from proxy.cli.policy import policy
+from proxy.cli.retention import erase, retention
 from proxy.cli.review import review
 from proxy.cli.rights import restrict, unrestrict
 from proxy.cli.run import demo, serve, token
@@ -22,5 +24,5 @@ def main() -> None:
 
 
 for command in (serve, demo, token, keys, encrypt_existing, decrypt_export, policy, audit, review, disclose,
-                consent, restrict, unrestrict, sar):
+                consent, restrict, unrestrict, sar, retention, erase):
     main.add_command(command)

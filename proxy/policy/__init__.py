@@ -44,6 +44,7 @@ from proxy.policy.fieldmap import (
 from proxy.policy.lint import Finding, PolicyError, Severity
 from proxy.policy.relations import CoverGrant, RelationIndex, assigned_ids
 from proxy.policy.reload import PolicyWatcher
+from proxy.policy.retention import Event, Period, RetentionRules, Schedule, parse_period
 from proxy.policy.yamlfile import MapError
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "CoverGrant",
     "DecisionTable",
     "Effect",
+    "Event",
     "FieldClass",
     "FieldMap",
     "FieldSpec",
@@ -67,6 +69,7 @@ __all__ = [
     "MapError",
     "Node",
     "Outcome",
+    "Period",
     "PolicyBundle",
     "PolicyError",
     "PolicyWatcher",
@@ -75,7 +78,9 @@ __all__ = [
     "RelationIndex",
     "RelationSource",
     "Resource",
+    "RetentionRules",
     "Rule",
+    "Schedule",
     "Severity",
     "View",
     "assigned_ids",
@@ -85,6 +90,7 @@ __all__ = [
     "load_fieldmap",
     "opened_by_breakglass",
     "parse_fieldmap",
+    "parse_period",
     "read_bundle_files",
     "sign_bundle",
     "values_at",

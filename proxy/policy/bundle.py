@@ -38,12 +38,14 @@ from proxy.policy.lint import (
     parse_policy,
 )
 from proxy.policy.relations import CoverGrant, parse_cover
+from proxy.policy.retention import NONE as NO_RETENTION
+from proxy.policy.retention import RetentionRules, parse_retention
 from proxy.policy.yamlfile import MapError, decode
 from proxy.routes import RouteTable
 from proxy.secretfile import private_dir
 
 BUNDLE_FILES = ("model.conf", "policy.csv", "fields.yaml", "cover.yaml", "breakglass.yaml",
-                "disclosure.yaml")
+                "disclosure.yaml", "retention.yaml")
 SIGNATURE_FILE = "bundle.sig"  # optional: an officer's Ed25519 signature over the bundle's digest
 REQUIRED_FILES = ("model.conf", "policy.csv", "fields.yaml")
 
@@ -61,6 +63,7 @@ class PolicyBundle:
     cover: tuple[CoverGrant, ...]
     breakglass: BreakGlassRules
     disclosure: DisclosureRules
+    retention: RetentionRules
     warnings: tuple[Finding, ...]
     loaded_at: float
     proof_checks: int
@@ -172,9 +175,9 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
     except MapError as exc:
         raise PolicyError([Finding(exc.file, exc.line, Severity.ERROR, exc.detail)]) from None
     cover: tuple[CoverGrant, ...] = ()
-    glass, release = NONE, NO_DISCLOSURE
+    glass, release, keeping = NONE, NO_DISCLOSURE, NO_RETENTION
     texts: dict[str, str] = {}
-    for name in ("cover.yaml", "breakglass.yaml", "disclosure.yaml", "model.conf", "policy.csv"):
+    for name in ("cover.yaml", "breakglass.yaml", "disclosure.yaml", "retention.yaml", "model.conf", "policy.csv"):
         if name not in files:
             continue
         try:
@@ -185,6 +188,8 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
                 glass = parse_breakglass(texts[name])
             elif name == "disclosure.yaml":
                 release = parse_disclosure(texts[name])
+            elif name == "retention.yaml":
+                keeping = parse_retention(texts[name], fieldmap)
         except MapError as exc:
             findings.append(Finding(exc.file, exc.line, Severity.ERROR, exc.detail))
     if "model.conf" not in texts or "policy.csv" not in texts:
@@ -216,6 +221,7 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
         cover=cover,
         breakglass=glass,
         disclosure=release,
+        retention=keeping,
         warnings=(*(f for f in findings if f.severity is Severity.WARNING),
                   *coverage_warnings(fieldmap, table, parsed.rules)),
         loaded_at=time.time(),
