@@ -123,6 +123,8 @@ BOBS = sorted(c["id"] for c in _db()["clients"] if c["counsellor"] == "bob")
 def test_field_map_loads_with_the_shared_policy_and_declares_every_class() -> None:
     bundle = load_bundle(BundleSource(REPO / "policies", FIELDS), proofs_dir())
     assert set(bundle.fieldmap.classes) == set(load_fieldmap(REPO / "policies" / "fields.yaml").classes)
+    # the retention schedules beside this field map, which name its fields, not the shipped ones
+    assert [s.name for s in bundle.retention.schedules] == ["children_and_young_people", "adults"]
     fmt = bundle.fieldmap.list_format
     assert (fmt.items, fmt.metadata, fmt.total, fmt.total_header, fmt.filter_style) == (
         ".", (), None, "X-Total-Count", "repeat")

@@ -140,6 +140,7 @@ def test_a_total_the_crm_counted_over_hidden_rows_is_not_passed_on(
     fields.write_text((EXAMPLE / "fields.yaml").read_text().replace(
         "      - GET /clients: {list: true, filter: id, query: {status: service}}",
         "      - GET /clients: {list: true, query: {status: service}}"))
+    shutil.copy(EXAMPLE / "retention.yaml", tmp_path / "retention.yaml")  # the schedules travel with the map
     g = start_gateway(tmp_path / "gw", crm[0], signing, shared_keys, policies=policies_copy(tmp_path, cover_for=None),
                       fields_file=fields, identity=f'public_key_file = "{signing.public_file}"\nuser_claim = "email"')
     try:

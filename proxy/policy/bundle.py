@@ -83,7 +83,8 @@ class PolicyBundle:
 @dataclass(frozen=True, slots=True)
 class BundleSource:
     """Where a bundle's files live: one directory, optionally with the field map kept elsewhere
-    (the same policy in front of a different CRM)."""
+    (the same policy in front of a different CRM), and then the retention schedules beside it if there are
+    any there (they name that CRM's fields and resources)."""
 
     directory: Path
     fields_file: Path | None = None
@@ -97,6 +98,9 @@ class BundleSource:
         paths = {name: self.directory / name for name in (*BUNDLE_FILES, SIGNATURE_FILE)}
         if self.fields_file is not None:
             paths["fields.yaml"] = self.fields_file
+            beside = self.fields_file.parent / "retention.yaml"  # schedules name that CRM's fields, so they
+            if beside.exists():                                   # travel with its field map
+                paths["retention.yaml"] = beside
         return paths
 
 
