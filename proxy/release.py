@@ -12,6 +12,7 @@ counted on the cover sheet; never its content.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 from dataclasses import dataclass, field
@@ -84,8 +85,16 @@ class Gathered:
                 for name, rows in self.records.items()}
 
 
-async def gather(settings: Settings, fm: FieldMap, scope: Scope, ring: KeyRing) -> Gathered:
-    """Read the client's records of every client resource from the CRM and rewrite them for the scope."""
+def crm_client(settings: Settings) -> httpx.AsyncClient:
+    """A client of the CRM itself, as the deployment reaches it (its URL, headers and time-out)."""
+    return httpx.AsyncClient(base_url=settings.upstream.url, timeout=settings.upstream.timeout_seconds,
+                             headers=dict(settings.upstream.headers))
+
+
+async def gather(settings: Settings, fm: FieldMap, scope: Scope, ring: KeyRing,
+                 shared: httpx.AsyncClient | None = None) -> Gathered:
+    """Read the client's records of every client resource from the CRM and rewrite them for the scope
+    (on `shared`, a CRM client many reads reuse, or one of its own)."""
     disclosure = Disclosure()
     cipher = FieldCipher(ring)
     names = {scope.client_id: scope.pseudonym}.get
@@ -96,8 +105,8 @@ async def gather(settings: Settings, fm: FieldMap, scope: Scope, ring: KeyRing) 
                       Plans(fm.classes, fm.identifying), cipher=cipher)
     out = Gathered()
     ranged = bool(scope.date_from or scope.date_until)
-    async with httpx.AsyncClient(base_url=settings.upstream.url, timeout=settings.upstream.timeout_seconds,
-                                 headers=dict(settings.upstream.headers)) as crm:
+    async with contextlib.AsyncExitStack() as stack:
+        crm = shared if shared is not None else await stack.enter_async_context(crm_client(settings))
         for resource in fm.resources.values():
             if resource.client_field is None or (scope.resources is not None and resource.name not in scope.resources):
                 continue

@@ -25,7 +25,7 @@ import httpx
 from proxy.config import Settings
 from proxy.keys import KeyRing
 from proxy.policy import FieldMap, PolicyBundle, Resource, RetentionRules, Schedule
-from proxy.release import Gathered, Scope, gather, walk
+from proxy.release import Gathered, Scope, crm_client, gather, walk
 from proxy.routes import Shape
 
 
@@ -91,9 +91,10 @@ async def client_ids(settings: Settings, fm: FieldMap) -> list[str]:
 
 
 async def read_client(settings: Settings, fm: FieldMap, client_id: str, pseudonym: str, ring: KeyRing,
-                      resources: frozenset[str] | None = None) -> Gathered:
+                      resources: frozenset[str] | None = None, crm: httpx.AsyncClient | None = None) -> Gathered:
     """The client's records (of these resources, or all), every class opened: what schedules decide on."""
-    return await gather(settings, fm, Scope(client_id, pseudonym, tuple(fm.classes), resources=resources), ring)
+    scope = Scope(client_id, pseudonym, tuple(fm.classes), resources=resources)
+    return await gather(settings, fm, scope, ring, crm)
 
 
 def record_resources(rules: RetentionRules, fm: FieldMap) -> frozenset[str]:
@@ -103,8 +104,7 @@ def record_resources(rules: RetentionRules, fm: FieldMap) -> frozenset[str]:
 
 
 def _crm(settings: Settings) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=settings.upstream.url, timeout=settings.upstream.timeout_seconds,
-                             headers=dict(settings.upstream.headers))
+    return crm_client(settings)
 
 
 # ---------------------------------------------------------------------------------------------- deciding

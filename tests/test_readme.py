@@ -166,6 +166,7 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.timeout(360)  # the whole README, four shells side by side, on a 2-core machine beside other tests
 def test_every_readme_command_runs_as_written(clone: Path) -> None:
     """One shell per audience, run side by side: the operator's deployment, and on the demo each `## `
     section's commands (the demo's, the security officers', the auditors'), in README order within it."""

@@ -66,6 +66,7 @@ async def survey(settings: Settings, bundle: Any, ring: Any, as_of: date, ids: l
                  also_supervised: tuple[str, str] | None = None) -> AsyncIterator[ClientPlan | str]:
     """Each client's plan in turn (or the id of one already erased), read fresh from the CRM; a dry run of a
     supervision session passes it as `also_supervised` (counsellor, date) rather than recording it."""
+    from proxy.release import crm_client
     from proxy.retention import client_ids, read_client, records_due, verdict
 
     fm, rules = bundle.fieldmap, bundle.retention
@@ -84,15 +85,17 @@ async def survey(settings: Settings, bundle: Any, ring: Any, as_of: date, ids: l
     names = await ring.pseudonyms(live) if live else {}
     for cid in sorted(erased, key=wanted.index):
         yield cid
-    for start in range(0, len(live), READ_AHEAD):  # a few clients read at once; decided in order
-        batch = live[start:start + READ_AHEAD]
-        read = await asyncio.gather(*(read_client(settings, fm, c, names[c], ring, resources) for c in batch))
-        for cid, found in zip(batch, read, strict=True):
-            held = (f"on legal hold: {holds[cid]['reason']}" if cid in holds else
-                    f"restricted (Art. 18): {restricted[cid]['reason']}" if cid in restricted else None)
-            v = verdict(rules, fm, cid, found, events.get(cid, {}), as_of, held)
-            due = [] if held else records_due(rules, fm, cid, found, supervision, as_of, author)
-            yield ClientPlan(cid, names[cid], v, due, found)
+    async with crm_client(settings) as crm:
+        for start in range(0, len(live), READ_AHEAD):  # a few clients read at once; decided in order
+            batch = live[start:start + READ_AHEAD]
+            read = await asyncio.gather(*(read_client(settings, fm, c, names[c], ring, resources, crm)
+                                          for c in batch))
+            for cid, found in zip(batch, read, strict=True):
+                held = (f"on legal hold: {holds[cid]['reason']}" if cid in holds else
+                        f"restricted (Art. 18): {restricted[cid]['reason']}" if cid in restricted else None)
+                v = verdict(rules, fm, cid, found, events.get(cid, {}), as_of, held)
+                due = [] if held else records_due(rules, fm, cid, found, supervision, as_of, author)
+                yield ClientPlan(cid, names[cid], v, due, found)
 
 
 async def _keyring(settings: Settings) -> Any:
