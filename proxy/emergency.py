@@ -103,6 +103,9 @@ async def declare(runtime: Runtime, req: Incoming, principal: Principal, bundle:
     record.break_glass, record.purpose = grant_id, reason.purpose
     record.reason = f"break-glass opened: {reason.code}"
     record.counts = {"minutes": minutes}
+    # the register's entry: what the emergency opens, to whom, why (a disclosure inside the service)
+    record.disclosure = {"basis": "breakglass", "reason": reason.code, "grant": grant_id, "recipient": principal.user,
+                         "role": principal.role, "classes": list(classes), "until": iso(grant.expires_at)}
     runtime.metrics.inc("fieldguard_breakglass_opened_total", reason=reason.code, role=principal.role)
     log.warning("break-glass opened", grant=grant_id, user=principal.user, role=principal.role, client=pseudonym,
                 reason=reason.code, classes=classes, expires_at=iso(grant.expires_at))

@@ -94,6 +94,9 @@ def test_a_counsellor_sees_contact_and_risk_of_a_client_not_hers_and_nothing_els
     assert (opened["reason"], opened["break_glass"], opened["status"]) == ("break-glass opened: risk_to_self",
                                                                            grant["grant"], 201)
     assert opened["clients"] == [grant["client"]] and WHY not in json.dumps(opened)
+    assert opened["disclosure"] == {"basis": "breakglass", "reason": "risk_to_self", "grant": grant["grant"],
+                                    "recipient": "u:alice", "role": "counsellor", "classes": OPENED,
+                                    "until": grant["expires_at"]}  # the register's entry
 
     client = gw.get("/clients/2", alice)
     assert client.status_code == 200 and client.headers["x-fieldguard-break-glass"] == grant["grant"]
@@ -123,6 +126,11 @@ def test_a_counsellor_sees_contact_and_risk_of_a_client_not_hers_and_nothing_els
     mine = gw.get(f"/clients/{own}", alice)
     assert mine.status_code == 200 and "x-fieldguard-break-glass" not in mine.headers
     assert gw.audit_for(mine.headers["x-request-id"])["purpose"] == "TREAT"
+    report = fieldguard(gw.config, "audit", "report", "--client", "2", "--format", "json")
+    assert report.returncode == 0, report.stderr
+    register = [d for d in json.loads(report.stdout)["disclosures"] if d["basis"] == "breakglass"]
+    assert {"to": "u:alice", "reference": "risk_to_self", "classes": OPENED} in [
+        {k: d[k] for k in ("to", "reference", "classes")} for d in register]  # the client is told of it
 
 
 def test_the_alert_reaches_the_webhook_at_once_without_client_data(gw: Gateway, hook: Webhook) -> None:

@@ -308,6 +308,10 @@ def access_report(records: list[dict[str, Any]], pseudonym: str, integrity: Inte
                                 "classes": released.get("classes"), "by": r.get("user"),
                                 "approved_by": released.get("approved_by")})
             continue  # a release, not an access: listed with the disclosures
+        if isinstance(released, dict) and released.get("basis") == "breakglass" and r.get("outcome") == "allowed":
+            disclosures.append({"when": r.get("time"), "to": released.get("recipient"), "basis": "breakglass",
+                                "reference": released.get("reason"), "classes": released.get("classes"),
+                                "by": r.get("user"), "approved_by": None})  # an emergency: reviewed after
         if r.get("amended_by") is not None:  # committed after its time-out: the caller got 503 and nothing
             r = {**r, "outcome": "withheld", "shown": {}, "pseudonymised": {}, "masked": {}}
         entries.append({
