@@ -37,6 +37,7 @@ from proxy.officer import PREFIX, compare_shadow, officer
 from proxy.policy import ANONYMOUS as ANONYMOUS_ROLE
 from proxy.policy import PolicyBundle
 from proxy.probes import PROBES, probe
+from proxy.rectification import applied, applying, rectifications
 from proxy.routes import PSEUDONYM, Route, normalise_path
 from proxy.runtime import Runtime
 from proxy.subject_access import own_copy
@@ -201,6 +202,10 @@ class Gateway:
             record.route = "/_fieldguard/break-glass" + ("/{grant}" if len(req.segments) > 2 else "")
             _authorise(bundle, principal)
             return await emergency(runtime, req, principal, bundle, record)
+        if req.segments[:2] == (PREFIX, "rectifications"):  # a practitioner's answer to a client's correction
+            record.route = "/_fieldguard/rectifications" + ("/{request}" if len(req.segments) > 2 else "")
+            _authorise(bundle, principal)
+            return await rectifications(runtime, req, principal, bundle, record)
         if req.segments[:2] == (PREFIX, "subject-access"):  # the client's own copy (UK GDPR Art. 15, 20)
             record.route = "/_fieldguard/subject-access"
             _authorise(bundle, principal)
@@ -215,6 +220,7 @@ class Gateway:
         if not public:
             _authorise(bundle, principal)  # 3. authorise
         await self._unpseudonymise(route, params, req)
+        correcting = await applying(runtime, req, principal, bundle, route, params, record)
         assert runtime.context is not None
         exchange = kind_of(route)(runtime.context, bundle, principal, route, params, req, record)
         try:
@@ -224,7 +230,10 @@ class Gateway:
                 await exchange.locate()  # 5. locate, on facts fresh enough to decide on
                 body = await exchange.check()  # 6. check (and seal)
                 answer = await exchange.forward(body)  # 7. forward
-                return await exchange.rewrite(answer)  # 8. rewrite
+                reply = await exchange.rewrite(answer)  # 8. rewrite
+            if correcting is not None:
+                await applied(runtime, correcting, principal, reply.status, record)
+            return reply
         finally:
             await exchange.finish()
             compare_shadow(runtime, exchange, record)

@@ -47,6 +47,7 @@ class AuditRecord:
     rules: list[str] = field(default_factory=list)
     policy: str = ""
     break_glass: str | None = None
+    rectification: str | None = None  # the client's correction request a write applied (Art. 16)
     disclosure: dict[str, Any] | None = None  # a release outside the service: grant, recipient, basis, what, told
     consent: dict[str, Any] | None = None  # a consent recorded or withdrawn: what, to whom, why, until when
     cover: list[dict[str, str]] = field(default_factory=list)  # cover grants that decided: id and reason

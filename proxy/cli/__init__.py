@@ -12,7 +12,7 @@ from proxy.cli.keys import decrypt_export, encrypt_existing, keys
 from proxy.cli.policy import policy
 from proxy.cli.retention import erase, retention
 from proxy.cli.review import review
-from proxy.cli.rights import restrict, unrestrict
+from proxy.cli.rights import rectify, restrict, unrestrict
 from proxy.cli.run import demo, serve, token
 from proxy.cli.sar import sar
 
@@ -24,5 +24,5 @@ def main() -> None:
 
 
 for command in (serve, demo, token, keys, encrypt_existing, decrypt_export, policy, audit, review, disclose,
-                consent, restrict, unrestrict, sar, retention, erase):
+                consent, restrict, unrestrict, sar, retention, erase, rectify):
     main.add_command(command)
