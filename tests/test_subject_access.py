@@ -109,6 +109,14 @@ def test_bad_input_is_refused_with_the_reason_and_audited(world: dict[str, Any])
     assert not (world["dir"] / "x").exists()
 
 
+def test_a_crm_that_does_not_answer_is_said_in_one_line(world: dict[str, Any]) -> None:
+    gw: Gateway = world["gw"]
+    down = fieldguard(gw.config, "sar", "export", "--client", "9", "--out", str(world["dir"] / "down"),
+                      env={"FIELDGUARD_UPSTREAM_URL": "http://127.0.0.1:9"})
+    assert down.returncode == 1 and "the CRM could not be read (ConnectError" in down.stderr
+    assert "Traceback" not in down.stderr and not (world["dir"] / "down").exists()
+
+
 def test_the_package_holds_everything_but_what_came_from_third_parties(world: dict[str, Any]) -> None:
     gw: Gateway = world["gw"]
     asked = json.loads(cli(gw, "sar", "request", "--client", "9").stdout)

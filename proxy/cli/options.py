@@ -28,12 +28,18 @@ def settings_of(config: Path | None) -> Settings:
 
 def run(coro: Any) -> Any:
     """Run a command's coroutine; the faults an operator can fix become one line, not a traceback."""
+    import httpx
+
     from proxy.keys import KekError
 
     try:
         return asyncio.run(coro)
     except (KekError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+    except httpx.HTTPError as exc:  # the CRM down, refusing or answering an error: said, nothing half-done hidden
+        where = exc.request.url.copy_with(query=None) if isinstance(exc, httpx.HTTPStatusError) else "the CRM"
+        raise click.ClickException(f"the CRM could not be read ({type(exc).__name__} at {where}): nothing was "
+                                   "changed by this step; try again when it answers") from None
 
 
 def echo(data: Any) -> None:
