@@ -4,11 +4,11 @@ Every client is read from the CRM as a subject access export reads them (`proxy.
 class opened), so sealed dates and fields count. A client falls due when every client schedule that
 applies to them has run out (`verdict`); a record schedule makes single records due (process notes at the
 supervision session after them: `records_due`). Destroying a client (`destroy_client`, shared by erasure)
-shreds all their keys (the keystore's tombstone stops any new key or pseudonym), deletes their records
-through the CRM's DELETE routes, and blanks their own record's fields through its PATCH route except the
-classes `erasure.keep_classes` names; destroying records deletes them and shreds (or rotates) the key
-scope they were sealed under. Both are idempotent, so a run that stops part-way is resumed by running it
-again. Nothing here decides who may: the commands do.
+deletes their records through the CRM's DELETE routes, blanks their own record's fields through its PATCH
+route except the classes `erasure.keep_classes` names, then shreds all their keys (the keystore's tombstone
+stops any new key or pseudonym); destroying records deletes them and shreds (or rotates) the key scope they
+were sealed under. Both are idempotent, so a run that stops part-way is resumed by running it again.
+Nothing here decides who may: the commands do.
 """
 
 from __future__ import annotations
@@ -184,11 +184,11 @@ def records_due(rules: RetentionRules, fm: FieldMap, client_id: str, found: Gath
 # ---------------------------------------------------------------------------------------------- destroying
 async def destroy_client(settings: Settings, bundle: PolicyBundle, ring: KeyRing, client_id: str, found: Gathered,
                          reason: str) -> Destruction:
-    """Shred every key of the client, delete their records, blank their own record (see the module)."""
+    """Delete the client's records, blank their own record, then shred every key of theirs (see the module).
+    The CRM goes first: if it fails part-way the keys are still there and running the step again finishes it."""
     fm = bundle.fieldmap
     out = Destruction(client_id)
-    out.keys_destroyed = [k.hex_id for k in await ring.store.destroy(client_id, None, reason)]
-    async with _crm(settings) as crm:
+    async with _crm(settings) as crm:  # the CRM first: a step that fails leaves the keys, so a rerun can finish
         for name, rows in found.records.items():
             resource = fm.resources[name]
             if name == fm.client_resource.name:
@@ -198,6 +198,7 @@ async def destroy_client(settings: Settings, bundle: PolicyBundle, ring: KeyRing
                 if await _delete(crm, fm, resource, rid, out):
                     out.deleted.setdefault(name, []).append(rid)
         await _blank(crm, bundle, client_id, out)
+    out.keys_destroyed = [k.hex_id for k in await ring.store.destroy(client_id, None, reason)]
     return out
 
 

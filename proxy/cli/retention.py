@@ -172,24 +172,33 @@ def retention_run(as_of: str | None, rate: float, yes: bool, out_dir: Path, conf
     if not dry_run and not yes:
         click.confirm(f"Destroy, for good, everything the schedules make due by {on}?", abort=True)
     who = f"u:{operator(actor)}"
-    done, counts = run(_run(settings, bundle, on, rate, dry_run, actor))
+    done, counts, stopped = run(_run(settings, bundle, on, rate, dry_run, actor))
     if dry_run:
         record(settings, "retention run", actor, dry_run=True, counts=counts, reason=f"as of {on}")
         echo({"as_of": on.isoformat(), "would_destroy": done, **counts})
         return
-    path = _write_certificate(settings, bundle, out_dir, "retention", done, as_of=on.isoformat(), run_by=who)
-    record(settings, "retention run", actor, counts=counts, reason=f"as of {on}: certificate {path.name}")
+    facts = {"as_of": on.isoformat(), "run_by": who, **({"stopped": stopped} if stopped else {})}
+    path = _write_certificate(settings, bundle, out_dir, "retention", done, **facts)  # what was done, even if cut
+    record(settings, "retention run", actor, counts=counts, reason=f"as of {on}: certificate {path.name}"
+           + (f"; stopped: {stopped}" if stopped else ""))
     echo({"as_of": on.isoformat(), **counts, "certificate": str(path)})
+    if stopped:
+        raise click.ClickException(f"stopped after {len(done)} client(s): {stopped}; the certificate holds what was "
+                                   "destroyed; run it again to resume")
 
 
 async def _run(settings: Settings, bundle: Any, on: date, rate: float, dry_run: bool, actor: str | None
-               ) -> tuple[list[Any], dict[str, int]]:
+               ) -> tuple[list[Any], dict[str, int], str | None]:
+    """What was destroyed, the counts, and why the run stopped early (the CRM failing), if it did."""
+    import httpx
+
     from proxy.audit import record_operation
     from proxy.retention import destroy_client, destroy_records
 
     ring = await _keyring(settings)
     done: list[Any] = []
     counts = {"clients_destroyed": 0, "records_destroyed": 0, "skipped_erased": 0}
+    stopped = None
     try:
         async for p in survey(settings, bundle, ring, on):
             if isinstance(p, str):
@@ -217,9 +226,11 @@ async def _run(settings: Settings, bundle: Any, on: date, rate: float, dry_run: 
                                                     if d.failed else ""), err=True)
             if rate > 0:
                 await asyncio.sleep(1 / rate)
+    except httpx.HTTPError as exc:
+        stopped = f"the CRM could not be read ({type(exc).__name__})"
     finally:
         await ring.store.close()
-    return done, counts
+    return done, counts, stopped
 
 
 def _write_certificate(settings: Settings, bundle: Any, out_dir: Path, kind: str, done: list[Any],
