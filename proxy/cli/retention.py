@@ -192,15 +192,20 @@ async def _run(settings: Settings, bundle: Any, on: date, rate: float, dry_run: 
     """What was destroyed, the counts, and why the run stopped early (the CRM failing), if it did."""
     import httpx
 
+    import sys
+
     from proxy.audit import record_operation
-    from proxy.retention import destroy_client, destroy_records
+    from proxy.retention import client_ids, destroy_client, destroy_records
 
     ring = await _keyring(settings)
     done: list[Any] = []
     counts = {"clients_destroyed": 0, "records_destroyed": 0, "skipped_erased": 0}
     stopped = None
+    ids = await client_ids(settings, bundle.fieldmap)
+    bar = click.progressbar(length=len(ids), label="clients", file=sys.stderr)
     try:
-        async for p in survey(settings, bundle, ring, on):
+        async for p in survey(settings, bundle, ring, on, ids):
+            bar.update(1)
             if isinstance(p, str):
                 counts["skipped_erased"] += 1
                 continue
@@ -222,13 +227,14 @@ async def _run(settings: Settings, bundle: Any, on: date, rate: float, dry_run: 
             await record_operation(settings, "retention run", who=operator(actor), clients=[p.pseudonym],
                                    reason=why, key_ids=d.keys_destroyed,
                                    counts={"deleted": sum(len(v) for v in d.deleted.values())})
-            click.echo(f"  {p.client_id}: {why}" + (f" ({len(d.failed)} not done: see the certificate)"
-                                                    if d.failed else ""), err=True)
+            click.echo(f"\n  {p.client_id}: {why}" + (f" ({len(d.failed)} not done: see the certificate)"
+                                                      if d.failed else ""), err=True)
             if rate > 0:
                 await asyncio.sleep(1 / rate)
     except httpx.HTTPError as exc:
         stopped = f"the CRM could not be read ({type(exc).__name__})"
     finally:
+        bar.render_finish()
         await ring.store.close()
     return done, counts, stopped
 
