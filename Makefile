@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 
 unit: setup
-	scripts/setup-debian.sh softhsm2
+	scripts/setup-debian.sh softhsm2 fonts-dejavu-core
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 test: lint unit

@@ -216,6 +216,30 @@ def render_html(document: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def render_pdf(document: dict[str, Any]) -> bytes:
+    """The same package as a PDF: the cover, every record, who accessed the record, what was shared."""
+    from proxy.printing import Bundle
+    from proxy.printing import render_pdf as printed
+
+    head = document["subject_access"]
+    cover = [("Client", head["client"]), ("Request", head.get("request") or "-"),
+             ("Received", head.get("received") or "-"), ("Due", head.get("due") or "-"),
+             ("Produced at", head["produced_at"]), ("Produced by", head.get("produced_by") or "-")]
+    history = [(a["when"], a["who"], a["role"], a["why"], a["action"], a["outcome"], ", ".join(a["shown"]))
+               for a in document["access_history"]]
+    shared = [(d["when"], d["to"], d["basis"], d["reference"], ", ".join(d["classes"] or []))
+              for d in document["disclosures"]]
+    return printed(Bundle(
+        "The records we hold about you", [(k, str(v)) for k, v in cover],
+        [f"{n}: {len(ids)} record(s)" for n, ids in document["record_ids"].items()],
+        [_left_out(w) for w in document["withheld"]],
+        {name: [[(k, cell_text(v)) for k, v in flat_fields(row)] for row in rows]
+         for name, rows in document["records"].items()},
+        [("Who accessed your record", ("When", "Who", "Role", "Why", "What", "Outcome", "Shown"), history),
+         ("Shared outside the service", ("When", "To", "Basis", "Reference", "What"), shared)],
+        list(document.get("warnings") or [])))
+
+
 def _left_out(w: dict[str, Any]) -> str:
     if "class" in w:
         return f"{w['class']} ({', '.join(w['paths'])}): {w['why']}"

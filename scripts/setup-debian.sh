@@ -2,10 +2,13 @@
 # Installs the Debian packages named on the command line when their command is missing.
 # Used by `make test` (softhsm2 for the PKCS#11 tests) and `make bench` (wrk, nginx).
 set -euo pipefail
-declare -A probe=([softhsm2]=softhsm2-util [wrk]=wrk [nginx-light]=nginx [nginx]=nginx)
+# a probe is a command, or a file (a path) the package installs
+declare -A probe=([softhsm2]=softhsm2-util [wrk]=wrk [nginx-light]=nginx [nginx]=nginx
+                  [fonts-dejavu-core]=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf)
 missing=()
 for pkg in "$@"; do
   cmd=${probe[$pkg]:-$pkg}
+  if [[ $cmd == /* ]]; then [ -e "$cmd" ] || missing+=("$pkg"); continue; fi
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0

@@ -148,6 +148,20 @@ def test_the_package_holds_everything_but_what_came_from_third_parties(world: di
     assert last(gw, "sar export")["reason"] == f"access answered: sha256 {made['sha256']}"
 
 
+def test_the_package_prints_as_a_pdf_without_the_third_party_words(world: dict[str, Any]) -> None:
+    from pypdf import PdfReader
+
+    gw: Gateway = world["gw"]
+    out = cli(gw, "sar", "export", "--client", "9", "--format", "pdf", "--out", str(world["dir"] / "pdf"))
+    assert out.returncode == 0, out.stderr
+    pdf = next(Path(f) for f in json.loads(out.stdout)["files"] if f.endswith(".pdf"))
+    text = " ".join((page.extract_text() or "") for page in PdfReader(pdf).pages)
+    assert "The records we hold about you" in text and "Who accessed your record" in text
+    assert " ".join(OWN_LETTER.split()) in " ".join(text.split()) and "we talked about the move" in text
+    assert "the step-father" not in text and "information from a third party" in " ".join(text.split())
+    assert oct(pdf.stat().st_mode & 0o777) == "0o600"
+
+
 def test_the_portable_copy_is_the_clients_own_data_as_json_and_csv(world: dict[str, Any]) -> None:
     gw: Gateway = world["gw"]
     out = cli(gw, "sar", "export", "--client", "9", "--portable", "--out", str(world["dir"] / "port"))

@@ -145,7 +145,8 @@ def sar_extend(request_id: str, reason: str, config: Path | None, dry_run: bool,
 @click.option("--client", "client_id", required=True, help="the client's CRM id")
 @click.option("--request", "request_id", default=None,
               help="the request it answers (default: the client's open one of that kind, if any)")
-@click.option("--format", "fmt", type=click.Choice(["json", "html"]), default="html", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["json", "html", "pdf"]), default="html", show_default=True,
+              help="beside the JSON, which is always written: a printable HTML page or a PDF")
 @click.option("--portable", is_flag=True, help="the portable copy: JSON and a CSV per resource (Art. 20)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sar"),
               show_default=True, help="where the package is written (a directory only you can read)")
@@ -198,6 +199,11 @@ def sar_export(client_id: str, request_id: str | None, fmt: str, portable: bool,
     elif fmt == "html":
         written.append(stem.with_suffix(".html"))
         write_private(written[-1], made.html.encode())
+    elif fmt == "pdf":
+        from proxy.subject_access import render_pdf
+
+        written.append(stem.with_suffix(".pdf"))
+        write_private(written[-1], render_pdf(made.document))
     if answering is not None:
         run(with_cases(settings, lambda s: s.update_request(
             answering.request_id, "completed", closed_by=who, closed_at=time.time(), outcome=made.sha256)))
