@@ -18,6 +18,7 @@ import csv
 import hashlib
 import html
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -225,9 +226,9 @@ def render_pdf(document: dict[str, Any]) -> bytes:
     cover = [("Client", head["client"]), ("Request", head.get("request") or "-"),
              ("Received", head.get("received") or "-"), ("Due", head.get("due") or "-"),
              ("Produced at", head["produced_at"]), ("Produced by", head.get("produced_by") or "-")]
-    history = [(a["when"], a["who"], a["role"], a["why"], a["action"], a["outcome"], ", ".join(a["shown"]))
+    history: list[Sequence[str]] = [(a["when"], a["who"], a["role"], a["why"], a["action"], a["outcome"], ", ".join(a["shown"]))
                for a in document["access_history"]]
-    shared = [(d["when"], d["to"], d["basis"], d["reference"], ", ".join(d["classes"] or []))
+    shared: list[Sequence[str]] = [(d["when"], d["to"], d["basis"], d["reference"], ", ".join(d["classes"] or []))
               for d in document["disclosures"]]
     return printed(Bundle(
         "The records we hold about you", [(k, str(v)) for k, v in cover],

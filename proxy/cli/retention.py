@@ -190,9 +190,9 @@ def retention_run(as_of: str | None, rate: float, yes: bool, out_dir: Path, conf
 async def _run(settings: Settings, bundle: Any, on: date, rate: float, dry_run: bool, actor: str | None
                ) -> tuple[list[Any], dict[str, int], str | None]:
     """What was destroyed, the counts, and why the run stopped early (the CRM failing), if it did."""
-    import httpx
-
     import sys
+
+    import httpx
 
     from proxy.audit import record_operation
     from proxy.retention import client_ids, destroy_client, destroy_records
