@@ -226,8 +226,9 @@ def render_pdf(document: dict[str, Any]) -> bytes:
     cover = [("Client", head["client"]), ("Request", head.get("request") or "-"),
              ("Received", head.get("received") or "-"), ("Due", head.get("due") or "-"),
              ("Produced at", head["produced_at"]), ("Produced by", head.get("produced_by") or "-")]
-    history: list[Sequence[str]] = [(a["when"], a["who"], a["role"], a["why"], a["action"], a["outcome"], ", ".join(a["shown"]))
-               for a in document["access_history"]]
+    history: list[Sequence[str]] = [
+        (a["when"], a["who"], a["role"], a["why"], a["action"], a["outcome"], ", ".join(a["shown"]))
+        for a in document["access_history"]]
     shared: list[Sequence[str]] = [(d["when"], d["to"], d["basis"], d["reference"], ", ".join(d["classes"] or []))
               for d in document["disclosures"]]
     return printed(Bundle(
