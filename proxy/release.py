@@ -253,12 +253,9 @@ td,th{border:1px solid #bbb;padding:3px 6px;vertical-align:top;text-align:left}t
 @media print{body{margin:1cm}.cover{page-break-after:always}}"""
 
 
-def render_html(document: dict[str, Any], fm: FieldMap) -> str:
-    """The printable bundle: a cover sheet (recipient, basis, reference, what is included, what was withheld
-    and why), then every released record as a table of its fields."""
-    head = document["disclosure"]
-    e = html.escape
-    cover = [("Recipient", head["recipient"]), ("Basis", f"{head['basis_label']} ({head['basis']})"),
+def cover_rows(head: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The cover sheet's lines: recipient, basis, reference, what, the dates, who granted, approved, released."""
+    return [("Recipient", head["recipient"]), ("Basis", f"{head['basis_label']} ({head['basis']})"),
              ("Reference", head["reference"]), ("Client", f"{head['client']} (the service's pseudonym)"),
              ("Classes released", ", ".join(head["classes"]) + " (and record ids)"),
              ("Records dated", f"{head['date_from'] or 'any date'} to {head['date_until'] or 'any date'}"),
@@ -266,13 +263,21 @@ def render_html(document: dict[str, Any], fm: FieldMap) -> str:
              ("Released by", head["released_by"]), ("Released at", head["released_at"]),
              ("Client told", "yes" if head["client_told"] else f"no: exemption {head['exemption']}"),
              ("Grant", head["grant"])]
+
+
+def render_html(document: dict[str, Any], fm: FieldMap) -> str:
+    """The printable bundle: a cover sheet (recipient, basis, reference, what is included, what was withheld
+    and why), then every released record as a table of its fields."""
+    head = document["disclosure"]
+    e = html.escape
+    cover = cover_rows(head)
     included = [(name, len(ids)) for name, ids in document["released_ids"].items()]
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Disclosure {e(head['grant'])}</title>"
              f"<style>{_CSS}</style></head><body><section class=cover><h1>Disclosure of records</h1><table>",
              *(f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in cover), "</table><h2>Included</h2><ul>",
              *([f"<li>{e(name)}: {n} record(s)</li>" for name, n in included] or ["<li>nothing</li>"]),
              "</ul><h2>Withheld</h2><ul>",
-             *([f"<li>{e(_withheld_text(w))}</li>" for w in document["withheld"]] or ["<li>nothing</li>"]),
+             *([f"<li>{e(withheld_text(w))}</li>" for w in document["withheld"]] or ["<li>nothing</li>"]),
              "</ul><p>This bundle holds only what the grant names. Its SHA-256 is kept in the service's "
              "disclosure register.</p></section>"]
     for name, rows in document["records"].items():
@@ -285,7 +290,21 @@ def render_html(document: dict[str, Any], fm: FieldMap) -> str:
     return "".join(parts)
 
 
-def _withheld_text(w: dict[str, Any]) -> str:
+def render_pdf(document: dict[str, Any]) -> bytes:
+    """The same bundle as a PDF."""
+    from proxy.printing import Bundle
+    from proxy.printing import render_pdf as printed
+
+    head = document["disclosure"]
+    return printed(Bundle(
+        "Disclosure of records", [(k, str(v)) for k, v in cover_rows(head)],
+        [f"{name}: {len(ids)} record(s)" for name, ids in document["released_ids"].items()],
+        [withheld_text(w) for w in document["withheld"]],
+        {name: [[(k, cell(v)) for k, v in flat_fields(row)] for row in rows]
+         for name, rows in document["records"].items()}))
+
+
+def withheld_text(w: dict[str, Any]) -> str:
     if "resource" in w:
         count = f"{w['records']} record(s)" if w["records"] is not None else "all records"
         return f"{w['resource']}: {count}, {w['why']}"

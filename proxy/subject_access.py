@@ -33,7 +33,7 @@ from proxy.errors import GatewayError
 from proxy.identity import Principal
 from proxy.keys import KeyRing
 from proxy.policy import FieldMap, PolicyBundle
-from proxy.release import ALWAYS, Gathered, Scope, failures_withheld, flat_fields, gather
+from proxy.release import ALWAYS, Gathered, Scope, failures_withheld, flat_fields, gather, withheld_text
 from proxy.release import cell as cell_text
 from proxy.runtime import Runtime
 
@@ -194,7 +194,7 @@ def render_html(document: dict[str, Any]) -> str:
              "<h2>Included</h2><ul>",
              *([f"<li>{e(n)}: {len(ids)} record(s)</li>" for n, ids in document["record_ids"].items()]
                or ["<li>nothing</li>"]), "</ul><h2>Not included, and why</h2><ul>",
-             *([f"<li>{e(_left_out(w))}</li>" for w in document["withheld"]] or ["<li>nothing</li>"]),
+             *([f"<li>{e(withheld_text(w))}</li>" for w in document["withheld"]] or ["<li>nothing</li>"]),
              "</ul></section>"]
     for name, rows in document["records"].items():
         parts.append(f"<h2>{e(name)}</h2>")
@@ -234,21 +234,12 @@ def render_pdf(document: dict[str, Any]) -> bytes:
     return printed(Bundle(
         "The records we hold about you", [(k, str(v)) for k, v in cover],
         [f"{n}: {len(ids)} record(s)" for n, ids in document["record_ids"].items()],
-        [_left_out(w) for w in document["withheld"]],
+        [withheld_text(w) for w in document["withheld"]],
         {name: [[(k, cell_text(v)) for k, v in flat_fields(row)] for row in rows]
          for name, rows in document["records"].items()},
         [("Who accessed your record", ("When", "Who", "Role", "Why", "What", "Outcome", "Shown"), history),
          ("Shared outside the service", ("When", "To", "Basis", "Reference", "What"), shared)],
         list(document.get("warnings") or [])))
-
-
-def _left_out(w: dict[str, Any]) -> str:
-    if "class" in w:
-        return f"{w['class']} ({', '.join(w['paths'])}): {w['why']}"
-    if "resource" in w:
-        count = f"{w['records']} record(s)" if w["records"] is not None else "all records"
-        return f"{w['resource']}: {count}, {w['why']}"
-    return f"{w.get('field')}: {w['why']}"
 
 
 # ---------------------------------------------------------------------------------------------- the route

@@ -94,6 +94,14 @@ def test_a_court_order_for_two_classes_and_one_year_exports_exactly_that(world: 
     out = cli(gw, "disclose", "export", g["grant"], "--out", str(world["dir"] / "out"), "--actor", "dana")
     assert out.returncode == 0, out.stderr
     made_export = json.loads(out.stdout)
+    pdf = Path(made_export["pdf"]).read_bytes()
+    assert hashlib.sha256(pdf).hexdigest() == made_export["pdf_sha256"]
+    assert last_record(gw, "disclose export")["disclosure"]["pdf_sha256"] == made_export["pdf_sha256"]
+    from pypdf import PdfReader
+
+    printed = " ".join((p.extract_text() or "") for p in PdfReader(Path(made_export["pdf"])).pages)
+    assert "Derby Family Court" in printed and "court-year note 2025-02-03" in printed
+    assert "the year before" not in printed and "what the school told us" not in printed
     data = Path(made_export["json"]).read_bytes()
     assert hashlib.sha256(data).hexdigest() == made_export["sha256"]
     bundle = json.loads(data)

@@ -246,7 +246,7 @@ def disclose_export(grant_id: str, out_dir: Path, config: Path | None, dry_run: 
     say what would be released and withheld, and write nothing."""
     from proxy.cases import Alert, Release
     from proxy.keys import open_kek, open_keyring
-    from proxy.release import export
+    from proxy.release import export, render_pdf
     from proxy.secretfile import private_dir, write_private
 
     settings = settings_of(config)
@@ -290,6 +290,9 @@ def disclose_export(grant_id: str, out_dir: Path, config: Path | None, dry_run: 
     stem = out_dir / f"{grant_id}-{n}"
     write_private(stem.with_suffix(".json"), made.json_bytes)
     write_private(stem.with_suffix(".html"), made.html.encode())
+    pdf = render_pdf(made.document)
+    write_private(stem.with_suffix(".pdf"), pdf)
+    pdf_sha256 = hashlib.sha256(pdf).hexdigest()
     release = Release("dr-" + secrets.token_hex(8), grant_id, f"u:{who}", now, made.records, made.sha256,
                       made.html_sha256)
     alert = Alert("al-" + secrets.token_hex(8), grant_id, {
@@ -306,10 +309,10 @@ def disclose_export(grant_id: str, out_dir: Path, config: Path | None, dry_run: 
     record(settings, act, actor, clients=[g.pseudonym], reason=f"disclosed to {g.recipient}",
            counts={"records": count}, disclosure={**_grant_audit(g), "release": release.release_id,
                                                   "records": made.records, "sha256": made.sha256,
-                                                  "html_sha256": made.html_sha256})
+                                                  "html_sha256": made.html_sha256, "pdf_sha256": pdf_sha256})
     echo({"grant": grant_id, "release": release.release_id, "records": count, "json": str(stem.with_suffix(".json")),
-          "html": str(stem.with_suffix(".html")), "sha256": made.sha256, "html_sha256": made.html_sha256,
-          "withheld": made.withheld})
+          "html": str(stem.with_suffix(".html")), "pdf": str(stem.with_suffix(".pdf")), "sha256": made.sha256,
+          "html_sha256": made.html_sha256, "pdf_sha256": pdf_sha256, "withheld": made.withheld})
 
 
 @disclose.command("list")
