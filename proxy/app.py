@@ -33,6 +33,7 @@ from proxy.emergency import HEADER as BREAK_GLASS
 from proxy.emergency import emergency
 from proxy.errors import GatewayError
 from proxy.identity import Principal
+from proxy.keys import KeystoreUnavailable
 from proxy.officer import PREFIX, compare_shadow, officer
 from proxy.policy import ANONYMOUS as ANONYMOUS_ROLE
 from proxy.policy import PolicyBundle
@@ -182,6 +183,10 @@ class Gateway:
             if isinstance(exc, WriteRefused):
                 record.refused = exc.fields
             return Reply(exc.status, error_body(exc.message, record.request_id))
+        except KeystoreUnavailable as exc:
+            log.error("keystore unavailable; nothing encrypted released", error=str(exc), request_id=record.request_id)
+            record.outcome, record.reason = "error", f"keystore unavailable: {exc}"[:200]
+            return Reply(503, error_body("keystore unavailable; nothing was released", record.request_id))
         except Exception as exc:  # never a stack trace or a value to the caller
             log.error("internal error", error=type(exc).__name__, request_id=record.request_id, where=_where(exc))
             record.outcome, record.reason = "error", f"internal error: {type(exc).__name__}"

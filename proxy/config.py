@@ -85,6 +85,7 @@ class IdentitySection:
 class KeysSection:
     dir: str = _path("keys")
     keystore: str = "keystore.sqlite3"  # in dir
+    store: str = ""  # "postgresql://...": the keystore shared by every replica ("": the keystore file above)
     kek: str = "file"  # file | pkcs11
     kek_file: str = "kek.json"  # in dir (file backend)
     passphrase_env: str = "FIELDGUARD_KEK_PASSPHRASE"
@@ -94,7 +95,8 @@ class KeysSection:
     pkcs11_pin_env: str = "FIELDGUARD_PKCS11_PIN"
     cache_size: int = 10_000
     cache_seconds: float = 300.0
-    revocation_poll_seconds: float = 0.5
+    revocation_poll_seconds: float = 0.5  # re-check for shreds and rotations (with PostgreSQL, also announced)
+    revocation_max_age_seconds: float = 5.0  # not re-checked for this long: no cached key is used (503)
 
     def in_dir(self, name: str) -> Path:
         """A file kept in the keys directory (the keystore, the KEK file, the audit signing key)."""

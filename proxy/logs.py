@@ -28,3 +28,5 @@ def configure(level: str = "info") -> None:
     # Third-party loggers (pycasbin logs whole requests at INFO) stay at WARNING.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("casbin").setLevel(logging.ERROR)
+    # asyncpg's pool logs each failed reconnect with a traceback; the keystore's own errors say it in one line.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)

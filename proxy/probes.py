@@ -69,6 +69,9 @@ async def readiness(runtime: Runtime) -> Reply:
                             "refreshed_at": glass.refreshed_at,
                             "alerts_given_up": runtime.alerter.given_up if runtime.alerter else 0}
     checks["rights"] = {"ok": True, "requests_overdue": glass.requests_overdue}  # informs: never unready
+    if runtime.listener is not None:  # the shared database's change announcements (informs; the task decides)
+        checks["replication"] = {"ok": True, **runtime.listener.status(),
+                                 "key_epoch": runtime.ring.revocation_seq if runtime.ring else None}
     checks["tasks"] = {"ok": runtime.supervisor.healthy, **tasks}
     ready = all(check["ok"] for check in checks.values())
     return Reply(200 if ready else 503, orjson.dumps({"ready": ready, "checks": checks}))

@@ -25,6 +25,8 @@ from proxy.identity import TokenVerifier
 from proxy.keys import BEAT_SECONDS, LIVE_SECONDS, KeyEncryptionKey, KeyRing, open_kek, open_keyring
 from proxy.metrics import Metrics
 from proxy.policy import BundleSource, PolicyBundle, PolicyError, PolicyWatcher, RelationIndex, load_bundle
+from proxy.postgres import Database, Listener, is_postgres
+from proxy.postgres import replicas as replica_rows
 from proxy.scrub import ClientNames
 from proxy.supervisor import Supervisor, Task
 from proxy.upstream import Upstream
@@ -32,6 +34,15 @@ from proxy.upstream import Upstream
 log = structlog.get_logger("fieldguard.gateway")
 
 REFRESH_AT_MOST_EVERY = 5.0  # seconds: a record naming an unknown client re-reads the facts, this often at most
+LISTEN_CHECK_SECONDS = 2.0  # the change listener proves its connection alive, or reconnects, this often
+
+
+def shared_database(settings: Settings) -> str | None:
+    """The PostgreSQL database the deployment's replicas share (announcements, status rows), if any."""
+    for url in (settings.keys.store,):
+        if url and is_postgres(url):
+            return url
+    return None
 
 
 class Runtime:
@@ -64,6 +75,9 @@ class Runtime:
         self._relations: Task | None = None
         self._policy: Task | None = None
         self.context: Context | None = None
+        self.database: Database | None = None  # the shared PostgreSQL, for this replica's status row
+        self.listener: Listener | None = None
+        self.started_at = time.time()
 
     @property
     def bundle(self) -> PolicyBundle:
@@ -74,6 +88,12 @@ class Runtime:
         s = self.settings
         await self.trail.open()
         self.ring = await open_keyring(s.keys, self.kek)
+        self.ring.max_age = s.keys.revocation_max_age_seconds
+        shared = shared_database(s)
+        if shared is not None:
+            self.database = await Database.open(shared, max_size=2)
+            self.listener = Listener(shared)
+            self.listener.on("keys", lambda _: self.wake("revocations"))
         await self.upstream.start()
         c = s.cases
         self.cases = await CasesStore.open(Path(c.store))
@@ -104,6 +124,9 @@ class Runtime:
         sup.add("alerts", self.alerter.deliver, 1.0, stale_after=60.0)
         beat = min(s.audit.checkpoint_seconds, 5.0)
         sup.add("audit", self.trail.tick, beat, stale_after=max(6 * beat, 4 * s.audit.timeout_seconds))
+        if self.listener is not None:
+            sup.add("listener", self.listener.step, LISTEN_CHECK_SECONDS, stale_after=30.0)
+            sup.add("replica", self._report, BEAT_SECONDS, stale_after=LIVE_SECONDS)
         await sup.start()
         alerter = self.alerter
         if s.server.pid_file:
@@ -126,6 +149,12 @@ class Runtime:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await self.supervisor.stop()
+        if self.listener is not None:
+            await self.listener.close()
+        if self.database is not None:
+            with contextlib.suppress(Exception):
+                await replica_rows.leave(self.database, self.instance)
+            await self.database.close()
         await self.upstream.close()
         if self.alerter is not None:
             await self.alerter.close()
@@ -139,6 +168,27 @@ class Runtime:
                 await self.ring.leave()
             await self.ring.store.close()
         await self.trail.close()
+
+    @property
+    def instance(self) -> str:
+        return self.ring.instance if self.ring is not None else ""
+
+    def replica_status(self) -> dict[str, object]:
+        """What this replica runs and has caught up to, for the others and `fieldguard status`."""
+        ring = self.ring
+        audit = self.trail.health()
+        return {"policy": self.bundle.short_hash, "policy_digest": self.bundle.digest,
+                "key_epoch": ring.revocation_seq if ring is not None else None,
+                "listener": self.listener.status() if self.listener is not None else None,
+                "audit": {"records": audit.get("records"), "pending": audit.get("pending"),
+                          "last_commit": audit.get("last_commit"), "ok": audit.get("ok")},
+                "stale_tasks": sorted(n for n, t in self.supervisor.tasks.items() if not t.fresh and n != "replica"),
+                "upstream": self.upstream.base}
+
+    async def _report(self) -> None:
+        assert self.database is not None and self.ring is not None
+        await replica_rows.report(self.database, self.instance, self.ring.host, self.ring.pid, self.started_at,
+                                  self.replica_status())
 
     def wake(self, task: str) -> None:
         """Run a background task's step soon (an alert to deliver now, not at the next beat)."""

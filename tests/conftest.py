@@ -330,7 +330,7 @@ audience = "{AUDIENCE}"
 
 [keys]
 dir = "{keys}"
-revocation_poll_seconds = 0.2
+{"" if "revocation_poll_seconds" in keys_extra else "revocation_poll_seconds = 0.2"}
 {_passphrase_file(directory) if "passphrase" not in keys_extra and "pkcs11" not in keys_extra else ""}
 {keys_extra}
 
@@ -382,3 +382,54 @@ def direct(crm_url: str, path: str) -> Any:
     r = HTTP.get(crm_url + path, timeout=10)
     r.raise_for_status()
     return r.json()
+
+
+POSTGRES = os.environ.get("FIELDGUARD_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
+
+
+def _postgres_admin(sql: str) -> None:
+    """One statement on the machine's PostgreSQL (making and dropping test databases), or a skip saying why not."""
+    import asyncio
+
+    import asyncpg
+
+    async def go() -> None:
+        conn = await asyncpg.connect(POSTGRES, timeout=3)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(go())
+    except (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.InvalidCatalogNameError) as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES} ({type(exc).__name__}): the shared backend's "
+                    "tests need it (set FIELDGUARD_TEST_POSTGRES to another server)")
+
+
+def pg_sql(url: str, sql: str, *args: Any) -> list[Any]:
+    """Run one statement against a test database, as an operator's psql would."""
+    import asyncio
+
+    import asyncpg
+
+    async def go() -> list[Any]:
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A database of its own on the machine's PostgreSQL (its URL), dropped afterwards; skipped when
+    PostgreSQL is not running."""
+    import secrets as _secrets
+
+    name = f"fieldguard_test_{_secrets.token_hex(4)}"
+    _postgres_admin(f'CREATE DATABASE "{name}"')
+    yield f"{POSTGRES.rsplit('/', 1)[0]}/{name}"
+    _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

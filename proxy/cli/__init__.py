@@ -1,12 +1,13 @@
 """The `fieldguard` command line, one module per command group: `run` (serve, demo, token), `keys` (keys and
 the CRM migration), `policy`, `audit`, `review` (break-glass reviews), `disclose` and `consent`, `restrict`,
-`sar`, `retention`, `erase`."""
+`sar`, `retention`, `erase`, `db` and `status` (the shared PostgreSQL)."""
 
 from __future__ import annotations
 
 import click
 
 from proxy.cli.audit import audit
+from proxy.cli.db import db, status
 from proxy.cli.disclose import consent, disclose
 from proxy.cli.keys import decrypt_export, encrypt_existing, keys
 from proxy.cli.policy import policy
@@ -24,5 +25,5 @@ def main() -> None:
 
 
 for command in (serve, demo, token, keys, encrypt_existing, decrypt_export, policy, audit, review, disclose,
-                consent, restrict, unrestrict, sar, retention, erase, rectify):
+                consent, restrict, unrestrict, sar, retention, erase, rectify, db, status):
     main.add_command(command)

@@ -35,13 +35,14 @@ def _audit(settings: Settings, report: Any, actor: str | None, *, reason: str | 
 def keys_init(config: Path | None, generate: Path | None, dry_run: bool, actor: str | None) -> None:
     """Create the KEK (sealed file or PKCS#11 token key) and the keystore."""
     from proxy.keys import lifecycle
+    from proxy.keys.custody import keystore_where
     from proxy.secretfile import write_private
 
     settings = settings_of(config)
     k = settings.keys
     if dry_run:
         where = k.in_dir(k.kek_file) if k.kek == "file" else f"token {k.pkcs11_token}"
-        click.echo(f"would create a {k.kek} KEK ({where}) and the keystore {k.in_dir(k.keystore)}")
+        click.echo(f"would create a {k.kek} KEK ({where}) and the keystore {keystore_where(k)}")
         return
     if generate is not None:
         if generate.exists():
@@ -50,7 +51,7 @@ def keys_init(config: Path | None, generate: Path | None, dry_run: bool, actor: 
         os.environ[k.passphrase_env] = generate.read_text().strip()
     report = run(lifecycle.init(k))
     _audit(settings, report, actor)
-    click.echo(f"KEK {report.detail['kek']} created ({report.detail['backend']}); keystore ready in {k.dir}")
+    click.echo(f"KEK {report.detail['kek']} created ({report.detail['backend']}); keystore ready ({keystore_where(k)})")
     _warn_open_dir(Path(k.dir))
 
 

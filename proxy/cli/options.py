@@ -30,11 +30,12 @@ def run(coro: Any) -> Any:
     """Run a command's coroutine; the faults an operator can fix become one line, not a traceback."""
     import httpx
 
-    from proxy.keys import KekError
+    from proxy.keys import KekError, KeystoreUnavailable
+    from proxy.postgres import DatabaseError
 
     try:
         return asyncio.run(coro)
-    except (KekError, ValueError, OSError) as exc:
+    except (KekError, ValueError, OSError, DatabaseError, KeystoreUnavailable) as exc:
         raise click.ClickException(str(exc)) from None
     except httpx.HTTPError as exc:  # the CRM down, refusing or answering an error: said, nothing half-done hidden
         where = exc.request.url.copy_with(query=None) if isinstance(exc, httpx.HTTPStatusError) else "the CRM"

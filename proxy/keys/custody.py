@@ -9,7 +9,8 @@ from pathlib import Path
 from proxy.config import KeysSection
 from proxy.keys.kek import FileKek, KekError, KeyEncryptionKey, Pkcs11Kek
 from proxy.keys.ring import KeyRing
-from proxy.keys.store import SqliteKeystore
+from proxy.keys.store import Keystore, SqliteKeystore
+from proxy.postgres import is_postgres, redact
 from proxy.secretfile import check_private
 
 
@@ -47,6 +48,20 @@ def create_kek(keys: KeysSection) -> KeyEncryptionKey:
     raise KekError(f"unknown keys.kek backend {keys.kek!r} (file or pkcs11)")
 
 
+def keystore_where(keys: KeysSection) -> str:
+    """The keystore, for messages: its file, or its database without the password."""
+    return redact(keys.store) if keys.store else str(keys.in_dir(keys.keystore))
+
+
+async def open_keystore(keys: KeysSection) -> Keystore:
+    """The configured keystore: `[keys] store` when it names PostgreSQL, else the SQLite file in the keys dir."""
+    if keys.store:
+        if not is_postgres(keys.store):
+            raise KekError("keys.store must be a postgresql:// URL, or empty for the keystore file")
+        from proxy.keys.pgstore import PgKeystore
+        return await PgKeystore.open(keys.store)
+    return await SqliteKeystore.open(keys.in_dir(keys.keystore))
+
+
 async def open_keyring(keys: KeysSection, kek: KeyEncryptionKey | None) -> KeyRing:
-    store = await SqliteKeystore.open(keys.in_dir(keys.keystore))
-    return KeyRing(store, kek, keys.cache_size, keys.cache_seconds)
+    return KeyRing(await open_keystore(keys), kek, keys.cache_size, keys.cache_seconds)

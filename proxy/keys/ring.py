@@ -21,7 +21,7 @@ import structlog
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.keys.kek import KekError, KeyEncryptionKey
-from proxy.keys.store import DataKey, KeyStatus, Keystore, KeystoreConflict
+from proxy.keys.store import DataKey, KeyStatus, Keystore, KeystoreConflict, KeystoreUnavailable
 
 log = structlog.get_logger("fieldguard.keys")
 BEAT_SECONDS = 5.0  # a running gateway says so in the keystore this often ...
@@ -90,6 +90,8 @@ class KeyRing:
         self.writers: BoundedCache[tuple[str, str], bytes] = BoundedCache(cache_size, cache_seconds)
         self.pseudonym_cache: BoundedCache[str, str] = BoundedCache(cache_size * 10, cache_seconds)
         self._revocation_seq: int | None = None  # None: not read yet
+        self.checked_at: float | None = None  # monotonic time of the last successful revocation re-check
+        self.max_age: float | None = None  # set by a gateway: older than this, the caches are re-checked first
         self._kek_ids = frozenset(kek.known_ids()) if kek is not None else frozenset()
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.instance = f"{self.host}:{self.pid}:{os.urandom(4).hex()}"
@@ -159,9 +161,24 @@ class KeyRing:
         await self.store.leave(self.instance)
 
     # ----------------------------------------------------------------- reading
+    async def current(self) -> None:
+        """Before the caches serve a request: if the revocations have not been re-checked within `max_age`
+        (the keystore's database unreachable, the poll stuck), re-check now, and if that fails too use no
+        cached key (`KeystoreUnavailable`): a shred made elsewhere meanwhile must not be outlived."""
+        if self.max_age is None or (self.checked_at is not None and
+                                    time.monotonic() - self.checked_at <= self.max_age):
+            return
+        try:
+            await self.poll_revocations()
+        except KeystoreUnavailable:
+            raise
+        except Exception as exc:
+            raise KeystoreUnavailable(f"the keystore could not be re-checked ({type(exc).__name__})") from None
+
     async def prefetch(self, key_ids: Iterable[bytes]) -> None:
         """Fetch keystore rows for keys not cached: one query. Unwrapping waits for a field that needs it,
         except with a KEK on a device (`blocking`), where the token calls are made here, off the loop."""
+        await self.current()
         wanted = set(key_ids)
         missing = [k for k in wanted if (row := self.rows.get(k)) is None or row.kek_id not in self._kek_ids]
         if missing:
@@ -198,6 +215,7 @@ class KeyRing:
     # ----------------------------------------------------------------- writing
     async def for_writing(self, client_id: str | None, scope: str) -> OpenKey:
         """The client's active key for a scope, made on first use (for a new client: unlinked for now)."""
+        await self.current()
         if client_id is not None:
             cached_id = self.writers.get((client_id, scope))
             if cached_id is not None:
@@ -282,12 +300,20 @@ class KeyRing:
             self.rows.drop_where(lambda _, row: row.client_id in clients)
             self.open_keys.drop_where(lambda _, opened: opened.key.client_id in clients)
 
+    @property
+    def revocation_seq(self) -> int | None:
+        """The last revocation this ring has caught up to (the replica's key epoch)."""
+        return self._revocation_seq
+
     async def poll_revocations(self) -> int:
         """Drop from the caches every key and client the keystore has revoked since the last poll."""
+        began = time.monotonic()
         if self._revocation_seq is None:  # the first poll, at start: nothing cached yet that could be stale
             self._revocation_seq = await self.store.latest_revocation()
+            self.checked_at = began
             return self._revocation_seq
         last, keys, clients = await self.store.revocations_since(self._revocation_seq)
+        self.checked_at = began
         if last != self._revocation_seq:
             self._revocation_seq = last
             self.forget(keys, clients)

@@ -172,6 +172,10 @@ def new_pseudonym() -> str:
     return "P-" + secrets.token_hex(8).upper()
 
 
+class KeystoreUnavailable(Exception):
+    """The keystore could not be read or written now (its database is down): nothing encrypted is released."""
+
+
 class KeystoreConflict(Exception):
     """The keystore's own rules refused a change (a duplicate active key, a key under a retired KEK)."""
 

@@ -1,0 +1,193 @@
+"""Several gateways, one service: the keystore on the machine's PostgreSQL, shared by gateway processes.
+
+Each test has a database of its own (`postgres` fixture; skipped with the reason where PostgreSQL is not
+running), its schema made by `fieldguard db upgrade` as an operator would, and real gateway processes in
+front of a real CRM. Shreds must reach every replica within a second by announcement, and within the
+re-check interval when the announcement is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Gateway, Signing, fieldguard, make_keys, pg_sql, policies_copy, start_gateway, wait_until
+from tests.test_encryption import crm_process
+from tests.test_key_custody import new_client, note
+
+
+def gateway_on(postgres: str, directory: Path, crm: str, signing: Signing, keys: Path, poll: float = 30.0,
+               policies: Path | None = None, **kw: Any) -> Gateway:
+    """A `fieldguard serve` process whose keystore is the shared database; its own re-check of revocations
+    only every `poll` seconds, so that what arrives sooner came by announcement."""
+    return start_gateway(directory, crm, signing, keys, policies=policies or policies_copy(directory),
+                         process=True,
+                         sections="[relations]\nrefresh_seconds = 0.5\n",
+                         keys_extra=f'store = "{postgres}"\nrevocation_poll_seconds = {poll}\n'
+                                    f'revocation_max_age_seconds = {max(2 * poll, 5.0)}', **kw)
+
+
+@pytest.fixture
+def service(postgres: str, signing: Signing, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """An empty CRM, one keys directory (the KEK file every replica holds), the schema, two gateways."""
+    crm, url, _ = crm_process(tmp_path / "crm", seed=False)
+    keys = make_keys(tmp_path / "keys")
+    policies = policies_copy(tmp_path)  # one service, one policy
+    first = gateway_on(postgres, tmp_path / "a", url, signing, keys, policies=policies, start=False)
+    upgraded = fieldguard(first.config, "db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    first.service.start()
+    second = gateway_on(postgres, tmp_path / "b", url, signing, keys, policies=policies)
+    yield {"a": first, "b": second, "crm": url, "keys": keys, "postgres": postgres, "dir": tmp_path}
+    for gw in (first, second):
+        gw.service.stop()
+    crm.stop()
+
+
+def body_of(gw: Gateway, note_id: int) -> Any:
+    r = gw.get(f"/session-notes/{note_id}", gw.as_user("alice", "counsellor"))
+    assert r.status_code == 200, r.text
+    return r.json().get("body")
+
+
+def shown(gw: Gateway, note_id: int) -> Any:
+    """The note's body as alice sees it now, or the status when she is refused (the replica not caught up)."""
+    r = gw.get(f"/session-notes/{note_id}", gw.as_user("alice", "counsellor"))
+    return r.json().get("body") if r.status_code == 200 else r.status_code
+
+
+def shred(gw: Gateway, client: int) -> None:
+    out = fieldguard(gw.config, "keys", "shred", "--client", str(client), "--reason", "erasure request T-9", "--yes")
+    assert out.returncode == 0, out.stderr
+
+
+def test_db_upgrade_makes_the_schema_once_and_says_so(postgres: str, tmp_path: Path) -> None:
+    config = tmp_path / "fieldguard.toml"
+    config.write_text(f'[keys]\ndir = "{tmp_path / "keys"}"\nstore = "{postgres}"\n')
+    dry = fieldguard(config, "db", "upgrade", "--dry-run")
+    assert dry.returncode == 0 and "would apply 1: keystore" in dry.stdout and "schema version 0" in dry.stdout
+    assert pg_sql(postgres, "SELECT to_regclass('data_keys') IS NULL AS missing")[0]["missing"]
+    first = fieldguard(config, "db", "upgrade")
+    assert first.returncode == 0 and "applied 1: keystore" in first.stdout and "applied 2: policy" in first.stdout
+    again = fieldguard(config, "db", "upgrade")
+    assert again.returncode == 0 and "(up to date)" in again.stdout and "applied" not in again.stdout
+    versions = [r["version"] for r in pg_sql(postgres, "SELECT version FROM fieldguard_schema ORDER BY version")]
+    assert versions == [1, 2]
+
+
+def test_a_database_without_the_schema_is_refused_with_the_command_that_fixes_it(postgres: str,
+                                                                                  tmp_path: Path) -> None:
+    keys = make_keys(tmp_path / "keys")
+    config = tmp_path / "fieldguard.toml"
+    # trust authentication here: the password is not checked, only kept out of every message
+    config.write_text(f'[keys]\ndir = "{keys}"\nstore = "{postgres.replace("127.0.0.1", "root:s3cret@127.0.0.1")}"\n')
+    out = fieldguard(config, "keys", "status")
+    assert out.returncode != 0
+    assert "schema version 0" in out.stderr and "run `fieldguard db upgrade`" in out.stderr
+    assert "s3cret" not in out.stderr and "root:***@" in out.stderr
+    pg_sql(postgres, "CREATE TABLE fieldguard_schema (version integer PRIMARY KEY, description text NOT NULL, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+    pg_sql(postgres, "INSERT INTO fieldguard_schema (version, description) VALUES (99, 'from the future')")
+    newer = fieldguard(config, "db", "upgrade")
+    assert newer.returncode != 0 and "newer than this FieldGuard" in newer.stderr
+
+
+def test_two_gateways_share_the_keystore_and_a_shred_reaches_both_within_a_second(service: dict[str, Any]) -> None:
+    a, b = service["a"], service["b"]
+    client = new_client(a, "Ada")
+    written = note(a, client, "written through the first gateway")
+    wait_until(lambda: shown(b, written) == "written through the first gateway",  # the second opens the first's key
+               "the second gateway to know the new client", timeout=5)
+    assert body_of(a, written) == "written through the first gateway"  # both have it cached now
+    keys = pg_sql(service["postgres"], "SELECT status FROM data_keys WHERE client_id = $1", str(client))
+    assert keys and all(k["status"] == "active" for k in keys)
+    shred(a, client)
+    began = time.monotonic()
+    for gw in (a, b):
+        wait_until(lambda gw=gw: body_of(gw, written) is None, "the shred to reach the replica", timeout=5)
+    took = time.monotonic() - began
+    assert took < 1.0, f"the shred took {took:.2f} s to reach both replicas (re-check every 30 s)"
+    record = b.audit_records()[-1]
+    assert "unknown or destroyed key" in json.dumps(record.get("decrypt_failures"))
+
+
+def test_a_lost_announcement_is_caught_up_by_the_re_check(postgres: str, signing: Signing, tmp_path: Path) -> None:
+    crm, url, _ = crm_process(tmp_path / "crm", seed=False)
+    keys = make_keys(tmp_path / "keys")
+    a = gateway_on(postgres, tmp_path / "a", url, signing, keys, poll=2.0, start=False)
+    assert fieldguard(a.config, "db", "upgrade").returncode == 0
+    a.service.start()
+    try:
+        client = new_client(a, "Bea")
+        written = note(a, client, "before the listener was cut")
+        assert body_of(a, written) == "before the listener was cut"
+        cut = pg_sql(postgres, "SELECT pg_terminate_backend(pid) AS cut FROM pg_stat_activity "
+                               "WHERE datname = current_database() AND application_name = 'fieldguard-listener'")
+        assert cut and all(r["cut"] for r in cut)
+        shred(a, client)  # announced while nobody listens
+        began = time.monotonic()
+        wait_until(lambda: body_of(a, written) is None, "the re-check to catch up", timeout=10)
+        assert time.monotonic() - began < 2.0 + 2.5  # the re-check interval, and a request's worth
+        wait_until(lambda: a.readyz()["checks"]["tasks"]["listener"]["ok"], "the listener to reconnect", timeout=10)
+    finally:
+        a.service.stop()
+        crm.stop()
+
+
+def test_a_replica_that_loses_the_database_withholds_and_says_why(postgres: str, signing: Signing,
+                                                                 tmp_path: Path) -> None:
+    crm, url, _ = crm_process(tmp_path / "crm", seed=False)
+    keys = make_keys(tmp_path / "keys")
+    b = gateway_on(postgres, tmp_path / "b", url, signing, keys, poll=1.0, start=False)
+    assert fieldguard(b.config, "db", "upgrade").returncode == 0
+    b.service.start()
+    name = postgres.rsplit("/", 1)[1]
+    admin = postgres.rsplit("/", 1)[0] + "/test"
+    try:
+        client = new_client(b, "Cy")
+        written = note(b, client, "kept from a replica that cannot re-check")
+        assert body_of(b, written) == "kept from a replica that cannot re-check"  # its key is cached now
+        pg_sql(admin, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+        pg_sql(admin, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+
+        def refused() -> bool:
+            return b.get(f"/session-notes/{written}", b.as_user("alice", "counsellor")).status_code == 503
+
+        wait_until(refused, "the replica to stop using its cached key", timeout=15)
+        r = b.get(f"/session-notes/{written}", b.as_user("alice", "counsellor"))
+        assert r.json()["error"] == "keystore unavailable; nothing was released"
+        assert "kept from" not in r.text
+        record = b.audit_for(r.headers["x-request-id"])
+        assert record["outcome"] == "error" and record["reason"].startswith("keystore unavailable")
+        w = b.request("POST", f"/clients/{client}/session-notes", b.as_user("alice", "counsellor"),
+                      json={"session_date": "2026-11-20", "summary": "s", "body": "not to be written in clear"})
+        assert w.status_code == 503 and w.json()["error"] == "keystore unavailable; nothing was released"
+    finally:
+        pg_sql(admin, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+    try:
+        wait_until(lambda: shown(b, written) == "kept from a replica that cannot re-check", "recovery", timeout=15)
+    finally:
+        b.service.stop()
+        crm.stop()
+
+
+def test_status_shows_every_replica_and_whether_they_agree(service: dict[str, Any]) -> None:
+    a = service["a"]
+    client = new_client(a, "Di")
+    note(a, client, "x")
+    shred(a, client)
+
+    def agreed() -> dict[str, Any] | None:
+        out = fieldguard(a.config, "status")
+        assert out.returncode == 0, out.stderr
+        found: dict[str, Any] = json.loads(out.stdout)
+        return found if found["agree"] and len(found["replicas"]) == 2 and found["key_epoch"] > 0 else None
+
+    found = wait_until(agreed, "both replicas to report the shred", timeout=15)
+    assert {r["policy_digest"] for r in found["replicas"]} == {a.readyz()["checks"]["policy"]["hash"]}
+    assert all(r["listener"]["connected"] for r in found["replicas"])
