@@ -37,6 +37,7 @@ from proxy.keys import KeystoreUnavailable
 from proxy.officer import PREFIX, compare_shadow, officer
 from proxy.policy import ANONYMOUS as ANONYMOUS_ROLE
 from proxy.policy import PolicyBundle
+from proxy.postgres import DatabaseError
 from proxy.probes import PROBES, probe
 from proxy.rectification import applied, applying, rectifications
 from proxy.routes import PSEUDONYM, Route, normalise_path
@@ -91,8 +92,9 @@ class Gateway:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.startup()
-                except Exception as exc:
-                    log.error("gateway failed to start", error=type(exc).__name__)
+                except Exception as exc:  # the shared database's own messages carry no secret: said in full
+                    log.error("gateway failed to start", error=type(exc).__name__,
+                              detail=str(exc) if isinstance(exc, DatabaseError) else None)
                     await send({"type": "lifespan.startup.failed", "message": type(exc).__name__})
                     return
                 await send({"type": "lifespan.startup.complete"})

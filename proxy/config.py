@@ -53,6 +53,7 @@ class UpstreamSection:
 @dataclass(frozen=True, slots=True)
 class PolicySection:
     dir: str = _path("policies")
+    store: str = ""  # "postgresql://...": enforce the newest bundle published there (`policy publish`), not dir
     fields_file: str = _path()  # default: fields.yaml in dir
     watch: bool = True
     poll_seconds: float = 1.0

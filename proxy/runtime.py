@@ -24,7 +24,17 @@ from proxy.exchange import Context
 from proxy.identity import TokenVerifier
 from proxy.keys import BEAT_SECONDS, LIVE_SECONDS, KeyEncryptionKey, KeyRing, open_kek, open_keyring
 from proxy.metrics import Metrics
-from proxy.policy import BundleSource, PolicyBundle, PolicyError, PolicyWatcher, RelationIndex, load_bundle
+from proxy.policy import (
+    BundleSource,
+    Finding,
+    PolicyBundle,
+    PolicyError,
+    PolicyWatcher,
+    RelationIndex,
+    Severity,
+    load_bundle,
+)
+from proxy.policy.published import PublishedPolicy
 from proxy.postgres import Database, Listener, is_postgres
 from proxy.postgres import replicas as replica_rows
 from proxy.scrub import ClientNames
@@ -39,7 +49,7 @@ LISTEN_CHECK_SECONDS = 2.0  # the change listener proves its connection alive, o
 
 def shared_database(settings: Settings) -> str | None:
     """The PostgreSQL database the deployment's replicas share (announcements, status rows), if any."""
-    for url in (settings.keys.store,):
+    for url in (settings.keys.store, settings.policy.store):
         if url and is_postgres(url):
             return url
     return None
@@ -53,7 +63,15 @@ class Runtime:
         self.proofs = settings.keys.in_dir("proofs")
         policy = settings.policy
         officer = load_public(Path(policy.signing_public_key)) if policy.require_signature else None
-        bundle = bundle or load_bundle(BundleSource.configured(policy), self.proofs, officer)
+        self.published: PublishedPolicy | None = None
+        source = BundleSource.configured(policy)
+        if policy.store:
+            if not is_postgres(policy.store):
+                raise PolicyError([Finding("policy.store", None, Severity.ERROR,
+                                           "must be a postgresql:// URL, or empty to enforce policy.dir")])
+            self.published = PublishedPolicy(policy.store, settings.keys.in_dir("published"))
+            source = self.published.first()
+        bundle = bundle or load_bundle(source, self.proofs, officer)
         self.metrics = Metrics()
         self.policy = PolicyWatcher(bundle, self.proofs, officer, on_swap=self._swapped, on_failure=self._refused)
         self.shadow: PolicyWatcher | None = None
@@ -94,6 +112,9 @@ class Runtime:
             self.database = await Database.open(shared, max_size=2)
             self.listener = Listener(shared)
             self.listener.on("keys", lambda _: self.wake("revocations"))
+            self.listener.on("policy", lambda _: self.wake("policy"))
+        if self.published is not None:
+            await self.published.open()
         await self.upstream.start()
         c = s.cases
         self.cases = await CasesStore.open(Path(c.store))
@@ -151,6 +172,8 @@ class Runtime:
         await self.supervisor.stop()
         if self.listener is not None:
             await self.listener.close()
+        if self.published is not None:
+            await self.published.close()
         if self.database is not None:
             with contextlib.suppress(Exception):
                 await replica_rows.leave(self.database, self.instance)
@@ -178,6 +201,9 @@ class Runtime:
         ring = self.ring
         audit = self.trail.health()
         return {"policy": self.bundle.short_hash, "policy_digest": self.bundle.digest,
+                "policy_version": self.published.version if self.published is not None and
+                self.published.digest == self.bundle.digest else None,
+                "policy_error": self.policy.status.last_error,
                 "key_epoch": ring.revocation_seq if ring is not None else None,
                 "listener": self.listener.status() if self.listener is not None else None,
                 "audit": {"records": audit.get("records"), "pending": audit.get("pending"),
@@ -206,6 +232,10 @@ class Runtime:
             self._policy.wake()
 
     async def _poll_policy(self) -> None:
+        if self.published is not None:  # a newer published version: loaded, checked and proved as files are
+            newer = await self.published.sync()
+            if newer is not None:
+                self.policy.follow(newer)
         watch = self.settings.policy.watch
         await self.policy.poll(watch)
         if self.shadow is not None:

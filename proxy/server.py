@@ -20,6 +20,7 @@ from proxy.config import Settings
 from proxy.connection import guarded
 from proxy.keys import KekError
 from proxy.policy import PolicyError
+from proxy.postgres import DatabaseError
 from proxy.secretfile import open_dir_warning
 
 
@@ -42,6 +43,9 @@ def run(settings: Settings, siem: Siem | None = None) -> int:
         return 1
     except (ValueError, OSError, KekError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
+    except DatabaseError as exc:  # the shared PostgreSQL unreachable, or its schema not this version's
+        print(f"database error: {exc}", file=sys.stderr)
         return 1
     server = _Server(server_config(app, settings.server.host, settings.server.port))
     # Long-lived start-up objects (policy tables, routes) need no collection passes.

@@ -191,3 +191,87 @@ def test_status_shows_every_replica_and_whether_they_agree(service: dict[str, An
     found = wait_until(agreed, "both replicas to report the shred", timeout=15)
     assert {r["policy_digest"] for r in found["replicas"]} == {a.readyz()["checks"]["policy"]["hash"]}
     assert all(r["listener"]["connected"] for r in found["replicas"])
+
+
+def published_gateway(postgres: str, directory: Path, crm: str, signing: Signing, keys: Path,
+                      policies: Path, start: bool = False) -> Gateway:
+    """A replica enforcing the policy published in the shared database (policy.dir is only the officer's copy)."""
+    return gateway_on(postgres, directory, crm, signing, keys, policies=policies,
+                      env={"FIELDGUARD_POLICY_STORE": postgres, "FIELDGUARD_POLICY_POLL_SECONDS": "30"}, start=start)
+
+
+def hash_in_force(gw: Gateway) -> str:
+    return str(gw.readyz()["checks"]["policy"]["hash"])
+
+
+def test_a_published_policy_reaches_both_replicas_and_a_bad_one_is_refused_before_it_is_published(
+        postgres: str, signing: Signing, tmp_path: Path) -> None:
+    from proxy.policy import load_bundle
+    from tests.conftest import proofs_dir
+
+    crm, url, _ = crm_process(tmp_path / "crm", seed=True)
+    keys = make_keys(tmp_path / "keys")
+    officer = policies_copy(tmp_path / "officer")  # dana covers bob
+    env = {"FIELDGUARD_POLICY_STORE": postgres}
+    a = published_gateway(postgres, tmp_path / "a", url, signing, keys, officer)
+    gateways = [a]
+    try:
+        assert fieldguard(a.config, "db", "upgrade").returncode == 0
+        unpublished = fieldguard(a.config, "status", env=env)
+        assert unpublished.returncode == 0 and json.loads(unpublished.stdout)["replicas"] == []
+        first = fieldguard(a.config, "policy", "publish", str(officer), "--note", "CR-1", env=env)
+        assert first.returncode == 0, first.stderr
+        assert "published version 1" in first.stdout
+        again = fieldguard(a.config, "policy", "publish", str(officer), env=env)
+        assert "already published as version 1" in again.stdout
+        a.service.start()
+        b = published_gateway(postgres, tmp_path / "b", url, signing, keys, officer)
+        gateways.append(b)
+        b.service.start()
+        v1 = load_bundle(officer, proofs_dir()).digest
+        assert hash_in_force(a) == hash_in_force(b) == v1
+        dana = a.as_user("dana", "service_manager")
+        covered = [gw.get("/clients/2/session-notes", dana).status_code for gw in gateways]
+        assert covered == [200, 200], covered  # bob's client, through the cover grant
+
+        (officer / "cover.yaml").write_text("grants: []\n")  # bob is back
+        v2 = load_bundle(officer, proofs_dir()).digest
+        began = time.monotonic()
+        second = fieldguard(a.config, "policy", "publish", str(officer), "--note", "CR-2", env=env)
+        assert second.returncode == 0 and "published version 2" in second.stdout, second.stderr
+        for gw in gateways:
+            wait_until(lambda gw=gw: hash_in_force(gw) == v2, "the new version to be in force", timeout=10)
+        took = time.monotonic() - began
+        assert took < 2.0, f"version 2 took {took:.2f} s to reach both replicas (their own poll: every 30 s)"
+        assert [gw.get("/clients/2/session-notes", dana).status_code for gw in gateways] == [403, 403]
+
+        fields = officer / "fields.yaml"
+        text = fields.read_text()
+        sealed = "  clinical_notes:  {label: R, encrypt: record,"
+        assert sealed in text
+        fields.write_text(text.replace(sealed, "  clinical_notes:  {label: R,"))
+        downgrade = fieldguard(a.config, "policy", "publish", str(officer), env=env)
+        assert downgrade.returncode != 0
+        assert "class clinical_notes would stop being encrypted" in downgrade.stderr
+        fields.write_text(text)
+        (officer / "policy.csv").write_text("p, counsellor, caseload\n")  # truncated mid-line
+        broken = fieldguard(a.config, "policy", "publish", str(officer), env=env)
+        assert broken.returncode != 0 and "error(s): the bundle cannot be used" in broken.stderr
+        versions = pg_sql(postgres, "SELECT version, published_by, note FROM policy_versions ORDER BY version")
+        assert [(v["version"], v["note"]) for v in versions] == [(1, "CR-1"), (2, "CR-2")]
+
+        def versions_reported() -> list[int]:
+            out = fieldguard(a.config, "status", env=env)
+            return sorted(r["policy_version"] for r in json.loads(out.stdout)["replicas"])
+
+        wait_until(lambda: versions_reported() == [2, 2], "both replicas to report version 2", timeout=15)
+        trail = fieldguard(a.config, "audit", "query", "--format", "json", env=env)
+        assert trail.returncode == 0, trail.stderr
+        publishes = [r for r in json.loads(trail.stdout) if r.get("route") == "policy publish"]
+        assert [r["outcome"] for r in publishes] == ["allowed", "allowed", "denied"]
+        assert publishes[1]["reason"].startswith(f"version 2: {v2}") and "CR-2" in publishes[1]["reason"]
+        assert "would stop being encrypted" in publishes[2]["reason"]
+    finally:
+        for gw in gateways:
+            gw.service.stop()
+        crm.stop()

@@ -1,5 +1,5 @@
 """`fieldguard policy ...`: the security officer's tools. check, test, diff, explain, record, keygen, sign,
-reload: every one reads the bundle the way the gateway does, and exits 1 on a finding."""
+reload, publish: every one reads the bundle the way the gateway does, and exits 1 on a finding."""
 
 from __future__ import annotations
 
@@ -11,15 +11,23 @@ from typing import Any
 
 import click
 
-from proxy.cli.options import CONFIG, run, settings_of
+from proxy.cli.options import ACTOR, CONFIG, DRY_RUN, operator, run, settings_of
 from proxy.config import Settings
 from proxy.errors import GatewayError
-from proxy.policy import BundleSource, PolicyBundle, PolicyError, Relation, RelationIndex, load_bundle
+from proxy.policy import (
+    BundleSource,
+    PolicyBundle,
+    PolicyError,
+    Relation,
+    RelationIndex,
+    load_bundle,
+    read_bundle_files,
+)
 
 
 @click.group()
 def policy() -> None:
-    """The policy bundle: check, test, diff, explain, sign, reload."""
+    """The policy bundle: check, test, diff, explain, sign, reload, publish."""
 
 
 POLICY_DIR = click.argument("directory", required=False, type=click.Path(exists=True, file_okay=False,
@@ -38,10 +46,10 @@ def _source(directory: Path | None, fields_file: Path | None, config: Path | Non
     return BundleSource(directory, fields_file)
 
 
-def _load(source: BundleSource) -> PolicyBundle:
+def _load(source: BundleSource, proofs: Path | None = None) -> PolicyBundle:
     """The bundle, or every finding as `file:line: message (hint)` and exit 1."""
     try:
-        return load_bundle(source, _proof_cache())
+        return load_bundle(source, proofs or _proof_cache())
     except PolicyError as exc:
         for finding in exc.findings:
             click.echo(f"{source.directory}/{finding}", err=True)
@@ -306,3 +314,82 @@ def policy_reload(config: Path | None) -> None:
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot signal the gateway from {pid_file}: {exc}") from None
     click.echo(f"reload requested (pid {pid}); /readyz shows the policy hash in force and any refusal")
+
+
+@policy.command("publish")
+@POLICY_DIR
+@FIELDS
+@CONFIG
+@click.option("--note", default="", help="why: the change request, for the version's history")
+@DRY_RUN
+@ACTOR
+def policy_publish(directory: Path | None, fields_file: Path | None, config: Path | None, note: str, dry_run: bool,
+                   actor: str | None) -> None:
+    """Publish a bundle to the shared PostgreSQL (policy.store) as the next version, after check, compile
+    and proof; every replica loads it within a second (and at its next policy poll if the announcement is lost)."""
+    settings = settings_of(config) if config is not None else None
+    if settings is None or not settings.policy.store:
+        raise click.ClickException("policy.store is not set in the config: nowhere to publish to")
+    source = _source(directory, fields_file, config) if directory is not None else BundleSource(
+        Path(settings.policy.dir), Path(settings.policy.fields_file) if settings.policy.fields_file else None)
+    who = operator(actor)
+    try:
+        files = read_bundle_files(source)
+    except PolicyError as exc:
+        raise click.ClickException(str(exc)) from None
+    run(_refuse_unsafe(settings, files, who))  # cheap, and what a replica would refuse: before the proof
+    bundle = _load(source, settings.keys.in_dir("proofs"))
+    click.echo(run(_publish(settings, files, bundle, who, note, dry_run)))
+
+
+async def _refuse_unsafe(settings: Settings, files: dict[str, bytes], who: str) -> None:
+    """A change every replica's reload would refuse (a class losing its encryption unannounced), refused
+    here against the version in force, before anyone depends on it."""
+    from proxy.audit import record_operation
+    from proxy.policy.fieldmap import parse_fieldmap
+    from proxy.policy.mapdiff import unsafe_for_reload
+    from proxy.policy.published import files_of, latest
+    from proxy.policy.yamlfile import MapError
+    from proxy.postgres import Database, check_schema
+
+    db = await Database.open(settings.policy.store, max_size=1)
+    try:
+        await check_schema(db.pool, settings.policy.store)
+        current = await latest(db)
+        if current is None:
+            return
+        before = parse_fieldmap((await files_of(db, current.version))["fields.yaml"].decode())
+    finally:
+        await db.close()
+    try:
+        after = parse_fieldmap(files["fields.yaml"].decode())
+    except (MapError, UnicodeDecodeError):
+        return  # the full check below says where
+    unsafe = unsafe_for_reload(before, after)
+    if unsafe:
+        await record_operation(settings, "policy publish", who=who, denied="; ".join(unsafe)[:500])
+        raise click.ClickException(f"not published (version {current.version} stays in force): " + "; ".join(unsafe))
+
+
+async def _publish(settings: Settings, files: dict[str, bytes], bundle: PolicyBundle, who: str, note: str,
+                   dry_run: bool) -> str:
+    from proxy.audit import record_operation
+    from proxy.policy.published import latest, publish
+    from proxy.postgres import Database, check_schema, redact
+
+    db = await Database.open(settings.policy.store, max_size=1)
+    try:
+        await check_schema(db.pool, settings.policy.store)
+        current = await latest(db)
+        if current is not None and current.digest == bundle.digest:
+            return f"already published as version {current.version} ({bundle.short_hash}): nothing to do"
+        if dry_run:
+            return (f"would publish {bundle.short_hash} as version {(current.version if current else 0) + 1} "
+                    f"to {redact(settings.policy.store)}")
+        published = await publish(db, files, who, note)
+    finally:
+        await db.close()
+    await record_operation(settings, "policy publish", who=who,
+                           reason=f"version {published.version}: {published.digest}" + (f" ({note})" if note else ""))
+    return (f"published version {published.version} ({bundle.short_hash}) to {redact(settings.policy.store)}; "
+            "`fieldguard status` shows which replicas run it")

@@ -84,6 +84,11 @@ class PolicyWatcher:
                 await self._on_swap(old, fresh)
             return True
 
+    def follow(self, source: BundleSource) -> None:
+        """Load from another place from now on (a newly published version's mirror), at the next poll."""
+        self.source = source
+        self._requested = True
+
     def request_reload(self) -> None:
         """SIGHUP: the next `poll` reloads whatever the files say."""
         self._requested = True
