@@ -113,7 +113,8 @@ class RelationsSection:
 @dataclass(frozen=True, slots=True)
 class AuditSection:
     log: str = _path("-")  # JSON lines for a SIEM: a file path, or "-" for stdout
-    store: str = _path("audit.sqlite3")  # the durable, hash-linked trail (SQLite)
+    store: str = _path("audit.sqlite3")  # the durable, hash-linked trail: SQLite, or "postgresql://..." shared
+    replica: str = ""  # this gateway's name in a shared trail (default host:port); unique and stable
     timeout_seconds: float = 2.0  # a record not committed by then: the caller gets 503 and no data
     checkpoint_every: int = 1000  # sign the trail's head every N records ...
     checkpoint_seconds: float = 60.0  # ... or every T seconds, whichever comes first
@@ -192,7 +193,8 @@ def build_settings(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Pat
                 values[key] = _coerce(env[env_name], getattr(current, key), env_name)
         for key, value in values.items():
             expected = getattr(current, key)
-            if known[key].metadata.get("path") and isinstance(value, str) and value not in ("", "-"):
+            if known[key].metadata.get("path") and isinstance(value, str) and value not in ("", "-") \
+                    and "://" not in value:  # a database URL is no path
                 values[key] = str(_resolve(value, base_dir))
             if isinstance(expected, bool) != isinstance(value, bool) or (
                 not isinstance(expected, bool) and isinstance(expected, (int, float)) and

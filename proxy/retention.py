@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from proxy.audit import AuditStore, is_shared, store_of
 from proxy.config import Settings
 from proxy.keys import KeyRing
 from proxy.policy import FieldMap, PolicyBundle, Resource, RetentionRules, Schedule
@@ -279,10 +280,18 @@ def certificate(kind: str, settings: Settings, bundle: PolicyBundle, destroyed: 
     checkpoint at the time (its size and head: a later verify shows the trail held this erasure)."""
     return {"certificate": "destruction", "id": "cd-" + secrets.token_hex(8), "kind": kind,
             "destroyed_at": datetime.now(UTC).isoformat(timespec="seconds"), "policy": bundle.digest, **facts,
-            "clients": [d.as_dict() for d in destroyed], "trail": last_checkpoint(Path(settings.audit.store))}
+            "clients": [d.as_dict() for d in destroyed], "trail": last_checkpoint(store_of(settings))}
 
 
-def last_checkpoint(store: Path) -> dict[str, Any] | None:
+def last_checkpoint(store: AuditStore) -> dict[str, Any] | None:
+    """The trail's last signed checkpoint, for a certificate of destruction."""
+    if is_shared(store):
+        from proxy.audit.pgverify import last_seal
+
+        last = last_seal(str(store))
+        return None if last is None else {"size": last.size, "head": last.head.hex(), "time": last.time,
+                                          "key_id": last.key_id}
+    store = Path(store)
     if not store.exists():
         return None
     conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)

@@ -49,7 +49,7 @@ LISTEN_CHECK_SECONDS = 2.0  # the change listener proves its connection alive, o
 
 def shared_database(settings: Settings) -> str | None:
     """The PostgreSQL database the deployment's replicas share (announcements, status rows), if any."""
-    for url in (settings.keys.store, settings.policy.store):
+    for url in (settings.keys.store, settings.policy.store, settings.audit.store):
         if url and is_postgres(url):
             return url
     return None

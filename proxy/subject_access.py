@@ -72,10 +72,11 @@ def history(settings: Settings, pseudonym: str, public_key: Path | None = None) 
     """Who accessed the client's record, and what was disclosed of it, from the trail (verified first, as
     `audit report` verifies it). Operators' commands are not accesses to the record; a release outside the
     service is."""
+    from proxy.audit import store_exists, store_of
     from proxy.audit.views import Integrity, Query, access_report, integrity_of, query
 
-    store = Path(settings.audit.store)
-    if not store.exists():
+    store = store_of(settings)
+    if not store_exists(store):
         return access_report([], pseudonym, Integrity(ok=False, problems=(f"no audit store at {store}",)))
     integrity = integrity_of(settings, store, public_key)
     found = query(store, Query(pseudonym=pseudonym, limit=1_000_000))

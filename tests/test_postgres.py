@@ -22,11 +22,13 @@ from tests.test_key_custody import new_client, note
 
 
 def gateway_on(postgres: str, directory: Path, crm: str, signing: Signing, keys: Path, poll: float = 30.0,
-               policies: Path | None = None, **kw: Any) -> Gateway:
-    """A `fieldguard serve` process whose keystore is the shared database; its own re-check of revocations
-    only every `poll` seconds, so that what arrives sooner came by announcement."""
+               policies: Path | None = None, shared_audit: bool = True, **kw: Any) -> Gateway:
+    """A `fieldguard serve` process whose keystore (and trail, unless not `shared_audit`) is the shared
+    database; its own re-check of revocations only every `poll` seconds, so that what arrives sooner came by
+    announcement; its trail sealed every second."""
+    audit = f'store = "{postgres}"\ncheckpoint_seconds = 1.0' if shared_audit else ""
     return start_gateway(directory, crm, signing, keys, policies=policies or policies_copy(directory),
-                         process=True,
+                         process=True, extra=audit,
                          sections="[relations]\nrefresh_seconds = 0.5\n",
                          keys_extra=f'store = "{postgres}"\nrevocation_poll_seconds = {poll}\n'
                                     f'revocation_max_age_seconds = {max(2 * poll, 5.0)}', **kw)
@@ -47,6 +49,14 @@ def service(postgres: str, signing: Signing, tmp_path: Path) -> Iterator[dict[st
     for gw in (first, second):
         gw.service.stop()
     crm.stop()
+
+
+def known(client: int, *gateways: Gateway) -> None:
+    """Wait until each gateway's relation facts (re-read every half second here) include the new client."""
+    for gw in gateways:
+        token = gw.as_user("alice", "counsellor")
+        wait_until(lambda gw=gw, token=token: gw.get(f"/clients/{client}", token).status_code == 200,
+                   "the new client to be known", timeout=10)
 
 
 def body_of(gw: Gateway, note_id: int) -> Any:
@@ -73,11 +83,11 @@ def test_db_upgrade_makes_the_schema_once_and_says_so(postgres: str, tmp_path: P
     assert dry.returncode == 0 and "would apply 1: keystore" in dry.stdout and "schema version 0" in dry.stdout
     assert pg_sql(postgres, "SELECT to_regclass('data_keys') IS NULL AS missing")[0]["missing"]
     first = fieldguard(config, "db", "upgrade")
-    assert first.returncode == 0 and "applied 1: keystore" in first.stdout and "applied 2: policy" in first.stdout
+    assert first.returncode == 0 and "applied 1: keystore" in first.stdout and "applied 3: audit" in first.stdout
     again = fieldguard(config, "db", "upgrade")
     assert again.returncode == 0 and "(up to date)" in again.stdout and "applied" not in again.stdout
     versions = [r["version"] for r in pg_sql(postgres, "SELECT version FROM fieldguard_schema ORDER BY version")]
-    assert versions == [1, 2]
+    assert versions == [1, 2, 3]
 
 
 def test_a_database_without_the_schema_is_refused_with_the_command_that_fixes_it(postgres: str,
@@ -143,7 +153,7 @@ def test_a_replica_that_loses_the_database_withholds_and_says_why(postgres: str,
                                                                  tmp_path: Path) -> None:
     crm, url, _ = crm_process(tmp_path / "crm", seed=False)
     keys = make_keys(tmp_path / "keys")
-    b = gateway_on(postgres, tmp_path / "b", url, signing, keys, poll=1.0, start=False)
+    b = gateway_on(postgres, tmp_path / "b", url, signing, keys, poll=1.0, start=False, shared_audit=False)
     assert fieldguard(b.config, "db", "upgrade").returncode == 0
     b.service.start()
     name = postgres.rsplit("/", 1)[1]
@@ -275,3 +285,107 @@ def test_a_published_policy_reaches_both_replicas_and_a_bad_one_is_refused_befor
         for gw in gateways:
             gw.service.stop()
         crm.stop()
+
+
+def verify(gw: Gateway, *args: str) -> tuple[int, dict[str, Any]]:
+    out = fieldguard(gw.config, "audit", "verify", *args)
+    return out.returncode, json.loads(out.stdout)
+
+
+def sealed(gw: Gateway) -> dict[str, Any]:
+    """`audit verify` once the sealer has covered every record (it seals every second here)."""
+    def done() -> dict[str, Any] | None:
+        code, verdict = verify(gw)
+        return verdict if code == 0 else None
+    return wait_until(done, "the shared trail to be sealed to its end", timeout=20, every=0.5)
+
+
+def test_one_trail_for_both_replicas_verifies_and_names_a_forged_or_reordered_row(service: dict[str, Any]) -> None:
+    a, b, postgres = service["a"], service["b"], service["postgres"]
+    client = new_client(a, "Eve")
+    known(client, b)
+    note(b, client, "through the second")
+    ids = [gw.get(f"/clients/{client}", gw.as_user("alice", "counsellor")).headers["x-request-id"]
+           for gw in (a, b, a, b)]
+    verdict = sealed(a)
+    replicas = {r["replica"] for r in pg_sql(postgres, "SELECT DISTINCT replica FROM audit_records")}
+    assert len([r for r in replicas if not r.startswith("cli@")]) == 2, replicas
+    total = pg_sql(postgres, "SELECT COUNT(*) AS n FROM audit_records")[0]["n"]
+    assert verdict["ok"] and verdict["records"] == total and verdict["verified"] == total and verdict["checkpoints"]
+    found = fieldguard(a.config, "audit", "query", "--client", str(client), "--format", "json")
+    assert found.returncode == 0, found.stderr
+    assert set(ids) <= {r["request_id"] for r in json.loads(found.stdout)}  # both replicas' records, one query
+
+    exported = service["dir"] / "trail.jsonl"
+    assert fieldguard(a.config, "audit", "export", "--output", str(exported)).returncode == 0
+    code, offline = verify(a, "--export", str(exported))
+    assert code == 0 and offline["ok"] and offline["records"] >= total
+
+    # a superuser edits one of the second replica's records after it was sealed
+    second = next(r for r in replicas if r.endswith(b.url.rsplit(":", 1)[1]))
+    seq = pg_sql(postgres, "SELECT seq FROM audit_records WHERE replica = $1 AND "
+                           "position('\"outcome\":\"allowed\"' in convert_from(body, 'UTF8')) > 0 "
+                           "ORDER BY seq LIMIT 1", second)[0]["seq"]
+    pg_sql(postgres, "ALTER TABLE audit_records DISABLE TRIGGER USER")
+    pg_sql(postgres, "UPDATE audit_records SET body = convert_to(replace(convert_from(body, 'UTF8'), "
+                     "'\"outcome\":\"allowed\"', '\"outcome\":\"denied\"'), 'UTF8') "
+                     "WHERE replica = $1 AND seq = $2", second, seq)
+    code, verdict = verify(a)
+    assert code == 1 and not verdict["ok"]
+    assert any(f"replica {second} record {seq}: its content does not match its hash" in p
+               for p in verdict["problems"]), verdict
+    code, offline = verify(a, "--export", str(exported))  # the export taken before still verifies
+    assert code == 0
+
+
+def test_a_reordered_sealed_log_is_named(service: dict[str, Any]) -> None:
+    a, b, postgres = service["a"], service["b"], service["postgres"]
+    client = new_client(a, "Fay")
+    known(client, b)
+    for gw in (a, b, a, b):
+        gw.get(f"/clients/{client}", gw.as_user("alice", "counsellor"))
+    sealed(a)
+    pg_sql(postgres, "ALTER TABLE audit_log DISABLE TRIGGER USER")
+    pg_sql(postgres, "UPDATE audit_log SET idx = -idx WHERE idx IN (2, 3)")
+    pg_sql(postgres, "UPDATE audit_log SET idx = 5 - (-idx) WHERE idx IN (-2, -3)")  # 2 <-> 3
+    code, verdict = verify(a)
+    assert code == 1
+    assert verdict["problems"][0].startswith("sealed log: record 2: its content says it is record 3"), verdict
+
+
+def test_a_replica_killed_under_load_loses_no_record_of_a_delivered_response(service: dict[str, Any]) -> None:
+    import signal
+    import threading
+
+    a, b, postgres = service["a"], service["b"], service["postgres"]
+    client = new_client(a, "Gus")
+    known(client, b)
+    token = b.as_user("alice", "counsellor")
+    delivered: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                r = b.get(f"/clients/{client}", token)
+            except Exception:
+                return  # the replica is gone
+            if r.status_code == 200:
+                delivered.append(r.headers["x-request-id"])
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    wait_until(lambda: len(delivered) >= 40, "load on the second replica", timeout=30)
+    assert b.service.proc is not None
+    b.service.proc.send_signal(signal.SIGKILL)
+    b.service.proc.wait(timeout=10)
+    stop.set()
+    for w in workers:
+        w.join(timeout=30)
+    bodies = {r["body"] for r in pg_sql(postgres, "SELECT convert_from(body, 'UTF8') AS body FROM audit_records")}
+    recorded = {json.loads(body)["request_id"] for body in bodies}
+    missing = [rid for rid in delivered if rid not in recorded]
+    assert not missing, f"{len(missing)} of {len(delivered)} delivered responses have no record"
+    verdict = sealed(a)  # the surviving replica seals what the killed one committed
+    assert verdict["ok"] and verdict["records"] >= len(delivered)

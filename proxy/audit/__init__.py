@@ -5,11 +5,23 @@ and exports (`proxy.audit.views`) read the store and are imported by their own n
 from proxy.audit.checkpoints import Checkpoint, CheckpointSigner, load_public, public_path, public_pem
 from proxy.audit.record import AuditRecord
 from proxy.audit.siem import JsonLinesTrail, MultiTrail, Siem
-from proxy.audit.trail import AuditUnavailable, DurableTrail, Trail, UndurableTrail, open_trail, record_operation
+from proxy.audit.trail import (
+    AuditStore,
+    AuditUnavailable,
+    DurableTrail,
+    Trail,
+    UndurableTrail,
+    is_shared,
+    open_trail,
+    record_operation,
+    store_exists,
+    store_of,
+)
 from proxy.audit.verify import Verdict, VerifyInputError, read_anchors, read_export, verify_export, verify_store
 
 __all__ = [
     "AuditRecord",
+    "AuditStore",
     "AuditUnavailable",
     "Checkpoint",
     "CheckpointSigner",
@@ -21,6 +33,7 @@ __all__ = [
     "UndurableTrail",
     "Verdict",
     "VerifyInputError",
+    "is_shared",
     "load_public",
     "open_trail",
     "public_path",
@@ -28,6 +41,8 @@ __all__ = [
     "read_anchors",
     "read_export",
     "record_operation",
+    "store_exists",
+    "store_of",
     "verify_export",
     "verify_store",
 ]

@@ -13,14 +13,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proxy.audit.trail import connect, read_checkpoints, read_records
+from proxy.audit.trail import AuditStore, connect, is_shared, read_checkpoints, read_records
 
 
 # ---------------------------------------------------------------------------------------------- exports
-def export_jsonl(store: Path) -> Iterator[str]:
+def export_jsonl(store: AuditStore) -> Iterator[str]:
     """Records with their hashes and the signed checkpoints: `fieldguard audit verify --export` reads this.
-    Every record goes in as stored, readable or not, so that the export verifies exactly as the store does."""
-    conn = connect(store, readonly=True)
+    Every record goes in as stored, readable or not, so that the export verifies exactly as the store does.
+    A shared trail's: every replica's chain, the sealed log and its checkpoints."""
+    if is_shared(store):
+        from proxy.audit.pgverify import export_lines
+
+        yield from (json.dumps(line) for line in export_lines(str(store)))
+        return
+    conn = connect(Path(store), readonly=True)
     try:
         for rec in read_records(conn):
             yield json.dumps({"seq": rec.seq, "leaf": rec.leaf.hex(), "link": rec.link.hex(),

@@ -19,7 +19,17 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from proxy.audit.checkpoints import Checkpoint, key_id
-from proxy.audit.trail import GENESIS, StoredRecord, connect, leaf_hash, link_hash, read_checkpoints, read_records
+from proxy.audit.trail import (
+    GENESIS,
+    AuditStore,
+    StoredRecord,
+    connect,
+    is_shared,
+    leaf_hash,
+    link_hash,
+    read_checkpoints,
+    read_records,
+)
 
 
 @dataclass(slots=True)
@@ -45,8 +55,18 @@ class Verdict:
             self.first_bad = seq
 
 
-def verify_store(path: Path, public: Ed25519PublicKey, anchors: Iterable[Checkpoint] = ()) -> Verdict:
-    conn = connect(path, readonly=True)
+def verify_store(path: AuditStore, public: Ed25519PublicKey, anchors: Iterable[Checkpoint] = ()) -> Verdict:
+    if is_shared(path):
+        from proxy.audit.pgverify import read_shared, verify_shared
+        from proxy.postgres import DatabaseError
+
+        try:
+            return verify_shared(read_shared(str(path)), public, anchors)
+        except DatabaseError as exc:
+            verdict = Verdict()
+            verdict.fail(f"the store cannot be read: {exc}")
+            return verdict
+    conn = connect(Path(path), readonly=True)
     try:
         total = int(conn.execute("SELECT COUNT(*) FROM audit_records").fetchone()[0])
         return verify(read_records(conn), read_checkpoints(conn), public, anchors, total)
@@ -115,6 +135,14 @@ def _checkpoint(data: Any, path: Path, line: int) -> Checkpoint:
 
 
 def verify_export(path: Path, public: Ed25519PublicKey, anchors: Iterable[Checkpoint] = ()) -> Verdict:
+    from proxy.audit.pgverify import from_export, verify_shared
+
+    try:
+        shared = from_export(item for _, item in _lines(path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VerifyInputError(f"{path}: not an export of a shared trail ({type(exc).__name__})") from None
+    if shared is not None:  # a shared trail's export: every replica's chain, the sealed log, its checkpoints
+        return verify_shared(shared, public, anchors)
     records, checkpoints = read_export(path)
     return verify(iter(records), checkpoints, public, anchors, len(records))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.audit.exports import names_in
-from proxy.audit.trail import connect
+from proxy.audit.trail import AuditStore, connect, is_shared
 from proxy.config import Settings
 
 if TYPE_CHECKING:
@@ -54,15 +54,20 @@ class Found:
     unreadable: list[int] = field(default_factory=list)
 
 
-def _rows(store: Path) -> Iterator[tuple[int, object, object]]:
-    conn = connect(store, readonly=True)
+def _rows(store: AuditStore) -> Iterator[tuple[int, object, object]]:
+    if is_shared(store):
+        from proxy.audit.pgverify import shared_rows
+
+        yield from shared_rows(str(store))
+        return
+    conn = connect(Path(store), readonly=True)
     try:
         yield from conn.execute("SELECT seq, recorded_at, body FROM audit_records ORDER BY seq")
     finally:
         conn.close()
 
 
-def all_records(store: Path, unreadable: list[int]) -> Iterator[dict[str, Any]]:
+def all_records(store: AuditStore, unreadable: list[int]) -> Iterator[dict[str, Any]]:
     """Every readable record in order; the sequence number of each unreadable one is appended to `unreadable`."""
     for seq, _at, body in _rows(store):
         record = parse(body)
@@ -84,7 +89,7 @@ class Query:
     limit: int = 1000
 
 
-def query(store: Path, q: Query) -> Found:
+def query(store: AuditStore, q: Query) -> Found:
     """Matching records in order, at most `q.limit`. Every record is read (it is checked whether it can be),
     so the unreadable ones of the whole trail are counted, not only those before the limit.
     Raises ValueError for a `since` or `until` that is not ISO 8601."""
@@ -179,7 +184,7 @@ def tail_pending(verdict: Verdict, settings: Settings) -> bool:
     return -5.0 <= age <= 2 * audit.checkpoint_seconds + 5.0 and verdict.unanchored <= audit.checkpoint_every
 
 
-def integrity_of(settings: Settings, store: Path, public_key: Path | None) -> Integrity:
+def integrity_of(settings: Settings, store: AuditStore, public_key: Path | None) -> Integrity:
     """The verification `audit verify` does (without --anchor), for a view to say when its trail does not
     verify (an edit, a gap, a bad signature: named), or is intact but not signed to its end (said apart, since
     a running gateway's first records wait a few seconds for theirs). A key that cannot be read is said too,

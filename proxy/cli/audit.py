@@ -15,6 +15,7 @@ from proxy.cli.options import ACTOR, CONFIG, echo, record, run, settings_of
 from proxy.config import Settings
 
 if TYPE_CHECKING:
+    from proxy.audit import AuditStore
     from proxy.audit.views import Integrity
 
 
@@ -23,9 +24,11 @@ def audit() -> None:
     """The audit trail: verify it, query it, answer subject access requests, export it."""
 
 
-def _store(settings: Settings, store: Path | None) -> Path:
-    path = store or Path(settings.audit.store)
-    if not path.exists():
+def _store(settings: Settings, store: Path | None) -> AuditStore:
+    from proxy.audit import store_exists, store_of
+
+    path = store or store_of(settings)
+    if not store_exists(path):
         raise click.ClickException(f"no audit store at {path}")
     return path
 
@@ -43,7 +46,7 @@ async def _pseudonym_of(settings: Settings, client_id: str) -> str:
     return found
 
 
-def _integrity(settings: Settings, store: Path, public_key: Path | None) -> Integrity:
+def _integrity(settings: Settings, store: AuditStore, public_key: Path | None) -> Integrity:
     from proxy.audit.views import integrity_of
 
     return integrity_of(settings, store, public_key)

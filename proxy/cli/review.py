@@ -167,12 +167,13 @@ async def _justification(settings: Settings, grant: Any) -> str:
 
 def _uses(settings: Settings, grant_id: str) -> dict[str, Any]:
     """What the trail says was done under the grant: requests, outcomes, the classes and paths shown."""
+    from proxy.audit import store_exists, store_of
     from proxy.audit.views import Query, query
 
-    store = Path(settings.audit.store)
+    store = store_of(settings)
     records = [r for r in query(store, Query(outcome="break-glass", limit=100_000)).records
                if grant_id in str(r.get("break_glass") or "").split(",") and r.get("method") != "CLI"
-               and not str(r.get("route") or "").startswith("/_fieldguard/")] if store.exists() else []
+               and not str(r.get("route") or "").startswith("/_fieldguard/")] if store_exists(store) else []
     shown: dict[str, set[str]] = {}
     for r in records:
         for cls, paths in (r.get("shown") or {}).items():

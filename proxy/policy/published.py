@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 from proxy.policy.bundle import BundleSource, bundle_digest, read_bundle_files
 from proxy.policy.lint import Finding, PolicyError, Severity
-from proxy.postgres import Database, announce, check_schema, redact
+from proxy.postgres import Database, announce, blocking, check_schema, redact
 from proxy.secretfile import private_dir
 
 TOPIC = "policy"
@@ -148,17 +147,4 @@ class PublishedPolicy:
             finally:
                 await self.close()
 
-        box: list[BundleSource | BaseException] = []
-
-        def run() -> None:
-            try:
-                box.append(asyncio.run(fetch()))
-            except BaseException as exc:
-                box.append(exc)
-
-        thread = threading.Thread(target=run, name="fieldguard-policy-fetch")
-        thread.start()
-        thread.join()
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
+        return blocking(fetch)

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from proxy.postgres.connect import DatabaseError, connect, redact
+from proxy.postgres.database import DatabaseError, connect, redact
 
 log = structlog.get_logger("fieldguard.postgres")
 

@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from proxy.postgres.connect import Database
+from proxy.postgres.database import Database
 
 
 async def report(db: Database, instance: str, host: str, pid: int, started_at: float,

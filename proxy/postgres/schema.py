@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from proxy.postgres.connect import DatabaseError, connect, redact
+from proxy.postgres.database import DatabaseError, connect, redact
 
 _LOCK = 0x46475343  # 'FGSC': one upgrade at a time, whichever host runs it
 
@@ -91,6 +91,47 @@ CREATE TABLE policy_versions (
     published_at double precision NOT NULL,
     note text NOT NULL DEFAULT ''
 );
+"""),
+    Migration(3, "audit: each replica's hash chain, the sealed log merging them, its signed checkpoints", """
+CREATE TABLE audit_records (
+    replica text NOT NULL,
+    seq bigint NOT NULL,
+    recorded_at double precision NOT NULL,
+    body bytea NOT NULL,
+    leaf bytea NOT NULL,
+    link bytea NOT NULL,
+    PRIMARY KEY (replica, seq)
+);
+CREATE TABLE audit_log (
+    idx bigint PRIMARY KEY,
+    replica text NOT NULL,
+    rseq bigint NOT NULL,
+    body bytea NOT NULL,
+    leaf bytea NOT NULL,
+    link bytea NOT NULL,
+    UNIQUE (replica, rseq)
+);
+CREATE TABLE audit_replicas (
+    replica text PRIMARY KEY,
+    sealed bigint NOT NULL DEFAULT 0,
+    first_seen double precision NOT NULL
+);
+CREATE TABLE audit_seals (
+    size bigint PRIMARY KEY,
+    head bytea NOT NULL,
+    origin text NOT NULL,
+    time text NOT NULL,
+    key_id text NOT NULL,
+    signature bytea NOT NULL
+);
+CREATE FUNCTION fieldguard_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'the audit trail is append-only'; END $$;
+CREATE TRIGGER audit_records_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_records
+    FOR EACH STATEMENT EXECUTE FUNCTION fieldguard_append_only();
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION fieldguard_append_only();
+CREATE TRIGGER audit_seals_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_seals
+    FOR EACH STATEMENT EXECUTE FUNCTION fieldguard_append_only();
 """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version

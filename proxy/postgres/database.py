@@ -8,10 +8,35 @@ that holds a session open get connections of their own (`connect`).
 
 from __future__ import annotations
 
+import asyncio
 import re
-from typing import Any
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
+
+T = TypeVar("T")
+
+
+def blocking(work: Callable[[], Awaitable[T]]) -> T:
+    """Run async database work to its end from synchronous code (a command's report, a start-up read),
+    on an event loop of its own in a thread, so it works whether or not the caller is inside a loop."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, asyncio.run(work())))  # type: ignore[arg-type]
+        except BaseException as exc:
+            box.append((False, exc))
+
+    thread = threading.Thread(target=run, name="fieldguard-db")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 def is_postgres(url: str) -> bool:
