@@ -22,12 +22,14 @@ from proxy.keys import KekError
 from proxy.policy import PolicyError
 from proxy.postgres import DatabaseError
 from proxy.secretfile import open_dir_warning
+from proxy.workers import shared_socket, worker_index
 
 
 def run(settings: Settings, siem: Siem | None = None) -> int:
     """Serve until stopped; 1 when the configuration or the policy cannot be used."""
     logs.configure(settings.server.log_level)
-    taken = port_taken(settings.server.host, settings.server.port)
+    worker = worker_index()
+    taken = port_taken(settings.server.host, settings.server.port) if worker is None else None
     if taken:
         print(f"{taken}: stop it, or set server.port (FIELDGUARD_SERVER_PORT).", file=sys.stderr)
         return 1
@@ -51,7 +53,8 @@ def run(settings: Settings, siem: Siem | None = None) -> int:
     # Long-lived start-up objects (policy tables, routes) need no collection passes.
     gc.collect()
     gc.freeze()
-    server.run()
+    # one of `serve --workers N`: the port is shared with the other workers (SO_REUSEPORT)
+    server.run(sockets=[shared_socket(settings.server.host, settings.server.port)] if worker is not None else None)
     return 0 if server.started else 1
 
 

@@ -14,8 +14,17 @@ PURPOSE_PREFERENCE = ("TREAT", "HOPERAT", "HRESCH", "PATRQT", "ETREAT", "HLEGAL"
 
 @click.command()
 @CONFIG
-def serve(config: Path | None) -> None:
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="gateway processes on the port (one per core); they share the keystore, trail and policy")
+def serve(config: Path | None, workers: int) -> None:
     """Run the gateway."""
+    if workers > 1:
+        from proxy import logs
+        from proxy.workers import supervise
+
+        settings = settings_of(config)
+        logs.configure(settings.server.log_level)
+        sys.exit(supervise(settings, ["--config", str(config)] if config else [], workers))
     from proxy.server import run
 
     sys.exit(run(settings_of(config)))
