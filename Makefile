@@ -42,6 +42,7 @@ test: lint unit
 bench: setup
 	scripts/setup-debian.sh wrk nginx-light
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.scaleout
 
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache demo-data

@@ -201,10 +201,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--app", choices=APPS, default="aiohttp")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="bind with SO_REUSEPORT: one of several processes on the port, as `serve --workers`")
     args = parser.parse_args(argv)
-    uvicorn.run(make_app(args.app, args.upstream), host="127.0.0.1", port=args.port, loop="uvloop",
-                http="httptools", lifespan="on", access_log=False, log_level="warning", server_header=False,
-                date_header=False, proxy_headers=False)
+    config = uvicorn.Config(make_app(args.app, args.upstream), host="127.0.0.1", port=args.port, loop="uvloop",
+                            http="httptools", lifespan="on", access_log=False, log_level="warning",
+                            server_header=False, date_header=False, proxy_headers=False)
+    if args.reuse_port:
+        from proxy.workers import shared_socket
+
+        uvicorn.Server(config).run(sockets=[shared_socket("127.0.0.1", args.port)])
+    else:
+        uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":
