@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(medians: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = ["| cell | target | req/s | × pass (same processes) | p50 ms | p99 ms | cpuµs | cores used |",
+    lines = ["| cell | target | req/s | ratio to pass (same processes) | p50 ms | p99 ms | cpuµs | cores used |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for cell, by in medians.items():
         for name, m in by.items():
