@@ -389,3 +389,34 @@ def test_a_replica_killed_under_load_loses_no_record_of_a_delivered_response(ser
     assert not missing, f"{len(missing)} of {len(delivered)} delivered responses have no record"
     verdict = sealed(a)  # the surviving replica seals what the killed one committed
     assert verdict["ok"] and verdict["records"] >= len(delivered)
+
+
+def test_a_keystore_file_moves_to_the_database_and_what_it_sealed_opens_there(postgres: str, signing: Signing,
+                                                                              tmp_path: Path) -> None:
+    crm, url, _ = crm_process(tmp_path / "crm", seed=False)
+    keys = make_keys(tmp_path / "keys")
+    policies = policies_copy(tmp_path)
+    alone = start_gateway(tmp_path / "alone", url, signing, keys, policies=policies)  # one gateway, its file
+    try:
+        client = new_client(alone, "Kit")
+        written = note(alone, client, "sealed under the file's key")
+    finally:
+        alone.service.stop()
+    shared = gateway_on(postgres, tmp_path / "shared", url, signing, keys, policies=policies, start=False)
+    assert fieldguard(shared.config, "db", "upgrade").returncode == 0
+    env = {"FIELDGUARD_KEYS_STORE": ""}  # the file's config, pointed at the database only by --url
+    dry = fieldguard(alone.config, "db", "import-keystore", "--url", postgres, "--dry-run", env=env)
+    assert dry.returncode == 0 and "would copy 1 data keys, 1 pseudonyms" in dry.stdout, dry.stdout + dry.stderr
+    assert pg_sql(postgres, "SELECT COUNT(*) AS n FROM data_keys")[0]["n"] == 0
+    moved = fieldguard(alone.config, "db", "import-keystore", "--url", postgres, env=env)
+    assert moved.returncode == 0 and "copied 1 data keys" in moved.stdout, moved.stderr
+    again = fieldguard(alone.config, "db", "import-keystore", "--url", postgres, env=env)
+    assert again.returncode != 0 and "not empty" in again.stderr and "nothing was imported" in again.stderr
+    shared.service.start()
+    try:
+        wait_until(lambda: shown(shared, written) == "sealed under the file's key", "the note to open", timeout=10)
+        pseudonym = pg_sql(postgres, "SELECT pseudonym FROM client_pseudonyms WHERE client_id = $1", str(client))
+        assert pseudonym and pseudonym[0]["pseudonym"].startswith("P-")
+    finally:
+        shared.service.stop()
+        crm.stop()

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from proxy.cli.options import CONFIG, DRY_RUN, echo, run, settings_of
+from proxy.cli.options import ACTOR, CONFIG, DRY_RUN, echo, record, run, settings_of
 from proxy.config import Settings
 
 URL = click.option("--url", default=None, help="the database (default: the configured PostgreSQL store)")
@@ -56,6 +56,32 @@ def db_upgrade(config: Path | None, url: str | None, dry_run: bool) -> None:
         click.echo(f"{verb} {m.version}: {m.description}")
     click.echo(f"{redact(chosen)}: schema version {found if dry_run else SCHEMA_VERSION}"
                + ("" if todo else " (up to date)"))
+
+
+@db.command("import-keystore")
+@CONFIG
+@URL
+@DRY_RUN
+@ACTOR
+def db_import_keystore(config: Path | None, url: str | None, dry_run: bool, actor: str | None) -> None:
+    """Copy the keystore file ([keys] dir/keystore) into the shared database, when moving from one gateway
+    to several: every key wrapped as it was, every pseudonym and tombstone; refused if the database holds keys."""
+    from proxy.keys import KeystoreConflict
+    from proxy.keys.pgstore import import_keystore
+
+    settings = settings_of(config)
+    chosen = _url(settings, url)
+    source = settings.keys.in_dir(settings.keys.keystore)
+    try:
+        counts = _database_errors(import_keystore(source, chosen, dry_run))
+    except KeystoreConflict as exc:
+        raise click.ClickException(str(exc)) from None
+    verb = "would copy" if dry_run else "copied"
+    click.echo(f"{verb} {counts['data_keys']} data keys, {counts['client_pseudonyms']} pseudonyms, "
+               f"{counts['tombstones']} tombstones and {counts['retired_keks']} retired KEKs from {source}")
+    if not dry_run:
+        click.echo("now set [keys] store to the database in every gateway's config, and keep the file as a backup")
+    record(settings, "db import-keystore", actor, counts=counts, dry_run=dry_run)
 
 
 @click.command()

@@ -12,15 +12,18 @@ wrapped by the KEK, so `fieldguard keys rotate-kek --retire-old` after a shred m
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Iterable
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
 from proxy.keys.store import _COLUMNS, DataKey, KeystoreConflict, KeystoreUnavailable, _row, new_pseudonym
-from proxy.postgres import Database, announce, check_schema
+from proxy.postgres import Database, announce, check_schema, connect
 
 TOPIC = "keys"
 P = ParamSpec("P")
@@ -291,3 +294,39 @@ class PgKeystore:
         unlinked = await self.pool.fetchval("SELECT COUNT(*) FROM data_keys WHERE client_id IS NULL "
                                             "AND status != 'destroyed'")
         return {"keys": by, "wrapped_by_kek": keks, "unlinked": int(unlinked)}
+
+
+_IMPORTED = {
+    "data_keys": ("key_id", "client_id", "scope", "version", "status", "wrapped", "kek_id", "created_at", "linked_at",
+                  "retired_at", "destroyed_at", "destroy_reason"),
+    "client_pseudonyms": ("client_id", "pseudonym", "created_at"),
+    "tombstones": ("client_id", "at", "reason"),
+    "retired_keks": ("kek_id", "at"),
+}
+
+
+async def import_keystore(path: Path, url: str, dry_run: bool = False) -> dict[str, int]:
+    """Copy a keystore file into the shared database as it is (going from one process to several): every
+    data key (wrapped as it was), pseudonym, tombstone and retired KEK, in one transaction. Refused when the
+    database already holds a key or a pseudonym, so two keystores are never mixed."""
+    if not path.exists():
+        raise KeystoreConflict(f"no keystore file at {path}")
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        rows = {table: [tuple(r) for r in db.execute(f"SELECT {', '.join(cols)} FROM {table}")]  # noqa: S608
+                for table, cols in _IMPORTED.items()}
+    conn = await connect(url, "fieldguard-import")
+    try:
+        await check_schema(conn, url)
+        async with conn.transaction():
+            held = await conn.fetchval("SELECT (SELECT COUNT(*) FROM data_keys) + (SELECT COUNT(*) FROM "
+                                       "client_pseudonyms)")
+            if held:
+                raise KeystoreConflict(f"the database's keystore is not empty ({held} keys and pseudonyms): "
+                                       "nothing was imported")
+            if not dry_run:
+                for table, cols in _IMPORTED.items():
+                    records = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows[table]]
+                    await conn.copy_records_to_table(table, records=records, columns=cols)
+    finally:
+        await conn.close()
+    return {table: len(found) for table, found in rows.items()}
