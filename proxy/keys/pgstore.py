@@ -12,6 +12,7 @@ wrapped by the KEK, so `fieldguard keys rotate-kek --retire-old` after a shred m
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import sqlite3
@@ -305,15 +306,19 @@ _IMPORTED = {
 }
 
 
+def _read_keystore_file(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    if not path.exists():
+        raise KeystoreConflict(f"no keystore file at {path}")
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return {table: [tuple(r) for r in db.execute(f"SELECT {', '.join(cols)} FROM {table}")]  # noqa: S608
+                for table, cols in _IMPORTED.items()}
+
+
 async def import_keystore(path: Path, url: str, dry_run: bool = False) -> dict[str, int]:
     """Copy a keystore file into the shared database as it is (going from one process to several): every
     data key (wrapped as it was), pseudonym, tombstone and retired KEK, in one transaction. Refused when the
     database already holds a key or a pseudonym, so two keystores are never mixed."""
-    if not path.exists():
-        raise KeystoreConflict(f"no keystore file at {path}")
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        rows = {table: [tuple(r) for r in db.execute(f"SELECT {', '.join(cols)} FROM {table}")]  # noqa: S608
-                for table, cols in _IMPORTED.items()}
+    rows = await asyncio.to_thread(_read_keystore_file, path)
     conn = await connect(url, "fieldguard-import")
     try:
         await check_schema(conn, url)
