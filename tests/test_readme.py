@@ -54,12 +54,12 @@ class Command:
     expect: int  # the exit status its `# exit N` comment gives, else 0
 
 
-def readme_commands() -> list[tuple[str, list[Command]]]:
-    """The ```sh blocks, each with the `## ` section it is in and its commands (a line, lines joined by a
-    trailing backslash, or a line with its heredoc)."""
+def readme_commands(lang: str = "sh") -> list[tuple[str, list[Command]]]:
+    """The ```sh blocks (or another fence's), each with the `## ` section it is in and its commands (a line,
+    lines joined by a trailing backslash, or a line with its heredoc)."""
     text = README.read_text()
     blocks = []
-    for fence in re.finditer(r"^```sh\n(.*?)^```$", text, re.M | re.S):
+    for fence in re.finditer(rf"^```{lang}\n(.*?)^```$", text, re.M | re.S):
         first = text.count("\n", 0, fence.start(1)) + 1
         headings = re.findall(r"^## (.+)$", text[:fence.start()], re.M)
         lines = fence.group(1).splitlines()
