@@ -207,7 +207,8 @@ class Runtime:
                 "key_epoch": ring.revocation_seq if ring is not None else None,
                 "listener": self.listener.status() if self.listener is not None else None,
                 "audit": {"records": audit.get("records"), "pending": audit.get("pending"),
-                          "last_commit": audit.get("last_commit"), "ok": audit.get("ok")},
+                          "unsealed": audit.get("unsealed"), "last_commit": audit.get("last_commit"),
+                          "ok": audit.get("ok"), "replica": audit.get("replica")},
                 "stale_tasks": sorted(n for n, t in self.supervisor.tasks.items() if not t.fresh and n != "replica"),
                 "upstream": self.upstream.base}
 

@@ -199,6 +199,12 @@ def test_status_shows_every_replica_and_whether_they_agree(service: dict[str, An
         return found if found["agree"] and len(found["replicas"]) == 2 and found["key_epoch"] > 0 else None
 
     found = wait_until(agreed, "both replicas to report the shred", timeout=15)
+    b = service["b"]
+    b.get("/clients", b.as_user("alice", "counsellor"))  # a record on each replica
+    caught_up = wait_until(lambda: all(r["audit"]["records"] > 0 and r["audit"]["unsealed"] == 0
+                                       for r in json.loads(fieldguard(a.config, "status").stdout)["replicas"]),
+                           "each replica to report its records sealed (audit lag 0)", timeout=20)
+    assert caught_up
     assert {r["policy_digest"] for r in found["replicas"]} == {a.readyz()["checks"]["policy"]["hash"]}
     assert all(r["listener"]["connected"] for r in found["replicas"])
 

@@ -69,7 +69,7 @@ class PgTrail:
         self.siem = siem
         self.wait_for_replica = wait_for_replica  # a command waits for another on this host; a gateway refuses
         self.sealer = Sealer(url, signer, origin or socket.gethostname(), checkpoint_every, checkpoint_seconds,
-                             on_seal=lambda cp: siem.checkpoint(cp.as_dict()))
+                             on_seal=lambda cp: siem.checkpoint(cp.as_dict()), replica=replica)
         self._conn: Any = None
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -242,6 +242,7 @@ class PgTrail:
     def health(self) -> dict[str, Any]:
         return {"ok": self.last_error is None and self._conn is not None, "records": self._seq,
                 "replica": self.replica, "commits": self.commits, "pending": self._queue.qsize(),
+                "unsealed": max(0, self._seq - self.sealer.replica_sealed),
                 "last_error": self.last_error, "last_commit": self.last_commit, "free_bytes": None,
                 "sealer": self.sealer.status()}
 
@@ -254,8 +255,10 @@ class Sealer:
     """Merges every replica's chain into the service's one sealed log, when it holds the sealing lock."""
 
     def __init__(self, url: str, signer: CheckpointSigner, origin: str, every: int, seconds: float,
-                 on_seal: Callable[[Checkpoint], None] = lambda cp: None) -> None:
+                 on_seal: Callable[[Checkpoint], None] = lambda cp: None, replica: str = "") -> None:
         self.url = url
+        self.replica = replica
+        self.replica_sealed = 0  # how far the service's sealed log has taken this replica's chain
         self.on_seal = on_seal
         self.signer = signer
         self.origin = origin
@@ -277,17 +280,22 @@ class Sealer:
         anything is unsigned). Returns the entries added; 0 when another replica is the sealer."""
         if self._conn is None or self._conn.is_closed():
             self._conn, self.leader = await connect(self.url, "fieldguard-sealer"), False
+        added = 0
         if not self.leader:
             self.leader = bool(await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", SEAL_LOCK))
-            if not self.leader:
+            if self.leader:
+                log.info("this replica seals the service's audit trail")
+        if self.leader:
+            try:
+                added = await self._integrate(force)
+            except (Fenced, asyncpg.UniqueViolationError):
+                log.warning("another sealer extended the audit log first; stepping down")
+                await self.close()
                 return 0
-            log.info("this replica seals the service's audit trail")
-        try:
-            return await self._integrate(force)
-        except (Fenced, asyncpg.UniqueViolationError):
-            log.warning("another sealer extended the audit log first; stepping down")
-            await self.close()
-            return 0
+        if self.replica:
+            found = await self._conn.fetchval("SELECT sealed FROM audit_replicas WHERE replica = $1", self.replica)
+            self.replica_sealed = int(found or 0)
+        return added
 
     async def _integrate(self, force: bool) -> int:
         conn = self._conn
@@ -334,4 +342,4 @@ class Sealer:
         return len(entries)
 
     def status(self) -> dict[str, Any]:
-        return {"leader": self.leader, "sealed": self.sealed_size}
+        return {"leader": self.leader, "sealed": self.sealed_size, "replica_sealed": self.replica_sealed}
