@@ -295,7 +295,7 @@ class Exchange:
             headers["content-type"] = "application/json"
         if etag is not None:
             headers["if-match"] = etag
-        resp = await self.ctx.upstream.request(method, self._target(query), headers, body)
+        resp = await self.ctx.upstream.request(method, self._target(query), headers, body, encoded=True)
         self.record.upstream_status = resp.status
         return resp
 

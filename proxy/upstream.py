@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from proxy.config import UpstreamSection
 from proxy.errors import GatewayError
@@ -115,19 +116,24 @@ class Upstream:
         return out
 
     async def request(
-        self, method: str, path_and_query: str, headers: Mapping[str, str], body: bytes | None = None
+        self, method: str, path_and_query: str, headers: Mapping[str, str], body: bytes | None = None,
+        encoded: bool = False,
     ) -> UpstreamResponse:
-        """Send one request and read the whole answer (bounded by max_response_bytes)."""
+        """Send one request and read the whole answer (bounded by max_response_bytes). `encoded`: the target
+        is percent-encoded already (`routes.encode_path` and `urlencode`), so it is not parsed and encoded again."""
         session = self._require()
+        target = URL(self.base + path_and_query, encoded=True) if encoded else self.base + path_and_query
         try:
             async with session.request(
-                method, self.base + path_and_query, headers=self._headers(headers), data=body,
-                allow_redirects=False,
+                method, target, headers=self._headers(headers), data=body, allow_redirects=False,
             ) as resp:
                 limit = self.settings.max_response_bytes
-                if resp.content_length is not None and resp.content_length > limit:
-                    raise GatewayError(502, "upstream response too large")
-                chunks: list[bytes] = []
+                length = resp.content_length
+                if length is not None:
+                    if length > limit:
+                        raise GatewayError(502, "upstream response too large")
+                    return UpstreamResponse(resp.status, _lower(resp.headers), await resp.read())
+                chunks: list[bytes] = []  # no length said: read in chunks, counting
                 size = 0
                 async for chunk in resp.content.iter_any():
                     size += len(chunk)

@@ -426,3 +426,84 @@ def test_a_keystore_file_moves_to_the_database_and_what_it_sealed_opens_there(po
     finally:
         shared.service.stop()
         crm.stop()
+
+
+def test_a_replica_whose_trail_database_is_lost_withholds_and_recovers(postgres: str, signing: Signing,
+                                                                       tmp_path: Path) -> None:
+    crm, url, _ = crm_process(tmp_path / "crm", seed=False)
+    keys = make_keys(tmp_path / "keys")
+    gw = gateway_on(postgres, tmp_path / "gw", url, signing, keys, poll=1.0, start=False)  # keys and trail shared
+    assert fieldguard(gw.config, "db", "upgrade").returncode == 0
+    gw.service.start()
+    name = postgres.rsplit("/", 1)[1]
+    admin = postgres.rsplit("/", 1)[0] + "/test"
+    try:
+        client = new_client(gw, "Lu")
+        alice = gw.as_user("alice", "counsellor")
+        wait_until(lambda: gw.get(f"/clients/{client}", alice).status_code == 200, "the client to be known")
+        pg_sql(admin, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+        pg_sql(admin, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        try:
+            r = wait_until(lambda: (x if (x := gw.get(f"/clients/{client}", alice)).status_code == 503 else None),
+                           "the replica to withhold", timeout=15)
+            assert r.json()["error"] in ("audit trail unavailable; nothing was released",
+                                         "keystore unavailable; nothing was released"), r.text
+            assert "Lu" not in r.text
+            siem = gw.audit_for(r.headers["x-request-id"])  # the SIEM copy says what was withheld, and why
+            assert siem["status"] == 503 and siem["reason"].startswith(("withheld: audit", "keystore unavailable"))
+            ready = gw.readyz()
+            assert not ready["ready"] and not ready["checks"]["audit"]["ok"]
+        finally:
+            pg_sql(admin, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        wait_until(lambda: gw.get(f"/clients/{client}", alice).status_code == 200, "recovery", timeout=20)
+        code, verdict = 1, {}
+        deadline = time.monotonic() + 20
+        while code and time.monotonic() < deadline:
+            code, verdict = verify(gw)
+        assert code == 0 and verdict["ok"], verdict  # nothing half-written: the chain goes on where it was
+    finally:
+        gw.service.stop()
+        crm.stop()
+
+
+def test_two_sealers_after_a_split_cannot_fork_the_sealed_log(postgres: str, tmp_path: Path) -> None:
+    """A sealer that believes it leads without holding the lock (a split) and the real leader step together:
+    it finds the lock is not its own and steps down; had it written, the log's entries are keyed by index
+    and a checkpoint only goes on the last, so it could not have forked the log either. The log verifies."""
+    import asyncio
+
+    from proxy.audit import AuditRecord, CheckpointSigner, load_public, public_path
+    from proxy.audit.pgtrail import PgTrail, Sealer
+    from proxy.audit.pgverify import read_shared, verify_shared
+    from proxy.audit.siem import JsonLinesTrail
+    from proxy.postgres import upgrade
+
+    keys = make_keys(tmp_path / "keys")
+    signer = CheckpointSigner(keys / "audit-signing.pem")
+
+    async def scenario() -> tuple[list[int], bool]:
+        import asyncpg
+
+        await upgrade(postgres)
+        trail = PgTrail(postgres, "r1", signer, siem=JsonLinesTrail(str(tmp_path / "siem.jsonl")))
+        await trail.open()
+        for i in range(20):
+            await trail.append(AuditRecord(request_id=f"r{i}", method="GET", route="/x", outcome="allowed"))
+        old, new = Sealer(postgres, signer, "svc", 1, 0.0), Sealer(postgres, signer, "svc", 1, 0.0)
+        assert await old.step() == 20  # the leader integrates and seals
+        for i in range(20, 30):
+            await trail.append(AuditRecord(request_id=f"r{i}", method="GET", route="/x", outcome="allowed"))
+        new._conn = await asyncpg.connect(postgres)
+        new.leader = True  # as if the old one's lock had gone with its connection, and it had not noticed
+        results = await asyncio.gather(old.step(), new.step())
+        both = old.leader and new.leader
+        await old.close()
+        await new.close()
+        await trail.close()
+        return list(results), both
+
+    results, both_still_lead = asyncio.run(scenario())
+    assert sorted(results) == [0, 10], results  # one integrated the ten new records ...
+    assert not both_still_lead  # ... and the other, refused by the log's keys, stepped down
+    verdict = verify_shared(read_shared(postgres), load_public(public_path(keys / "audit-signing.pem")))
+    assert verdict.ok and verdict.records == 30, verdict.problems

@@ -5,19 +5,18 @@ and exports (`proxy.audit.views`) read the store and are imported by their own n
 from proxy.audit.checkpoints import Checkpoint, CheckpointSigner, load_public, public_path, public_pem
 from proxy.audit.record import AuditRecord
 from proxy.audit.siem import JsonLinesTrail, MultiTrail, Siem
-from proxy.audit.trail import (
+from proxy.audit.stores import (
     AuditStore,
-    AuditUnavailable,
-    DurableTrail,
-    Trail,
-    UndurableTrail,
     is_shared,
     open_trail,
     record_operation,
     store_exists,
     store_of,
+    verify_export,
+    verify_store,
 )
-from proxy.audit.verify import Verdict, VerifyInputError, read_anchors, read_export, verify_export, verify_store
+from proxy.audit.trail import AuditUnavailable, DurableTrail, Trail, UndurableTrail
+from proxy.audit.verify import Verdict, VerifyInputError, read_anchors, read_export
 
 __all__ = [
     "AuditRecord",

@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proxy.audit.trail import AuditStore, connect, is_shared, read_checkpoints, read_records
+from proxy.audit.stores import AuditStore, is_shared
+from proxy.audit.trail import connect, read_checkpoints, read_records
 
 
 # ---------------------------------------------------------------------------------------------- exports

@@ -281,6 +281,11 @@ class Sealer:
         if self._conn is None or self._conn.is_closed():
             self._conn, self.leader = await connect(self.url, "fieldguard-sealer"), False
         added = 0
+        if self.leader and not await self._conn.fetchval(  # still ours? (a leader that lost it steps down)
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+                "AND classid = 0 AND objid = $1::oid AND objsubid = 1 AND granted)", SEAL_LOCK):
+            log.warning("this replica no longer holds the sealing lock; stepping down")
+            self.leader = False
         if not self.leader:
             self.leader = bool(await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", SEAL_LOCK))
             if self.leader:

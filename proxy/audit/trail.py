@@ -22,7 +22,6 @@ import hashlib
 import math
 import os
 import queue
-import secrets
 import shutil
 import socket
 import sqlite3
@@ -38,8 +37,7 @@ import structlog
 
 from proxy.audit.checkpoints import Checkpoint, CheckpointSigner
 from proxy.audit.record import AuditRecord
-from proxy.audit.siem import JsonLinesTrail, Siem
-from proxy.config import Settings
+from proxy.audit.siem import Siem
 
 log = structlog.get_logger("fieldguard.audit")
 
@@ -478,77 +476,3 @@ class UndurableTrail:
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "durable": False, "records": self.records, "last_error": None, "free_bytes": None}
-
-
-AuditStore = Path | str
-"""Where the trail is kept: an SQLite file, or the shared PostgreSQL's URL."""
-
-
-def is_shared(store: AuditStore) -> bool:
-    return isinstance(store, str) and store.startswith(("postgresql://", "postgres://"))
-
-
-def store_of(settings: Settings) -> AuditStore:
-    """The configured trail: the database URL as given (no path), or the file."""
-    store = settings.audit.store
-    return store if is_shared(store) else Path(store)
-
-
-def store_exists(store: AuditStore) -> bool:
-    return is_shared(store) or Path(store).exists()
-
-
-def replica_name(settings: Settings, command: bool = False) -> str:
-    """This process's name in a shared trail: `[audit] replica`, else host:port for a gateway (stable across
-    restarts, unique on a host) or cli@host for the commands of a host (which take turns)."""
-    if command:
-        return f"cli@{socket.gethostname()}"
-    return settings.audit.replica or f"{socket.gethostname()}:{settings.server.port}"
-
-
-def open_trail(settings: Settings, siem: Siem | None = None, coming: Callable[[], int] = lambda: 0,
-               command: bool = False) -> Trail:
-    """The deployment's audit trail, with its SIEM copy. `coming` counts the requests whose records are
-    still to be handed over: group commit waits for them. `command`: for an operator's command."""
-    audit = settings.audit
-    siem = siem or JsonLinesTrail(audit.log)
-    if not audit.durable:
-        return UndurableTrail(siem)
-    if is_shared(audit.store):
-        from proxy.audit.pgtrail import PgTrail
-
-        return PgTrail(audit.store, replica_name(settings, command),
-                       CheckpointSigner(settings.keys.in_dir(audit.signing_key)), origin=audit.origin,
-                       timeout_seconds=audit.timeout_seconds if not command else 30.0,
-                       checkpoint_every=audit.checkpoint_every, checkpoint_seconds=audit.checkpoint_seconds,
-                       commit_delay_seconds=max(0.0, min(audit.commit_delay_ms / 1000, audit.timeout_seconds / 4)),
-                       coming=coming, siem=siem, wait_for_replica=command)
-    return DurableTrail(
-        Path(audit.store), CheckpointSigner(settings.keys.in_dir(audit.signing_key)),
-        origin=audit.origin, timeout_seconds=audit.timeout_seconds, checkpoint_every=audit.checkpoint_every,
-        checkpoint_seconds=audit.checkpoint_seconds, max_bytes=audit.max_bytes,
-        commit_delay_seconds=max(0.0, min(audit.commit_delay_ms / 1000, audit.timeout_seconds / 4)),
-        coming=coming, siem=siem)
-
-
-async def record_operation(settings: Settings, action: str, *, who: str, dry_run: bool = False,
-                           counts: dict[str, int] | None = None, reason: str | None = None,
-                           clients: list[str] | None = None, key_ids: list[str] | None = None,
-                           break_glass: str | None = None, disclosure: dict[str, Any] | None = None,
-                           denied: str | None = None, consent: dict[str, Any] | None = None) -> AuditRecord:
-    """An operator's command (a key shred, an audit query) is an access too: one record (`denied`: the
-    command was refused, and why), appended to the
-    deployment's durable trail beside a running gateway (the chain head is read inside the write lock)."""
-    record = AuditRecord(request_id=secrets.token_hex(12), method="CLI", user=f"u:{who}", route=action,
-                         status=403 if denied else 0 if dry_run else 200,
-                         outcome="denied" if denied else "dry-run" if dry_run else "allowed",
-                         reason=denied or reason, clients=clients or [], key_ids=sorted(key_ids or []),
-                         counts=dict(counts or {}), break_glass=break_glass, disclosure=disclosure,
-                         consent=consent)
-    trail = open_trail(settings, command=True)
-    await trail.open()
-    try:
-        await trail.append(record)
-    finally:
-        await trail.close()
-    return record

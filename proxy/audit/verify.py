@@ -10,7 +10,6 @@ first failure is named: the record, or the range of records between two checkpoi
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from proxy.audit.checkpoints import Checkpoint, key_id
-from proxy.audit.trail import (
-    GENESIS,
-    AuditStore,
-    StoredRecord,
-    connect,
-    is_shared,
-    leaf_hash,
-    link_hash,
-    read_checkpoints,
-    read_records,
-)
+from proxy.audit.trail import GENESIS, StoredRecord, leaf_hash, link_hash
 
 
 @dataclass(slots=True)
@@ -55,34 +44,11 @@ class Verdict:
             self.first_bad = seq
 
 
-def verify_store(path: AuditStore, public: Ed25519PublicKey, anchors: Iterable[Checkpoint] = ()) -> Verdict:
-    if is_shared(path):
-        from proxy.audit.pgverify import read_shared, verify_shared
-        from proxy.postgres import DatabaseError
-
-        try:
-            return verify_shared(read_shared(str(path)), public, anchors)
-        except DatabaseError as exc:
-            verdict = Verdict()
-            verdict.fail(f"the store cannot be read: {exc}")
-            return verdict
-    conn = connect(Path(path), readonly=True)
-    try:
-        total = int(conn.execute("SELECT COUNT(*) FROM audit_records").fetchone()[0])
-        return verify(read_records(conn), read_checkpoints(conn), public, anchors, total)
-    except sqlite3.DatabaseError as exc:
-        verdict = Verdict()
-        verdict.fail(f"the store cannot be read: {exc}")
-        return verdict
-    finally:
-        conn.close()
-
-
 def read_export(path: Path) -> tuple[list[StoredRecord], list[Checkpoint]]:
     """An export (`fieldguard audit export --format jsonl`): records with their hashes, and checkpoints."""
     records: list[StoredRecord] = []
     checkpoints: list[Checkpoint] = []
-    for n, item in _lines(path):
+    for n, item in lines_of(path):
         if "checkpoint" in item:
             checkpoints.append(_checkpoint(item["checkpoint"], path, n))
         elif {"seq", "body", "leaf", "link"} <= item.keys():
@@ -100,7 +66,7 @@ def read_anchors(path: Path) -> list[Checkpoint]:
     """Checkpoints kept elsewhere, from an export or from the SIEM log (its `audit checkpoint` lines; its
     access lines are ignored)."""
     found: list[Checkpoint] = []
-    for n, item in _lines(path):
+    for n, item in lines_of(path):
         if "checkpoint" in item:
             found.append(_checkpoint(item["checkpoint"], path, n))
         elif item.get("event") == "audit checkpoint":
@@ -114,7 +80,7 @@ class VerifyInputError(ValueError):
     """A file given to verify is not what it should be: said, with its line, never a traceback."""
 
 
-def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def lines_of(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -132,19 +98,6 @@ def _checkpoint(data: Any, path: Path, line: int) -> Checkpoint:
         return Checkpoint.from_dict(data)
     except (KeyError, TypeError, ValueError):
         raise VerifyInputError(f"{path}:{line}: not a checkpoint") from None
-
-
-def verify_export(path: Path, public: Ed25519PublicKey, anchors: Iterable[Checkpoint] = ()) -> Verdict:
-    from proxy.audit.pgverify import from_export, verify_shared
-
-    try:
-        shared = from_export(item for _, item in _lines(path))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise VerifyInputError(f"{path}: not an export of a shared trail ({type(exc).__name__})") from None
-    if shared is not None:  # a shared trail's export: every replica's chain, the sealed log, its checkpoints
-        return verify_shared(shared, public, anchors)
-    records, checkpoints = read_export(path)
-    return verify(iter(records), checkpoints, public, anchors, len(records))
 
 
 def verify(records: Iterator[StoredRecord], checkpoints: list[Checkpoint], public: Ed25519PublicKey,

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.audit.exports import names_in
-from proxy.audit.trail import AuditStore, connect, is_shared
+from proxy.audit.stores import AuditStore, is_shared
+from proxy.audit.trail import connect
 from proxy.config import Settings
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ def integrity_of(settings: Settings, store: AuditStore, public_key: Path | None)
     a running gateway's first records wait a few seconds for theirs). A key that cannot be read is said too,
     rather than the view refused."""
     from proxy.audit.checkpoints import load_public, public_path
-    from proxy.audit.verify import verify_store
+    from proxy.audit.stores import verify_store
 
     key_file = public_key or public_path(settings.keys.in_dir(settings.audit.signing_key))
     try:

@@ -17,8 +17,10 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from proxy.policy.bundle import BundleSource, PolicyBundle, bundle_digest, compile_bundle, read_bundle_files
+from proxy.policy.fieldmap import parse_fieldmap
 from proxy.policy.lint import Finding, PolicyError, Severity
 from proxy.policy.mapdiff import unsafe_for_reload
+from proxy.policy.yamlfile import MapError
 
 log = structlog.get_logger("fieldguard.policy")
 
@@ -62,6 +64,7 @@ class PolicyWatcher:
                 if bundle_digest(files) == self.bundle.digest:
                     self.status.last_error = None
                     return False
+                self._refuse_unsafe(files)  # before the proof, which takes seconds: said at once
                 fresh = await asyncio.to_thread(compile_bundle, self.source, files, self.proofs, self.signed_by)
                 unsafe = unsafe_for_reload(self.bundle.fieldmap, fresh.fieldmap)
                 if unsafe:
@@ -83,6 +86,16 @@ class PolicyWatcher:
             if self._on_swap is not None:
                 await self._on_swap(old, fresh)
             return True
+
+    def _refuse_unsafe(self, files: dict[str, bytes]) -> None:
+        """The field map's changes a running gateway never takes up, from the new fields.yaml alone."""
+        try:
+            after = parse_fieldmap(files["fields.yaml"].decode("utf-8"))
+        except (MapError, UnicodeDecodeError, KeyError):
+            return  # the full load says what and where
+        unsafe = unsafe_for_reload(self.bundle.fieldmap, after)
+        if unsafe:
+            raise PolicyError([Finding("fields.yaml", None, Severity.ERROR, p) for p in unsafe])
 
     def follow(self, source: BundleSource) -> None:
         """Load from another place from now on (a newly published version's mirror), at the next poll."""
