@@ -298,12 +298,19 @@ def verify(gw: Gateway, *args: str) -> tuple[int, dict[str, Any]]:
     return out.returncode, json.loads(out.stdout)
 
 
-def sealed(gw: Gateway) -> dict[str, Any]:
+def all_sealed(postgres: str) -> bool:
+    """Every record in the sealed log, and a checkpoint signed over all of it."""
+    row = pg_sql(postgres, "SELECT (SELECT COUNT(*) FROM audit_records) AS records, (SELECT COUNT(*) FROM audit_log) "
+                           "AS entries, (SELECT COALESCE(MAX(size), 0) FROM audit_seals) AS sealed")[0]
+    return bool(row["records"] == row["entries"] == row["sealed"] > 0)
+
+
+def sealed(gw: Gateway, postgres: str) -> dict[str, Any]:
     """`audit verify` once the sealer has covered every record (it seals every second here)."""
-    def done() -> dict[str, Any] | None:
-        code, verdict = verify(gw)
-        return verdict if code == 0 else None
-    return wait_until(done, "the shared trail to be sealed to its end", timeout=20, every=0.5)
+    wait_until(lambda: all_sealed(postgres), "the shared trail to be sealed to its end", timeout=20, every=0.2)
+    code, verdict = verify(gw)
+    assert code == 0, verdict
+    return verdict
 
 
 def test_one_trail_for_both_replicas_verifies_and_names_a_forged_or_reordered_row(service: dict[str, Any]) -> None:
@@ -313,7 +320,7 @@ def test_one_trail_for_both_replicas_verifies_and_names_a_forged_or_reordered_ro
     note(b, client, "through the second")
     ids = [gw.get(f"/clients/{client}", gw.as_user("alice", "counsellor")).headers["x-request-id"]
            for gw in (a, b, a, b)]
-    verdict = sealed(a)
+    verdict = sealed(a, postgres)
     replicas = {r["replica"] for r in pg_sql(postgres, "SELECT DISTINCT replica FROM audit_records")}
     assert len([r for r in replicas if not r.startswith("cli@")]) == 2, replicas
     total = pg_sql(postgres, "SELECT COUNT(*) AS n FROM audit_records")[0]["n"]
@@ -350,7 +357,7 @@ def test_a_reordered_sealed_log_is_named(service: dict[str, Any]) -> None:
     known(client, b)
     for gw in (a, b, a, b):
         gw.get(f"/clients/{client}", gw.as_user("alice", "counsellor"))
-    sealed(a)
+    sealed(a, postgres)
     pg_sql(postgres, "ALTER TABLE audit_log DISABLE TRIGGER USER")
     pg_sql(postgres, "UPDATE audit_log SET idx = -idx WHERE idx IN (2, 3)")
     pg_sql(postgres, "UPDATE audit_log SET idx = 5 - (-idx) WHERE idx IN (-2, -3)")  # 2 <-> 3
@@ -393,7 +400,7 @@ def test_a_replica_killed_under_load_loses_no_record_of_a_delivered_response(ser
     recorded = {json.loads(body)["request_id"] for body in bodies}
     missing = [rid for rid in delivered if rid not in recorded]
     assert not missing, f"{len(missing)} of {len(delivered)} delivered responses have no record"
-    verdict = sealed(a)  # the surviving replica seals what the killed one committed
+    verdict = sealed(a, postgres)  # the surviving replica seals what the killed one committed
     assert verdict["ok"] and verdict["records"] >= len(delivered)
 
 
