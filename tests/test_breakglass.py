@@ -270,3 +270,33 @@ def test_an_unjustified_verdict_ends_an_open_grant(gw: Gateway) -> None:
                         "--note", "No risk recorded anywhere; referred to the incident process.", "--actor", "pat")
     assert signed.returncode == 0, signed.stderr
     wait_until(lambda: gw.get("/clients/13", ivan).status_code == 403, "the grant ended by the verdict", timeout=10)
+
+
+async def test_a_grant_given_while_the_book_is_being_refreshed_is_not_taken_back(tmp_path: Path) -> None:
+    """The book's refresh read the store, a grant was given (and committed) meanwhile, and the refresh then
+    replaced the book with what it had read: the practitioner's next request, a second later, was refused
+    "the caller holds any" until the next refresh (seen once in the README's break-glass walkthrough)."""
+    import asyncio
+
+    from proxy.cases import CasesStore, GlassBook
+    from proxy.cases.store import GrantRow
+
+    store = await CasesStore.open(tmp_path / "cases.sqlite3")
+    try:
+        book = GlassBook()
+        now = time.time()
+        grant = GrantRow(grant_id="bg-1", user="u:alice", role="counsellor", client_id="3", pseudonym="P-1",
+                         reason="risk_to_self", purpose="ETREAT", justification="sealed", classes=("contact",),
+                         policy="x", opened_at=now, expires_at=now + 3600, review_due=now + 86400)
+        refreshing = asyncio.create_task(book.refresh(store))
+        await asyncio.sleep(0)  # the refresh is reading the store, which does not hold the grant yet
+        book.add(grant)  # the grant given meanwhile (the gateway commits it to the store first)
+        await refreshing
+        assert "3" in book.open_for("u:alice", time.time())
+        ending = asyncio.create_task(book.refresh(store))  # and ending one meanwhile is not undone either
+        await asyncio.sleep(0)
+        book.end(grant)
+        await ending
+        assert "3" not in book.open_for("u:alice", time.time())
+    finally:
+        await store.close()

@@ -278,7 +278,8 @@ def test_a_published_policy_reaches_both_replicas_and_a_bad_one_is_refused_befor
 
         def versions_reported() -> list[int]:
             out = fieldguard(a.config, "status", env=env)
-            return sorted(r["policy_version"] for r in json.loads(out.stdout)["replicas"])
+            # None while a replica has the version but not yet in force (its row is beaten every 5 s)
+            return sorted(r["policy_version"] or 0 for r in json.loads(out.stdout)["replicas"])
 
         wait_until(lambda: versions_reported() == [2, 2], "both replicas to report version 2", timeout=15)
         trail = fieldguard(a.config, "audit", "query", "--format", "json", env=env)

@@ -59,6 +59,7 @@ class GlassBook:
         self.restricted: frozenset[str] = frozenset()  # clients whose processing is restricted (Art. 18)
         self.requests_overdue = 0  # clients' requests (subject access, erasure, ...) open past their due date
         self.refreshed_at: float | None = None
+        self._changes: list[tuple[bool, GrantRow]] = []  # (opened?, grant) made here since a refresh began
 
     def open_for(self, user: str | None, now: float) -> Mapping[str, GrantRow]:
         """The caller's open grants by client id (an empty mapping for nearly everyone)."""
@@ -68,12 +69,12 @@ class GlassBook:
         return {c: g for c, g in held.items() if g.open_at(now)}
 
     def add(self, grant: GrantRow) -> None:
-        self._by_user.setdefault(grant.user, {})[grant.client_id] = grant
+        _open(self._by_user, grant)
+        self._changes.append((True, grant))
 
     def end(self, grant: GrantRow) -> None:
-        held = self._by_user.get(grant.user, {})
-        if grant.client_id in held and held[grant.client_id].grant_id == grant.grant_id:
-            del held[grant.client_id]
+        _close(self._by_user, grant)
+        self._changes.append((False, grant))
 
     def open_count(self, now: float) -> int:
         return sum(g.open_at(now) for held in self._by_user.values() for g in held.values())
@@ -81,12 +82,18 @@ class GlassBook:
     async def refresh(self, store: CasesStore) -> None:
         """Re-read the open grants (and the overdue count): grants made or ended by another gateway."""
         now = time.time()
+        self._changes = []
         by_user: dict[str, dict[str, GrantRow]] = {}
         for grant in await store.open_grants(now):
             by_user.setdefault(grant.user, {})[grant.client_id] = grant
         self.overdue = await store.overdue(now)
         self.restricted = frozenset(await store.restricted())
         self.requests_overdue = await store.overdue_requests(datetime.now(UTC).date().isoformat())
+        # a grant opened or ended here while the store was being read (committed after the read began) is not
+        # in what was read: applied again, so that a grant just given is never taken back by a refresh
+        for opened, grant in self._changes:
+            (_open if opened else _close)(by_user, grant)
+        self._changes = []
         self._by_user = by_user
         self.refreshed_at = now
 
@@ -152,3 +159,13 @@ class Alerter:
         except httpx.HTTPError as exc:
             return type(exc).__name__
         return None if resp.status_code < 300 else f"webhook answered {resp.status_code}"
+
+
+def _open(book: dict[str, dict[str, GrantRow]], grant: GrantRow) -> None:
+    book.setdefault(grant.user, {})[grant.client_id] = grant
+
+
+def _close(book: dict[str, dict[str, GrantRow]], grant: GrantRow) -> None:
+    held = book.get(grant.user, {})
+    if grant.client_id in held and held[grant.client_id].grant_id == grant.grant_id:
+        del held[grant.client_id]
