@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
-from proxy.keys.store import _COLUMNS, DataKey, KeystoreConflict, KeystoreUnavailable, _row, new_pseudonym
+from proxy.keys.store import _COLUMNS, DataKey, KeystoreConflict, KeystoreUnavailable, _row, new_pseudonym, revoked
 from proxy.postgres import Database, announce, check_schema, connect
 
 TOPIC = "keys"
@@ -191,16 +191,7 @@ class PgKeystore:
     @_reachable
     async def revocations_since(self, seq: int) -> tuple[int, set[bytes], set[str]]:
         rows = await self.pool.fetch("SELECT seq, key_id, client_id FROM revocations WHERE seq > $1 ORDER BY seq", seq)
-        last = seq
-        keys: set[bytes] = set()
-        clients: set[str] = set()
-        for s, key_id, client_id in rows:
-            last = max(last, int(s))
-            if key_id is not None:
-                keys.add(bytes(key_id))
-            elif client_id is not None:
-                clients.add(str(client_id))
-        return last, keys, clients
+        return revoked(seq, rows)
 
     @_reachable
     async def latest_revocation(self) -> int:

@@ -167,6 +167,20 @@ def _private_file(path: Path) -> None:
     check_private(path)
 
 
+def revoked(seq: int, rows: Iterable[Any]) -> tuple[int, set[bytes], set[str]]:
+    """Revocation rows (seq, key id, client) since `seq`: the last number, the keys, the clients erased whole."""
+    last = seq
+    keys: set[bytes] = set()
+    clients: set[str] = set()
+    for s, key_id, client_id in rows:
+        last = max(last, int(s))
+        if key_id is not None:
+            keys.add(bytes(key_id))
+        elif client_id is not None:
+            clients.add(str(client_id))
+    return last, keys, clients
+
+
 def new_pseudonym() -> str:
     """A random pseudonym: unlinkable to the client once its keystore row is gone."""
     return "P-" + secrets.token_hex(8).upper()
@@ -346,16 +360,7 @@ class SqliteKeystore:
     async def revocations_since(self, seq: int) -> tuple[int, set[bytes], set[str]]:
         async with self._lock:
             rows = await self._all("SELECT seq, key_id, client_id FROM revocations WHERE seq > ? ORDER BY seq", (seq,))
-        last = seq
-        keys: set[bytes] = set()
-        clients: set[str] = set()
-        for s, key_id, client_id in rows:
-            last = max(last, int(s))
-            if key_id is not None:
-                keys.add(bytes(key_id))
-            elif client_id is not None:
-                clients.add(str(client_id))
-        return last, keys, clients
+        return revoked(seq, rows)
 
     async def latest_revocation(self) -> int:
         async with self._lock:
