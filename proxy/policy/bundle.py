@@ -12,7 +12,7 @@ import base64
 import fcntl
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -120,9 +120,12 @@ def read_bundle_files(source: BundleSource) -> dict[str, bytes]:
     return found
 
 
-PROVED_FILES = ("model.conf", "policy.csv", "fields.yaml")
-"""What the proof depends on. Cover grants change whenever someone goes on leave; they are checked
-when loaded and never change the decision table, so editing them does not cost a new proof."""
+def proved_digest(model_text: str, policy_text: str, classes: Iterable[str]) -> str:
+    """What the proof is a function of, beside the compiled table: the model, the rows and the class names.
+    Nothing else reaches Casbin: cover grants (which change whenever someone is away) and the rest of
+    fields.yaml (paths, encryption, relation sources) cost no new proof; a class added or removed does."""
+    return bundle_digest({"model.conf": model_text.encode(), "policy.csv": policy_text.encode(),
+                          "classes": "\n".join(sorted(classes)).encode()})
 
 
 def bundle_digest(files: dict[str, bytes]) -> str:
@@ -213,7 +216,7 @@ def compile_bundle(source: BundleSource, files: dict[str, bytes], proofs: Path |
     if errors := _breakglass_findings(glass, table, texts.get("breakglass.yaml", "")):
         raise PolicyError(errors)
     digest = bundle_digest(files)
-    stamp = proof_stamp(proofs, bundle_digest({n: files[n] for n in PROVED_FILES if n in files}), table.digest())
+    stamp = proof_stamp(proofs, proved_digest(model_text, policy_text, fieldmap.classes), table.digest())
     checks = _proved(stamp, lambda: prove(table, model_text, policy_text, fieldmap.classes))
     return PolicyBundle(
         source=source,
