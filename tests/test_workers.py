@@ -62,13 +62,17 @@ def test_two_workers_share_the_port_the_keystore_and_one_trail_and_a_dead_one_co
         wait_until(lambda: len(live_pids(keys) - {victim}) == 2 and "worker exited; restarting" in svc.output(),
                    "the dead worker to be replaced", timeout=40)
         assert gw.get(f"/session-notes/{notes[0]}", alice).json()["body"] == "note 0"
+
+        def verified() -> dict[str, object] | None:  # the running workers sign the shared chain's head each second
+            out = fieldguard(gw.config, "audit", "verify")
+            found: dict[str, object] = json.loads(out.stdout)
+            return found if out.returncode == 0 and found["ok"] else None
+        verdict = wait_until(verified, "the workers' chain to verify, signed to its end", timeout=60, every=0.5)
+        assert verdict["records"] == verdict["verified"]
     finally:
         svc.stop()
         crm.stop()
     assert svc.proc is not None and svc.proc.returncode == 0, svc.output()[-2000:]
-    out = fieldguard(gw.config, "audit", "verify")
-    verdict = json.loads(out.stdout)
-    assert out.returncode == 0 and verdict["ok"], verdict
     with sqlite3.connect(tmp_path / "gw" / "audit.sqlite3") as db:
         routes = [json.loads(b)["route"] for (b,) in db.execute("SELECT body FROM audit_records")]
     assert sum(r.startswith("/session-notes/") for r in routes) >= 25  # every read, both workers, one chain
@@ -101,7 +105,7 @@ def test_workers_on_postgresql_write_one_trail_as_replicas_of_their_own(postgres
         def verified() -> bool:
             out = fieldguard(gw.config, "audit", "verify")
             return out.returncode == 0 and json.loads(out.stdout)["records"] >= 32
-        wait_until(verified, "the workers' records to be sealed into one trail", timeout=20, every=0.5)
+        wait_until(verified, "the workers' records to be sealed into one trail", timeout=60, every=0.5)
     finally:
         svc.stop()
         crm.stop()
