@@ -21,14 +21,14 @@ from proxy.audit.siem import JsonLinesTrail, Siem
 from proxy.audit.trail import DurableTrail, Trail, UndurableTrail, connect, read_checkpoints, read_records
 from proxy.audit.verify import Verdict, VerifyInputError, lines_of, read_export, verify
 from proxy.config import Settings
-from proxy.postgres import DatabaseError
+from proxy.postgres import DatabaseError, is_postgres
 
 AuditStore = Path | str
 """Where the trail is kept: an SQLite file, or the shared PostgreSQL's URL."""
 
 
 def is_shared(store: AuditStore) -> bool:
-    return isinstance(store, str) and store.startswith(("postgresql://", "postgres://"))
+    return isinstance(store, str) and is_postgres(store)
 
 
 def store_of(settings: Settings) -> AuditStore:
